@@ -1,0 +1,14 @@
+"""pipeline: batch compute on GPUs or CPUs across spawn worker processes.
+
+    import pipeline
+    r = pipeline.run(workers=2, batches=8, kernel="matmul")
+    r.summary["checksum"], r.results[0]
+"""
+from .config import Config, load_config
+from .errors import (BatchFailed, ConfigError, ExitCode, HandoffError, KernelError, PipelineError,
+                     WorkerError)
+from .runner import RunResult, run
+
+__all__ = ["run", "RunResult", "Config", "load_config", "PipelineError", "ConfigError", "HandoffError",
+           "KernelError", "WorkerError", "BatchFailed", "ExitCode"]
+__version__ = "0.1.0"

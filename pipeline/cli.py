@@ -1,0 +1,178 @@
+"""Command line: ``python -m pipeline run | bench | devices``. ``main(argv) -> int`` is testable in-process."""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import traceback
+
+from .config import parse_value
+from .errors import ConfigError, ExitCode, HandoffError, Interrupted, KernelError
+
+EXIT_CODES = """exit codes:
+  0    ok
+  1    failed (a kernel error, a worker that could not start, an I/O error)
+  2    usage or config error (bad flag, key, value, file; --device cuda without CUDA; fork)
+  3    finished, but some batches failed (quarantined or skipped): see "failed" in the summary
+  130  interrupted (Ctrl-C)
+  143  terminated (SIGTERM)"""
+
+
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("run settings (override the config file)")
+    g.add_argument("--config", metavar="PATH", help="TOML config (default: built-in, = configs/default.toml)")
+    g.add_argument("--workers", type=int, metavar="N", help="worker processes; 0 = serial in this process")
+    g.add_argument("--batches", type=int, metavar="N")
+    g.add_argument("--rows", type=int, metavar="N")
+    g.add_argument("--cols", type=int, metavar="N")
+    g.add_argument("--dtype", metavar="D", help="float32 (default), float16, float64, int8..int64, uint8")
+    g.add_argument("--seed", type=int, metavar="N")
+    g.add_argument("--kernel", metavar="NAME",
+                   help="sum, matmul, fft, mlp, faulty, or package.module:name")
+    g.add_argument("--param", action="append", default=[], metavar="K=V",
+                   help="kernel parameter (TOML value), repeatable")
+    g.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="any config key (TOML value), repeatable")
+    g.add_argument("--device", metavar="D", help="auto (default), cpu, cuda, cuda:N")
+    g.add_argument("--start-method", metavar="M", help="spawn (default) or forkserver; fork is refused")
+    g.add_argument("--threads-per-worker", type=int, metavar="N",
+                   help="torch threads per worker (default: max(1, cores // workers))")
+    g.add_argument("--in-flight", type=int, metavar="N", help="batches outstanding (default 2 x workers)")
+    g.add_argument("--batch-timeout", type=float, metavar="S", dest="batch_timeout_s",
+                   help="abandon a batch running longer than S seconds (0 = off)")
+    g.add_argument("--max-attempts", type=int, metavar="N", help="tries per batch before quarantine")
+    g.add_argument("--on-error", metavar="fail|skip", help="what a kernel exception does to the run")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--traceback", action="store_true", help="print full tracebacks on errors")
+
+
+def _overrides(args: argparse.Namespace) -> dict:
+    names = ("workers", "batches", "rows", "cols", "dtype", "seed", "kernel", "device", "start_method",
+             "threads_per_worker", "in_flight", "batch_timeout_s", "max_attempts", "on_error")
+    out = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
+    if args.no_progress:
+        out["progress"] = False
+    for flag, prefix, items in (("--set", "", args.set), ("--param", "kernel.params.", args.param)):
+        for item in items:
+            key, eq, value = item.partition("=")
+            if not eq or not key:
+                raise ConfigError(f"{flag} {item!r}: expected {'SECTION.KEY' if not prefix else 'KEY'}=VALUE")
+            out[prefix + key.strip()] = parse_value(value.strip())
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pipeline", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Batch compute on GPUs or CPUs across spawn worker processes.",
+        epilog=EXIT_CODES)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,bench,devices}")
+    p = sub.add_parser("run", help="run the batch job", epilog=EXIT_CODES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _run_flags(p)
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+    p.set_defaults(func=cmd_run)
+    b = sub.add_parser("bench", help="serial vs parallel on the same batches", epilog=EXIT_CODES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _run_flags(b)
+    b.add_argument("--modes", default="serial,pipeline", help="comma list: serial, pipeline, mp.Pool")
+    b.add_argument("--workers-list", default=None, metavar="N,N",
+                   help="worker counts for the parallel modes (default 1,2,4 and the core count)")
+    b.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of agreement")
+    b.add_argument("--repeat", type=int, default=1, metavar="N", help="median of N timed runs")
+    b.add_argument("--json", metavar="PATH", dest="json_path", help="write the results as JSON")
+    b.set_defaults(func=cmd_bench)
+    d = sub.add_parser("devices", help="torch/CUDA versions, visible devices, cores, start method")
+    d.add_argument("--json", action="store_true")
+    d.add_argument("--traceback", action="store_true")
+    d.set_defaults(func=cmd_devices)
+    return parser
+
+
+def cmd_run(args) -> int:
+    from .runner import run
+    try:
+        result = run(args.config, **_overrides(args))
+    except Exception as e:
+        if args.json and getattr(e, "summary", None):
+            print(json.dumps(e.summary, default=str))
+        raise
+    s = result.summary
+    print(json.dumps(s, default=str) if args.json else human(s))
+    return ExitCode.QUARANTINED if s["failed"] else ExitCode.OK
+
+
+def human(s: dict) -> str:
+    lines = [
+        f"batches      {s['completed']}/{s['batches']} ({s['bytes_in'] / 1e6:.1f} MB in)",
+        f"wall         {s['wall_s']:.3f} s (worker start-up {s['startup_s']:.3f} s)",
+        f"throughput   {s['batches_per_s']} batches/s, {s['mb_per_s']} MB/s",
+        f"kernel       {s['kernel']} on {s['device']}, {s['threads_per_worker']} thread(s) per worker",
+        f"main pid     {s['main_pid']}",
+    ]
+    for w in s["workers"]:
+        lines.append(f"  worker {w['rank']}  pid {w['pid']}  {w['device']}  {w['batches']} batches")
+    if s.get("handoff"):
+        h = s["handoff"]
+        lines.append(f"handoff      {h['slots']} slots x {h['slot_bytes'] / 2**20:.1f} MiB, "
+                     f"{h['pickled_fallbacks']} pickled fallbacks"
+                     + (f", host-to-device {h['h2d_gbps']} GB/s" if h["h2d_gbps"] else ""))
+    for r in s["restarts"]:
+        lines.append(f"restart      worker {r['rank']} (pid {r['pid']}): {r['cause']}, batch {r['batch']}")
+    for f in s["failed"]:
+        lines.append(f"FAILED       batch {f['batch']} after {f['attempts']} attempt(s): {f['cause']}")
+    lines += [f"note         {n}" for n in s["notes"]]
+    lines.append(f"checksum     {s['checksum']}")
+    return "\n".join(lines)
+
+
+def cmd_bench(args) -> int:
+    from .bench import bench
+    return bench(args, _overrides(args))
+
+
+def cmd_devices(args) -> int:
+    from .devices import describe
+    info = describe()
+    if args.json:
+        print(json.dumps(info))
+    else:
+        for k, v in info.items():
+            print(f"{k:22} {v}")
+    return ExitCode.OK
+
+
+def _terminate(signum, frame):
+    raise Interrupted(signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, already printed)
+        return int(e.code or 0)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("pipeline: interrupted; workers stopped", file=sys.stderr)
+        return ExitCode.INTERRUPTED
+    except Interrupted:
+        print("pipeline: terminated (SIGTERM); workers stopped", file=sys.stderr)
+        return ExitCode.TERMINATED
+    except (ConfigError, KernelError, HandoffError) as e:
+        _report(args, e)
+        return ExitCode.USAGE
+    except Exception as e:  # noqa: BLE001 - one line for the user, the traceback on request
+        _report(args, e)
+        return ExitCode.FAILED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _report(args, e: BaseException) -> None:
+    if getattr(args, "traceback", False):
+        traceback.print_exception(e)
+    print(f"pipeline: error: {type(e).__name__}: {e}", file=sys.stderr)

@@ -1,0 +1,217 @@
+"""TOML -> frozen dataclasses, with CLI overrides and validation.
+
+Every setting has a dotted key (``source.rows``). A config is built from the built-in defaults (the same
+values as ``configs/default.toml``), then a TOML file, then overrides; each value remembers where it came
+from, so that a bad one is reported as ``source.rows = -1 (from --rows): must be >= 1``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+DTYPES = ("float32", "float16", "float64", "int8", "int16", "int32", "int64", "uint8")
+START_METHODS = ("spawn", "forkserver")
+FORK_REFUSED = (
+    "workers.start_method = 'fork' is refused: CUDA cannot be re-initialised in a forked child "
+    "(\"Cannot re-initialize CUDA in forked subprocess\") and a stdlib pool then hangs; "
+    "use 'spawn' (default) or 'forkserver'"
+)
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    kind: str = "synthetic"  # synthetic | npy (a .npy/.npz file or a directory of .npy files)
+    batches: int = 64
+    rows: int = 4096
+    cols: int = 1024
+    dtype: str = "float32"
+    seed: int = 0
+    path: str = ""
+    key: str = ""
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    name: str = "matmul"
+    params: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class WorkersConfig:
+    count: int = 2
+    device: str = "auto"
+    start_method: str = "spawn"
+    threads: int = 0  # 0: max(1, cores // count)
+
+
+@dataclass(frozen=True)
+class HandoffConfig:
+    in_flight: int = 0  # 0: 2 x workers
+    slot_mb: float = 0.0  # 0: the largest batch
+    pinned: bool = True
+
+
+@dataclass(frozen=True)
+class FaultsConfig:
+    max_attempts: int = 3
+    batch_timeout_s: float = 0.0  # 0: off
+    on_error: str = "fail"  # fail | skip
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    progress: bool = True
+    output: str = ""
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    source: SourceConfig = field(default_factory=SourceConfig)
+    kernel: KernelConfig = field(default_factory=KernelConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    handoff: HandoffConfig = field(default_factory=HandoffConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **dotted: Any) -> "Config":
+        """A copy with dotted keys replaced (``cfg.replace(**{"workers.count": 0})``), validated."""
+        values = {k: (v, "replace()") for k, v in dotted.items()}
+        return _build(_flatten(self.to_dict()), values)
+
+    def threads_per_worker(self) -> int:
+        if self.workers.threads:
+            return self.workers.threads
+        return max(1, (os.cpu_count() or 1) // max(1, self.workers.count))
+
+    def in_flight(self) -> int:
+        return self.handoff.in_flight or 2 * max(1, self.workers.count)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_SECTION_CLASSES = {
+    "source": SourceConfig, "kernel": KernelConfig, "workers": WorkersConfig,
+    "handoff": HandoffConfig, "faults": FaultsConfig, "run": RunConfig,
+}
+KEYS = {
+    f"{s}.{f.name}": f for s, cls in _SECTION_CLASSES.items() for f in dataclasses.fields(cls)
+}
+MINIMUM = {
+    "source.batches": 1, "source.rows": 1, "source.cols": 1, "source.seed": 0,
+    "workers.count": 0, "workers.threads": 0, "handoff.in_flight": 0, "handoff.slot_mb": 0,
+    "faults.max_attempts": 1, "faults.batch_timeout_s": 0,
+}
+CHOICES = {
+    "source.kind": ("synthetic", "npy"),
+    "source.dtype": DTYPES,
+    "workers.start_method": START_METHODS,
+    "faults.on_error": ("fail", "skip"),
+}
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as TOML (numbers, booleans, arrays, quoted strings), else the plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None,
+                origins: Mapping[str, str] | None = None) -> Config:
+    """Defaults, then the TOML file at ``path``, then ``overrides`` (dotted keys; ``kernel.params.X``)."""
+    values: dict[str, tuple[Any, str]] = {}
+    if path is not None:
+        where = str(path)
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {where}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config path is a directory, not a TOML file: {where}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{where}: not valid TOML: {e}") from None
+        for key, value in _flatten(data, strict_where=where).items():
+            values[key] = (value, where)
+    for key, value in (overrides or {}).items():
+        values[key] = (value, (origins or {}).get(key, f"override {key}"))
+    return _build(_flatten(Config().to_dict()), values)
+
+
+def _flatten(data: Mapping, strict_where: str | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for section, body in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{strict_where}: unknown section [{section}] "
+                              f"(known: {', '.join(SECTIONS)})")
+        if not isinstance(body, Mapping):
+            raise ConfigError(f"{strict_where}: [{section}] must be a table, got {body!r}")
+        for key, value in body.items():
+            if section == "kernel" and key == "params":
+                if not isinstance(value, Mapping):
+                    raise ConfigError(f"{strict_where}: kernel.params must be a table, got {value!r}")
+                for p, v in value.items():
+                    out[f"kernel.params.{p}"] = v
+            else:
+                out[f"{section}.{key}"] = value
+    return out
+
+
+def _build(base: dict[str, Any], values: Mapping[str, tuple[Any, str]]) -> Config:
+    flat = {k: (v, "defaults") for k, v in base.items() if not k.startswith("kernel.params")}
+    params = {k.split(".", 2)[2]: v for k, v in base.items() if k.startswith("kernel.params.")}
+    for key, (value, where) in values.items():
+        if key.startswith("kernel.params."):
+            params[key.split(".", 2)[2]] = value
+        elif key == "kernel.params":
+            params.update(value)
+        elif key in KEYS:
+            flat[key] = (value, where)
+        else:
+            close = [k for k in KEYS if k.split(".")[1] == key.split(".")[-1]]
+            hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(KEYS)})"
+            raise ConfigError(f"{where}: unknown key '{key}'{hint}")
+    sections: dict[str, dict] = {s: {} for s in _SECTION_CLASSES}
+    for key, (value, where) in flat.items():
+        section, name = key.split(".")
+        sections[section][name] = _check(key, value, where)
+    sections["kernel"]["params"] = params
+    return Config(**{s: _SECTION_CLASSES[s](**body) for s, body in sections.items()})
+
+
+def _check(key: str, value: Any, where: str) -> Any:
+    default = KEYS[key].default if KEYS[key].default is not dataclasses.MISSING else None
+    kind = type(default)
+    bad = f"{key} = {value!r} (from {where})"
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{bad}: expected true or false")
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{bad}: expected an integer")
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{bad}: expected a number")
+        value = float(value)
+    elif kind is str and not isinstance(value, str):
+        raise ConfigError(f"{bad}: expected a string")
+    if key in MINIMUM and value < MINIMUM[key]:
+        raise ConfigError(f"{bad}: must be >= {MINIMUM[key]}")
+    if key == "workers.start_method" and value == "fork":
+        raise ConfigError(f"{FORK_REFUSED} (from {where})")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"{bad}: must be one of {', '.join(CHOICES[key])}")
+    if key == "workers.device" and not _DEVICE.match(value):
+        raise ConfigError(f"{bad}: must be auto, cpu, cuda or cuda:N")
+    return value

@@ -1,0 +1,210 @@
+"""The host-only rule, and the shared-memory slot ring that makes a handoff cost one memcpy.
+
+NOTE [ Handoff ]
+Only host data crosses the process boundary. ``to_host`` checks everything handed to a worker before it
+is sent: a tensor on a non-CPU device, or a non-leaf tensor that requires grad, raises ``HandoffError``.
+Torch would not stop it: on Linux a spawn pool passes a CUDA tensor through CUDA IPC silently (the child
+can't send it back and the parent must outlive it), a fork child dies and the pool hangs, and Windows has
+no CUDA IPC at all (DESIGN.md, "Measured facts").
+
+NOTE [ Slot ring ]
+One shared-memory file of ``count`` slots, allocated once per run and reused for every batch. The main
+writes a batch straight into a free slot and sends a small descriptor; the worker views the slot without
+copying. A slot belongs to its batch until the batch's result (or final failure) comes back, so a batch
+whose worker died is retried from the same slot. The file lives in /dev/shm under a name that carries
+the main's pid (``pipeline-<pid>-<token>``): it is unlinked when the run ends by any path; workers unlink
+it when they notice that the main died (SIGKILL); and ``remove_stale`` clears files of dead mains.
+We use a plain file rather than ``multiprocessing.shared_memory`` because on Python 3.11/3.12 attaching
+to a segment registers it with the resource tracker, which then warns about "leaked" segments or unlinks
+them early.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import secrets
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import HandoffError
+
+SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+PREFIX = "pipeline-"
+ALIGN = 4096
+
+
+def to_host(obj: Any, where: str) -> Any:
+    """``obj`` with every CPU tensor turned into numpy; HandoffError for device or autograd tensors.
+
+    Walks dicts, lists and tuples, so kernel params are checked as deeply as batches.
+    """
+    torch = _torch_if_loaded()
+    if torch is not None and isinstance(obj, torch.Tensor):
+        if obj.device.type != "cpu":
+            raise HandoffError(
+                f"{where}: a torch.Tensor on device '{obj.device}' (shape {tuple(obj.shape)}) cannot be "
+                f"handed to a worker; only host data crosses the process boundary. Pass "
+                f"`t.cpu().numpy()` from the main process; the worker moves it to its device."
+            )
+        if obj.requires_grad and obj.grad_fn is not None:
+            raise HandoffError(
+                f"{where}: a non-leaf torch.Tensor that requires grad (grad_fn "
+                f"{type(obj.grad_fn).__name__}) cannot be handed to a worker: autograd does not cross "
+                f"processes. Pass `t.detach().cpu().numpy()`."
+            )
+        return obj.detach().numpy()
+    if isinstance(obj, dict):
+        return {k: to_host(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_host(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    return obj
+
+
+def as_batch(obj: Any, where: str) -> np.ndarray:
+    """A batch from a caller's source as a numpy array (checked by ``to_host``)."""
+    arr = to_host(obj, where)
+    if not isinstance(arr, np.ndarray):
+        try:
+            arr = np.asarray(arr)
+        except Exception as e:  # noqa: BLE001 - any conversion failure is the caller's input
+            raise HandoffError(f"{where}: cannot turn {type(obj).__name__} into a numpy array: {e}") from None
+    if arr.dtype.hasobject:
+        raise HandoffError(f"{where}: object arrays are not batches (dtype {arr.dtype}); "
+                           f"pass a numeric array")
+    return arr
+
+
+def _torch_if_loaded():
+    import sys
+    return sys.modules.get("torch")
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """What travels to the worker for a slot batch: a few dozen bytes, whatever the batch size."""
+    slot: int
+    shape: tuple
+    dtype: str
+    strides: tuple
+
+
+class SlotRing:
+    """``count`` reusable slots of ``slot_bytes`` each in one shared-memory file (main side)."""
+
+    def __init__(self, count: int, slot_bytes: int):
+        self.count = count
+        self.slot_bytes = max(ALIGN, -(-slot_bytes // ALIGN) * ALIGN)
+        self.name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        self.path = os.path.join(SHM_DIR, self.name)
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, self.count * self.slot_bytes)
+            self._mm = mmap.mmap(fd, self.count * self.slot_bytes)
+        except BaseException:
+            os.unlink(self.path)
+            raise
+        finally:
+            os.close(fd)
+        self.free = list(range(count - 1, -1, -1))
+
+    def fits(self, arr: np.ndarray) -> bool:
+        return arr.nbytes <= self.slot_bytes
+
+    def put(self, arr: np.ndarray) -> Descriptor:
+        """Copy ``arr`` into a free slot (one memcpy) and describe it."""
+        slot = self.free.pop()
+        view = self.view(slot, arr.shape, arr.dtype)
+        np.copyto(view, arr, casting="no")
+        return Descriptor(slot, tuple(arr.shape), arr.dtype.str, view.strides)
+
+    def take(self, shape: tuple, dtype: np.dtype) -> tuple[int, np.ndarray]:
+        """A free slot and a writable view of it, for a source that builds batches in place."""
+        slot = self.free.pop()
+        return slot, self.view(slot, shape, dtype)
+
+    def describe(self, slot: int, view: np.ndarray) -> Descriptor:
+        return Descriptor(slot, tuple(view.shape), view.dtype.str, view.strides)
+
+    def release(self, slot: int) -> None:
+        self.free.append(slot)
+
+    def view(self, slot: int, shape: tuple, dtype) -> np.ndarray:
+        return slot_view(self._mm, self.slot_bytes, slot, shape, dtype)
+
+    def close(self) -> None:
+        """Unmap and unlink; safe to call twice. Views handed out earlier must be dropped first."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        if self._mm is not None:
+            try:
+                self._mm.close()
+            except BufferError:  # a view is still alive; the mapping goes with the process
+                pass
+            self._mm = None
+
+
+def slot_view(buf, slot_bytes: int, slot: int, shape: tuple, dtype) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    return np.frombuffer(buf, dtype=dtype, count=count, offset=slot * slot_bytes).reshape(shape)
+
+
+class SlotReader:
+    """The worker's side of the ring: maps the file once, views slots without copying."""
+
+    def __init__(self, name: str, slot_bytes: int):
+        self.name = name
+        self.path = os.path.join(SHM_DIR, name)
+        self.slot_bytes = slot_bytes
+        fd = os.open(self.path, os.O_RDWR)
+        try:
+            self._mm = mmap.mmap(fd, 0)
+        finally:
+            os.close(fd)
+
+    def view(self, d: Descriptor) -> np.ndarray:
+        return slot_view(self._mm, self.slot_bytes, d.slot, d.shape, d.dtype)
+
+    def unlink(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def remove_stale() -> list[str]:
+    """Unlink ring files left by mains that no longer run (a SIGKILLed main whose workers died too)."""
+    removed = []
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return removed
+    for name in names:
+        if not name.startswith(PREFIX):
+            continue
+        try:
+            pid = int(name[len(PREFIX):].split("-")[0])
+        except ValueError:
+            continue
+        if not _alive(pid):
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+                removed.append(name)
+            except OSError:
+                pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,180 @@
+"""``run``: config + source + kernel -> ordered results and a summary, on the chosen backend."""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import numpy as np
+from tqdm import tqdm
+
+from . import devices, kernels
+from .config import Config, load_config
+from .handoff import to_host
+from .sources import length, make_source
+from .worker import Stager, compute
+
+# CLI names accepted as ``run(**overrides)`` and on the command line, and the config keys they set.
+OVERRIDES = {
+    "workers": "workers.count", "batches": "source.batches", "rows": "source.rows",
+    "cols": "source.cols", "dtype": "source.dtype", "seed": "source.seed", "kernel": "kernel.name",
+    "device": "workers.device", "start_method": "workers.start_method",
+    "threads_per_worker": "workers.threads", "progress": "run.progress", "in_flight": "handoff.in_flight",
+    "slot_mb": "handoff.slot_mb", "pinned": "handoff.pinned", "max_attempts": "faults.max_attempts",
+    "batch_timeout_s": "faults.batch_timeout_s", "on_error": "faults.on_error",
+    "input": "source.path", "input_key": "source.key", "output": "run.output",
+    "overwrite": "run.overwrite",
+}
+
+
+@dataclass
+class RunResult:
+    summary: dict
+    results: list = field(default_factory=list)  # numpy arrays in batch order (None for failed batches)
+
+
+class Collector:
+    """Results in batch order, the checksum, per-worker counts, failures."""
+
+    def __init__(self, total: int | None, progress: bool):
+        self.results: dict[int, np.ndarray] = {}
+        self.failed: list[dict] = []
+        self.bytes_in = 0
+        self.bar = tqdm(total=total, unit="batch", file=sys.stderr, dynamic_ncols=True,
+                        disable=not progress or not sys.stderr.isatty())
+
+    def counted(self, batches):
+        for b in batches:
+            self.bytes_in += b.nbytes
+            yield b
+
+    def result(self, index: int, arr: np.ndarray, info: dict) -> None:
+        self.results[index] = arr
+        self.bar.update(1)
+
+    def fail(self, record: dict) -> None:
+        self.failed.append(record)
+        self.bar.update(1)
+
+    def ordered(self) -> list:
+        n = max(list(self.results) + [f["batch"] for f in self.failed], default=-1) + 1
+        return [self.results.get(i) for i in range(n)]
+
+
+def checksum(results: Iterable[np.ndarray | None]) -> str:
+    """sha256 over every result's dtype, shape and bytes, in batch order (a failed batch: its index)."""
+    h = hashlib.sha256()
+    for i, r in enumerate(results):
+        if r is None:
+            h.update(f"failed:{i};".encode())
+            continue
+        r = np.ascontiguousarray(r)
+        h.update(f"{r.dtype.str}{r.shape};".encode())
+        h.update(r.tobytes())
+    return h.hexdigest()
+
+
+def resolve(config: Config | str | os.PathLike | None, overrides: dict[str, Any]) -> Config:
+    """A Config from a path, a Config or defaults, plus ``run()``-style overrides (CLI names)."""
+    dotted, origins = {}, {}
+    for name, value in overrides.items():
+        key = OVERRIDES.get(name, name if "." in name else None)
+        if key is None:
+            from .errors import ConfigError
+            raise ConfigError(f"unknown setting '{name}' (known: {', '.join(OVERRIDES)}, "
+                              f"or a dotted key such as source.rows)")
+        dotted[key], origins[key] = value, f"--{name.replace('_', '-')}" if name in OVERRIDES else f"--set {key}"
+    if isinstance(config, Config):
+        return config.replace(**dotted) if dotted else config
+    return load_config(config, dotted, origins)
+
+
+def run(config: Config | str | os.PathLike | None = None, *, source: Iterable | None = None,
+        kernel: str | Callable | None = None, **overrides) -> RunResult:
+    """Run the pipeline. ``source``: your own arrays (numpy or CPU tensors) in batch order; ``kernel``:
+    a built-in name, ``package.module:name`` or a callable; ``overrides``: CLI names (``workers=2``)."""
+    if isinstance(kernel, str):
+        overrides["kernel"] = kernel
+    cfg = resolve(config, overrides)
+    note = devices.check(cfg.workers.device)
+    params = to_host(dict(cfg.kernel.params), "kernel param")
+    spec = kernels.spec_for(kernel if callable(kernel) else cfg.kernel.name, params)
+    src = make_source(cfg.source, source)
+    col = Collector(length(src), cfg.run.progress)
+    src = col.counted(src)
+    t0 = time.perf_counter()
+    info = {"startup_s": 0.0, "restarts": [], "handoff": None, "breakdown": None, "workers": []}
+    try:
+        if cfg.workers.count == 0:
+            run_serial(cfg, spec, src, col, info)
+        else:
+            from .executor import LocalExecutor
+            ex, ok = LocalExecutor(cfg, spec), False
+            try:
+                ex.start()
+                info["startup_s"] = ex.startup_s
+                info["handoff"] = ex.map(src, col.result, col.fail)
+                ok = True
+            finally:
+                ex.close(graceful=ok)
+                info.update(restarts=ex.restarts, breakdown=ex.breakdown or None, workers=ex.worker_info())
+    except Exception as e:  # the summary so far travels with the error (``--json`` prints it)
+        e.summary = summarize(cfg, spec, col.ordered(), col, time.perf_counter() - t0, info, note,
+                              error=f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        col.bar.close()
+    results = col.ordered()
+    return RunResult(summarize(cfg, spec, results, col, time.perf_counter() - t0, info, note), results)
+
+
+def run_serial(cfg: Config, spec, src, col: Collector, info: dict) -> None:
+    """``--workers 0``: the same kernel code in this process, under the same thread cap."""
+    device = devices.choose(cfg.workers.device, 0)
+    me = {"rank": 0, "pid": os.getpid(), "device": str(device), "batches": 0}
+    info["workers"] = [me]
+    with devices.torch_threads(cfg.threads_per_worker()):
+        kernel = kernels.make(spec, device)
+        stager = Stager(device, cfg.handoff.pinned)
+        for batch in src:
+            kernels.current.update(index=batch.index, attempt=1)
+            out, _ = compute(kernel, batch.array(), device, stager)
+            col.result(batch.index, out, {})
+            me["batches"] += 1
+
+
+def summarize(cfg: Config, spec, results: list, col: Collector, wall: float, info: dict,
+              note: str | None, error: str | None = None) -> dict:
+    done = [r for r in results if r is not None]
+    n = len(results)
+    bytes_in = col.bytes_in
+    device_set = sorted({w["device"] for w in info["workers"]})
+    breakdown = info["breakdown"]
+    if breakdown and done:
+        breakdown = {k.replace("_s", "_ms"): round(v / len(done) * 1000, 3) for k, v in breakdown.items()}
+    return {
+        "batches": n,
+        "completed": len(done),
+        "bytes_in": bytes_in,
+        "wall_s": round(wall, 4),
+        "startup_s": round(info["startup_s"], 4),
+        "batches_per_s": round(n / wall, 3) if wall else None,
+        "steady_batches_per_s": round(n / (wall - info["startup_s"]), 3) if wall > info["startup_s"] else None,
+        "mb_per_s": round(bytes_in / wall / 1e6, 3) if wall and bytes_in else None,
+        "checksum": checksum(results),
+        "main_pid": os.getpid(),
+        "device": ",".join(device_set),
+        "kernel": spec.name,
+        "threads_per_worker": cfg.threads_per_worker(),
+        "workers": info["workers"],
+        "restarts": info["restarts"],
+        "failed": col.failed,
+        "handoff": info["handoff"],
+        "breakdown_ms_per_batch": breakdown,
+        "notes": [note] if note else [],
+        "error": error,
+        "config": cfg.to_dict(),
+    }

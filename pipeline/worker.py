@@ -1,0 +1,154 @@
+"""The worker process: its loop, the per-batch compute shared with the serial baseline, the watchdog.
+
+Module level, so that spawn can import the entry point by name. Messages are tiny tuples:
+
+  main -> worker   Task(index, attempt, ring, desc, array) | None (stop)
+  worker -> main   ("ready", pid, device) | ("fatal", error)
+                   ("result", index, array, timings) | ("error", index, error)
+
+NOTE [ Shutdown ]
+Workers ignore SIGINT: Ctrl-C reaches the whole process group, and the main decides what happens (stop
+handing out work, stop the workers, clean up). A watchdog thread checks twice a second that the main is
+alive, as PyTorch's DataLoader workers do; if it died (even by SIGKILL, which no ``daemon`` flag covers)
+the worker unlinks the shared-memory rings it mapped and exits, also when a kernel is stuck.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import devices, kernels
+from .errors import WorkerError
+from .handoff import Descriptor, SlotReader, _alive
+
+
+@dataclass
+class Task:
+    index: int
+    attempt: int
+    ring: str | None = None  # name of the slot ring file, when the batch is in a slot
+    slot_bytes: int = 0
+    desc: Descriptor | None = None
+    array: np.ndarray | None = None  # the pickled fallback, for a batch larger than a slot
+
+
+class Stager:
+    """Host -> device copies through a reusable pinned buffer, ``non_blocking``; times them on CUDA."""
+
+    def __init__(self, device: torch.device, pinned: bool):
+        self.device, self.pinned = device, pinned and device.type == "cuda"
+        self.buf: torch.Tensor | None = None
+
+    def to_device(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        if self.device.type == "cpu":
+            return x, 0.0
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if self.pinned:
+            n = x.numel() * x.element_size()
+            if self.buf is None or self.buf.numel() < n:
+                self.buf = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+            staged = self.buf[:n].view(x.dtype).view(x.shape)
+            staged.copy_(x)
+            x = staged
+        start.record()
+        y = x.to(self.device, non_blocking=True)
+        end.record()
+        end.synchronize()
+        return y, start.elapsed_time(end) / 1000
+
+
+def compute(kernel, arr: np.ndarray, device: torch.device, stager: Stager) -> tuple[np.ndarray, dict]:
+    """One batch: host array -> device -> kernel -> host numpy. The same code serially and in workers."""
+    t0 = time.perf_counter()
+    x = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+    x, h2d = stager.to_device(x)
+    t1 = time.perf_counter()
+    y = kernel(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t2 = time.perf_counter()
+    if isinstance(y, torch.Tensor):
+        out = y.detach().cpu().numpy()
+    else:
+        out = np.asarray(y)
+    if np.may_share_memory(out, arr):  # never hand back a view of the slot: it is reused
+        out = out.copy()
+    t3 = time.perf_counter()
+    return out, {"h2d_s": h2d if device.type == "cuda" else 0.0, "h2d_bytes": arr.nbytes,
+                 "stage_s": t1 - t0, "compute_s": t2 - t1, "d2h_s": t3 - t2}
+
+
+def pack_error(e: BaseException) -> tuple[Any, str, str]:
+    """(exception or None when it can't be pickled, 'Type: message', formatted traceback)."""
+    tb = traceback.format_exc()
+    if isinstance(e, (SystemExit, KeyboardInterrupt)):
+        e = WorkerError(f"kernel raised {type(e).__name__}({e})")
+    try:
+        blob = pickle.dumps(e)
+        pickle.loads(blob)
+    except Exception:  # noqa: BLE001 - unpicklable exceptions travel as text
+        e = None
+    return e, f"{type(e).__name__ if e else 'Exception'}: {e}", tb
+
+
+def _watchdog(main_pid: int, readers: dict) -> None:
+    ppid = os.getppid()
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != ppid or not _alive(main_pid):
+            for r in list(readers.values()):
+                r.unlink()
+            os._exit(1)
+
+
+def main(rank: int, conn, spec: kernels.KernelSpec, device_spec: str, threads: int, pinned: bool,
+         main_pid: int) -> None:
+    """Entry point of a worker process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    readers: dict[str, SlotReader] = {}
+    threading.Thread(target=_watchdog, args=(main_pid, readers), daemon=True).start()
+    try:
+        torch.set_num_threads(threads)
+        device = devices.choose(device_spec, rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        kernel = kernels.make(spec, device)
+        stager = Stager(device, pinned)
+    except BaseException as e:  # noqa: BLE001 - reported to the main, which raises it
+        conn.send(("fatal", pack_error(e)))
+        return
+    conn.send(("ready", os.getpid(), str(device)))
+    while True:
+        try:
+            task = conn.recv()
+        except (EOFError, OSError):  # the main is gone
+            for r in readers.values():
+                r.unlink()
+            return
+        if task is None:
+            return
+        if task.desc is not None:
+            if task.ring not in readers:
+                readers[task.ring] = SlotReader(task.ring, task.slot_bytes)
+            arr = readers[task.ring].view(task.desc)
+        else:
+            arr = task.array
+        kernels.current.update(index=task.index, attempt=task.attempt)
+        try:
+            out, timings = compute(kernel, arr, device, stager)
+        except BaseException as e:  # noqa: BLE001 - SystemExit and KeyboardInterrupt too: never hang
+            msg = ("error", task.index, pack_error(e))
+        else:
+            timings["sent"] = time.time()
+            msg = ("result", task.index, out, timings)
+        del arr
+        conn.send(msg)
