@@ -1,0 +1,56 @@
+"""Shared fixtures: the gpu marker, and a check that no test leaves a worker or a shm segment behind."""
+import os
+
+import psutil
+import pytest
+import torch
+
+from pipeline.handoff import PREFIX, SHM_DIR
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
+
+
+STDLIB_HELPERS = ("resource_tracker", "multiprocessing.forkserver")  # long-lived singletons, not workers
+
+
+def workers_alive() -> list:
+    """Children of this process, less zombies and the stdlib's own helper processes."""
+    kids = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and not any(h in " ".join(p.cmdline())
+                                                               for h in STDLIB_HELPERS):
+                kids.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return kids
+
+
+def ours() -> set[str]:
+    return {n for n in os.listdir(SHM_DIR) if n.startswith(f"{PREFIX}{os.getpid()}-")}
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind():
+    """Every test: no child process of this process and no shm segment of ours remain afterwards."""
+    before = ours()
+    yield
+    for _ in range(40):  # a killed child may take a moment to be reaped
+        kids = workers_alive()
+        if not kids:
+            break
+        psutil.wait_procs(kids, timeout=0.05)
+    assert not kids, f"processes left behind: {[(k.pid, k.cmdline()[-3:]) for k in kids]}"
+    assert ours() - before == set(), "shared-memory segments left behind"
+
+
+TINY = dict(batches=4, rows=16, cols=8, progress=False, threads_per_worker=1)

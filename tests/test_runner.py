@@ -1,0 +1,147 @@
+"""pipeline.run: serial vs parallel, determinism, results, the Python API, kernel errors."""
+import numpy as np
+import pytest
+import torch
+
+import pipeline
+from pipeline.runner import checksum
+from conftest import TINY, workers_alive
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("kernel", ["sum", "matmul", "fft", "mlp", "faulty"])
+def test_parallel_matches_serial_bit_for_bit(kernel):
+    """Every kernel: 2 workers give the serial checksum, and results in batch order."""
+    serial = pipeline.run(kernel=kernel, workers=0, **TINY)
+    par = pipeline.run(kernel=kernel, workers=2, **TINY)
+    assert par.summary["checksum"] == serial.summary["checksum"]
+    assert len(par.results) == 4
+    for a, b in zip(serial.results, par.results):
+        assert a.tobytes() == b.tobytes()
+    assert sum(w["batches"] for w in par.summary["workers"]) == 4
+
+
+def test_results_are_right():
+    """Serial results equal the kernel applied with numpy (sum, fft) and have the right shapes."""
+    src = [np.arange(12, dtype=np.float32).reshape(3, 4)]
+    assert np.array_equal(pipeline.run(source=src, kernel="sum", workers=0, progress=False).results[0],
+                          [6, 22, 38])
+    r = pipeline.run(kernel="fft", workers=0, **TINY).results[0]
+    x = pipeline.run(kernel="sum", workers=0, **TINY)
+    assert r.shape == (16, 5) and x.results[0].shape == (16,)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "int32", "uint8", "int8"])
+def test_dtypes(dtype):
+    """Every accepted dtype computes (serially here; the transport is dtype-agnostic)."""
+    r = pipeline.run(dtype=dtype, kernel="matmul", workers=0, **TINY)
+    assert r.summary["completed"] == 4 and np.isfinite(r.results[0]).all()
+
+
+def test_synthetic_is_a_function_of_seed_and_index():
+    """Batches depend on (seed, index) only: a different seed changes the checksum."""
+    a = pipeline.run(kernel="sum", workers=0, **TINY).summary["checksum"]
+    b = pipeline.run(kernel="sum", workers=0, seed=1, **TINY).summary["checksum"]
+    assert a != b and a == pipeline.run(kernel="sum", workers=0, **TINY).summary["checksum"]
+
+
+@pytest.mark.timeout(90)
+def test_source_and_callable_kernel_with_workers():
+    """A caller's source (numpy and CPU tensors) with a lambda kernel sent by value to 2 workers."""
+    src = [np.full((3, 2), i, np.float32) for i in range(3)] + [torch.ones(3, 2)]
+    scale = 3.0
+    r = pipeline.run(source=src, kernel=lambda x: x.sum(1) * scale, workers=2, progress=False)
+    assert [x.tolist() for x in r.results] == [[0] * 3, [6] * 3, [12] * 3, [6] * 3]
+    assert r.summary["handoff"]["pickled_fallbacks"] == 0
+
+
+@pytest.mark.timeout(90)
+def test_kernel_exception_carries_type_batch_pid_device_and_traceback():
+    """A worker's exception reaches the caller as its type, naming batch, pid, device; cause = traceback."""
+    with pytest.raises(RuntimeError) as e:
+        pipeline.run(kernel="faulty", workers=2, **{"kernel.params.raise_on": [2]}, **TINY)
+    msg = str(e.value)
+    assert "batch 2" in msg and "worker pid" in msg and "device cpu" in msg
+    assert "raise_on batch 2" in msg
+    assert "Traceback" in str(e.value.__cause__) and "faulty" in str(e.value.__cause__)
+    assert e.value.summary["error"].startswith("RuntimeError")
+
+
+def test_unknown_kernel_and_bad_import():
+    """Unknown kernel names and bad import paths are ConfigErrors naming the kernel."""
+    with pytest.raises(pipeline.ConfigError, match="unknown kernel"):
+        pipeline.run(kernel="nope", workers=0, **TINY)
+    with pytest.raises(pipeline.ConfigError, match="cannot import module 'no_such_mod'"):
+        pipeline.run(kernel="no_such_mod:f", workers=0, **TINY)
+    with pytest.raises(pipeline.ConfigError, match="has no attribute 'nope'"):
+        pipeline.run(kernel="pipeline.kernels:nope", workers=0, **TINY)
+
+
+def test_unknown_override():
+    """run() rejects unknown keyword settings by name."""
+    with pytest.raises(pipeline.ConfigError, match="unknown setting 'wrokers'"):
+        pipeline.run(wrokers=2)
+
+
+def test_fork_refused():
+    """start_method fork is refused with the reason."""
+    with pytest.raises(pipeline.ConfigError, match="Cannot re-initialize CUDA"):
+        pipeline.run(start_method="fork", **TINY)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
+def test_cuda_without_cuda():
+    """--device cuda without CUDA is a ConfigError; auto falls back to the CPU with a note."""
+    with pytest.raises(pipeline.ConfigError, match="CUDA is not available"):
+        pipeline.run(device="cuda", **TINY)
+    s = pipeline.run(device="auto", workers=0, **TINY).summary
+    assert s["device"] == "cpu" and "no CUDA GPU" in s["notes"][0]
+
+
+@pytest.mark.timeout(90)
+def test_forkserver_accepted():
+    """forkserver works and agrees with serial."""
+    a = pipeline.run(kernel="sum", workers=1, start_method="forkserver", **TINY).summary["checksum"]
+    assert a == pipeline.run(kernel="sum", workers=0, **TINY).summary["checksum"]
+
+
+@pytest.mark.timeout(90)
+def test_no_worker_left_after_run():
+    """After run returns, no child process remains."""
+    pipeline.run(kernel="sum", workers=2, **TINY)
+    assert workers_alive() == []
+
+
+def test_summary_fields():
+    """The summary carries the documented keys."""
+    s = pipeline.run(kernel="sum", workers=0, **TINY).summary
+    for k in ("batches", "bytes_in", "wall_s", "batches_per_s", "mb_per_s", "checksum", "main_pid", "device",
+              "kernel", "workers", "config", "failed", "restarts", "handoff"):
+        assert k in s
+    assert s["bytes_in"] == 4 * 16 * 8 * 4 and s["config"]["source"]["rows"] == 16
+
+
+def test_checksum_covers_dtype_and_shape():
+    """The checksum changes with dtype or shape even when the bytes are the same."""
+    a = np.zeros(4, np.float32)
+    assert checksum([a]) != checksum([a.view(np.int32)]) != checksum([a.reshape(2, 2)])
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(180)
+def test_gpu_workers_compute_on_cuda_and_match_cpu():
+    """On CUDA, workers really use cuda and results match the CPU within float tolerance."""
+    kw = dict(TINY, rows=256, cols=128)
+    cpu = pipeline.run(kernel="matmul", workers=0, device="cpu", **kw)
+    gpu = pipeline.run(kernel="matmul", workers=2, device="cuda", **kw)
+    assert all(w["device"].startswith("cuda") for w in gpu.summary["workers"])
+    for a, b in zip(cpu.results, gpu.results):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-3)
+    assert gpu.summary["handoff"]["h2d_gbps"] is not None
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_tensor_in_source_refused():
+    """A real CUDA tensor in source raises HandoffError."""
+    with pytest.raises(pipeline.HandoffError, match="device 'cuda:0'"):
+        pipeline.run(source=[torch.ones(2, 2, device="cuda")], kernel="sum", workers=1, progress=False)
