@@ -18,8 +18,10 @@ import itertools
 import os
 import multiprocessing as mp
 import signal
+import sys
 import time
 from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Callable, Iterable
@@ -103,7 +105,7 @@ class LocalExecutor:
             args=(rank, child, self.spec, self.cfg.workers.device, self.threads,
                   self.cfg.handoff.pinned, os.getpid()),
         )
-        with devices.thread_env(self.threads):
+        with devices.thread_env(self.threads), _no_phantom_main_file():
             p.start()
         child.close()
         h = Handle(rank, p, parent)
@@ -309,6 +311,26 @@ class LocalExecutor:
             "pickled_fallbacks": self.pickled,
             "h2d_gbps": round(self.h2d[1] / self.h2d[0] / 1e9, 2) if self.h2d[0] else None,
         }
+
+
+@contextmanager
+def _no_phantom_main_file():
+    """Hide a ``__main__.__file__`` that is no file (``python -`` sets '<stdin>') while starting a worker.
+
+    Spawn re-runs the parent's main script in the child from ``__main__.__file__``; for '<stdin>' the child
+    dies with FileNotFoundError before it gets to the worker. Without ``__file__`` the child skips that
+    step, as it does for notebooks and ``python -c``; kernels defined there travel by value anyway.
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    phantom = path is not None and getattr(main, "__spec__", None) is None and not os.path.isfile(path)
+    if phantom:
+        del main.__file__
+    try:
+        yield
+    finally:
+        if phantom:
+            main.__file__ = path
 
 
 def _reraise(packed: tuple, where: str) -> BaseException:

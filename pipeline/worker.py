@@ -127,13 +127,17 @@ def main(rank: int, conn, spec: kernels.KernelSpec, device_spec: str, threads: i
         conn.send(("fatal", pack_error(e)))
         return
     conn.send(("ready", os.getpid(), str(device)))
-    while True:
-        try:
-            task = conn.recv()
-        except (EOFError, OSError):  # the main is gone
+    try:
+        _loop(conn, kernel, device, stager, readers)
+    except (EOFError, OSError):  # the pipe broke: if the main is gone, leave nothing behind
+        if not _alive(main_pid) or os.getppid() == 1:
             for r in readers.values():
                 r.unlink()
-            return
+
+
+def _loop(conn, kernel, device, stager, readers: dict) -> None:
+    while True:
+        task = conn.recv()
         if task is None:
             return
         if task.desc is not None:

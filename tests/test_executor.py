@@ -1,0 +1,127 @@
+"""Faults: crashed workers, stuck batches, kernel errors, quarantine, Ctrl-C, SIGTERM, a dead parent."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+import pipeline
+from pipeline.handoff import PREFIX, SHM_DIR
+from conftest import TINY
+
+ROOT = Path(__file__).resolve().parent.parent
+SIX = dict(TINY, batches=6)
+
+
+def clean_checksum():
+    return pipeline.run(kernel="sum", workers=0, **SIX).summary["checksum"]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("params, cause", [
+    ({"crash_on": [2]}, "SIGKILL(-9)"),
+    ({"crash_on": [2], "signal": 11}, "SIGSEGV(-11)"),
+    ({"exit_on": [3]}, "exit code 0"),
+    ({"hang_on": [1], "batch_timeout_s": 1.5}, "timeout"),
+])
+def test_lost_batch_is_retried_on_a_fresh_worker(params, cause):
+    """A worker that dies (or hangs past the timeout) mid-batch: the batch is retried, checksum unchanged."""
+    timeout = params.pop("batch_timeout_s", 0)
+    t0 = time.monotonic()
+    s = pipeline.run(kernel="faulty", workers=2, batch_timeout_s=timeout,
+                     **{f"kernel.params.{k}": v for k, v in params.items()}, **SIX).summary
+    assert s["checksum"] == clean_checksum() and s["failed"] == [] and s["completed"] == 6
+    assert len(s["restarts"]) == 1 and cause in s["restarts"][0]["cause"]
+    assert time.monotonic() - t0 < 60
+
+
+@pytest.mark.timeout(120)
+def test_batch_that_keeps_killing_workers_is_quarantined():
+    """With faults on every attempt, the batch is quarantined after max_attempts; the others finish."""
+    s = pipeline.run(kernel="faulty", workers=2, max_attempts=2, **{"kernel.params.crash_on": [1],
+                     "kernel.params.only_first_attempt": False}, **SIX).summary
+    assert s["completed"] == 5 and len(s["restarts"]) == 2
+    assert s["failed"] == [{"batch": 1, "cause": "SIGKILL(-9) (killed: out of memory, or kill -9)",
+                            "attempts": 2}]
+
+
+@pytest.mark.timeout(120)
+def test_on_error_skip_records_and_goes_on():
+    """on_error=skip: a raising batch is recorded in failed and the run completes the rest."""
+    r = pipeline.run(kernel="faulty", workers=2, on_error="skip", **{"kernel.params.raise_on": [0, 4]}, **SIX)
+    assert [f["batch"] for f in sorted(r.summary["failed"], key=lambda f: f["batch"])] == [0, 4]
+    assert r.results[0] is None and r.results[1] is not None and r.summary["completed"] == 4
+
+
+@pytest.mark.timeout(120)
+def test_kernel_system_exit_does_not_hang():
+    """A kernel raising SystemExit in a worker becomes a WorkerError naming the batch; nothing hangs."""
+    with pytest.raises(pipeline.WorkerError, match=r"batch 1 .*SystemExit"):
+        pipeline.run(kernel="faulty", workers=1, **{"kernel.params.system_exit_on": [1]}, **SIX)
+
+
+@pytest.mark.timeout(120)
+def test_worker_dying_at_startup_fails_fast():
+    """A kernel whose setup fails reports the setup error instead of restarting forever."""
+    with pytest.raises(pipeline.KernelError, match="failed to set up kernel 'faulty'.*unknown params"):
+        pipeline.run(kernel="faulty", workers=2, **{"kernel.params.explode_on": [1]}, **SIX)
+
+
+def start_cli(*extra):
+    """A real `python -m pipeline run` in its own process group, with slow batches."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", "--kernel", "faulty", "--param", "sleep=0.2",
+         "--batches", "400", "--rows", "16", "--cols", "8", "--workers", "2", "--no-progress",
+         "--threads-per-worker", "1", *extra],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_running(p, timeout=60):
+    """Until the run's shared-memory ring exists (workers are up and computing); returns its workers."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(n.startswith(f"{PREFIX}{p.pid}-") for n in os.listdir(SHM_DIR)):
+            time.sleep(0.5)
+            return [c for c in psutil.Process(p.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+        assert p.poll() is None, p.communicate()
+        time.sleep(0.1)
+    raise AssertionError("run never started")
+
+
+def assert_gone(pid, workers, within=5.0):
+    gone, alive = psutil.wait_procs(workers, timeout=within)
+    assert not alive, f"workers still alive {within} s later: {alive}"
+    assert not [n for n in os.listdir(SHM_DIR) if n.startswith(f"{PREFIX}{pid}-")], "segment left"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"),
+                                             (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_and_sigterm(sig, code, word):
+    """Ctrl-C (SIGINT to the whole process group) or SIGTERM: exit 130/143 within 5 s, one line, no leftovers."""
+    p = start_cli()
+    workers = wait_running(p)
+    assert len(workers) == 2
+    t0 = time.monotonic()
+    if sig == signal.SIGINT:
+        os.killpg(p.pid, sig)  # what a terminal's Ctrl-C does
+    else:
+        p.send_signal(sig)
+    out, err = p.communicate(timeout=30)
+    assert time.monotonic() - t0 < 5
+    assert p.returncode == code and word in err and "Traceback" not in err and err.count("\n") == 1
+    assert_gone(p.pid, workers, within=1)
+
+
+@pytest.mark.timeout(120)
+def test_dead_parent_workers_exit_and_unlink():
+    """The main SIGKILLed: every worker exits by itself within 5 s and removes the segment."""
+    p = start_cli()
+    workers = wait_running(p)
+    p.kill()
+    p.communicate()
+    assert_gone(p.pid, workers, within=5)
