@@ -42,6 +42,11 @@ class Synthetic:
     def __len__(self) -> int:
         return self.n
 
+    def identity(self) -> dict:
+        """What batch i depends on: an output directory written from it is resumed only if this matches."""
+        return {"kind": "synthetic", "batches": self.n, "rows": self.shape[0], "cols": self.shape[1],
+                "dtype": self.dtype.name, "seed": self.seed}
+
     def build(self, index: int, out: np.ndarray) -> None:
         rng = np.random.default_rng([self.seed, index])
         if out.dtype in (np.float32, np.float64):
@@ -51,6 +56,11 @@ class Synthetic:
         else:
             lo, hi = (0, 256) if out.dtype == np.uint8 else (-100, 100)
             out[...] = rng.integers(lo, hi, size=out.shape, dtype=out.dtype)
+
+    def get(self, index: int) -> np.ndarray:
+        out = np.empty(self.shape, self.dtype)
+        self.build(index, out)
+        return out
 
     def __iter__(self) -> Iterator[Batch]:
         for i in range(self.n):
@@ -72,6 +82,10 @@ class FromIterable:
         if self.n is None:
             raise TypeError("source has no length")
         return self.n
+
+    def identity(self) -> dict:
+        """The caller's arrays can't be fingerprinted cheaply: resuming trusts that they are the same."""
+        return {"kind": "python iterable", "batches": self.n}
 
     def __iter__(self) -> Iterator[Batch]:
         for i, item in enumerate(self.items):

@@ -1,0 +1,382 @@
+"""``pipeline bench``: the same batches through serial, the pipeline and the peers a user would pick.
+
+Modes (each at every worker count, with the same kernel code and thread cap):
+  serial               one process builds and computes (all cores, or --threads-per-worker)
+  pipeline             this package: shared-memory slots, spawn workers
+  mp.Pool              stdlib spawn ``multiprocessing.Pool.imap``, batches pickled through its pipes
+  ProcessPoolExecutor  ``concurrent.futures`` (spawn) ``map``, batches pickled
+  DataLoader           ``torch.utils.data.DataLoader(num_workers=N)``: its workers build the batches,
+                       the main process computes (``pin_memory`` on CUDA)
+
+Worker start-up is timed apart and excluded: every mode is warmed up before its timed run. A calibration
+measures the stages one at a time (build in the main, one memcpy, the kernel on one worker's threads,
+host-to-device) and gives the roofline: the best throughput the slowest stage allows.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import multiprocessing as mp
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+
+from . import devices, kernels
+from .config import Config
+from .errors import ConfigError, ExitCode
+from .executor import LocalExecutor
+from .runner import checksum, resolve
+from .sources import make_source
+from .worker import Stager, compute
+
+MODES = ("serial", "pipeline", "mp.Pool", "ProcessPoolExecutor", "DataLoader")
+QUICK = {"source.batches": 6, "source.rows": 64, "source.cols": 32}
+
+
+def bench(args, overrides: dict) -> int:
+    modes = list(MODES) if args.modes == "all" else [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ConfigError(f"--modes: unknown mode(s) {', '.join(unknown)}; known: {', '.join(MODES)}")
+    if args.repeat < 1:
+        raise ConfigError(f"--repeat {args.repeat}: must be >= 1")
+    if args.quick:
+        overrides = {**{k: v for k, v in QUICK.items() if k.split(".")[1] not in overrides}, **overrides}
+    overrides.setdefault("progress", False)
+    counts = _counts(args, overrides)
+    cfg = resolve(args.config, overrides)
+    devices.check(cfg.workers.device)
+    report = run_bench(cfg, modes, counts, args.repeat)
+    print(table(report))
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+    if getattr(args, "plot", None):
+        plot(report, args.plot)
+    bad = [r for r in report["results"] if not r["agrees"]]
+    for r in bad:
+        print(f"pipeline bench: {r['mode']} x{r['workers']} disagrees with serial: max_rel_diff "
+              f"{r['max_rel_diff_vs_serial']:.3g} > {report['tolerance']:g}", file=sys.stderr)
+    return ExitCode.FAILED if bad else ExitCode.OK
+
+
+def _counts(args, overrides: dict) -> list[int]:
+    if args.workers_list:
+        try:
+            counts = [int(x) for x in args.workers_list.split(",")]
+        except ValueError:
+            raise ConfigError(f"--workers-list {args.workers_list!r}: expected numbers like 1,2,4") from None
+    elif "workers" in overrides:
+        counts = [overrides.pop("workers")]
+    else:
+        counts = [1, 2] if args.quick else [1, 2, 4, os.cpu_count() or 1]
+    overrides.pop("workers", None)
+    if any(c < 1 for c in counts):
+        raise ConfigError(f"worker counts must be >= 1, got {counts}")
+    return sorted(set(counts))
+
+
+def run_bench(cfg: Config, modes: list[str], counts: list[int], repeat: int) -> dict:
+    spec = kernels.spec_for(cfg.kernel.name, dict(cfg.kernel.params))
+    src = make_source(cfg.source)
+    n = len(src)
+    batch_bytes = sum(b.nbytes for b in src)
+    ref, serial_time = _serial(cfg, spec, src, repeat)
+    rows = []
+    tol = 5e-2 if cfg.source.dtype == "float16" else 1e-3
+
+    def record(mode, workers, results, seconds, startup, extra=None):
+        diff = max_rel_diff(results, ref)
+        rows.append({
+            "mode": mode, "workers": workers, "batches": n, "seconds": round(seconds, 4),
+            "batches_per_s": round(n / seconds, 3), "mb_per_s": round(batch_bytes / seconds / 1e6, 2),
+            "speedup_vs_serial": round(serial_time / seconds, 3), "startup_s": round(startup, 3),
+            "checksum": checksum(results), "max_rel_diff_vs_serial": diff, "agrees": diff <= tol,
+            **(extra or {}),
+        })
+
+    if "serial" in modes:
+        record("serial", 0, ref, serial_time, 0.0)
+    for workers in counts:
+        c = cfg.replace(**{"workers.count": workers})
+        for mode in modes:
+            if mode == "serial":
+                continue
+            runner = {"pipeline": _pipeline, "mp.Pool": _pool, "ProcessPoolExecutor": _executor,
+                      "DataLoader": _dataloader}[mode]
+            results, seconds, startup, extra = runner(c, spec, src, repeat)
+            record(mode, workers, results, seconds, startup, extra)
+    cal = calibrate(cfg, spec, src)
+    roof = roofline(cal, cfg, counts, n)
+    for r in rows:
+        bound = roof["bound_batches_per_s"].get(str(r["workers"]))
+        r["roofline_efficiency"] = round(r["batches_per_s"] / bound, 3) if bound else None
+    return {"machine": machine(), "config": cfg.to_dict(), "tolerance": tol, "calibration": cal,
+            "roofline": roof, "results": rows}
+
+
+def _timed(fn, repeat: int):
+    """Median over ``repeat`` timed calls of fn() -> results."""
+    times, results = [], None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        results = fn()
+        times.append(time.perf_counter() - t0)
+    return results, statistics.median(times)
+
+
+def _serial(cfg: Config, spec, src, repeat):
+    device = devices.choose(cfg.workers.device, 0)
+    threads = cfg.workers.threads or (os.cpu_count() or 1)
+    with devices.torch_threads(threads):
+        kernel = kernels.make(spec, device)
+        stager = Stager(device, cfg.handoff.pinned)
+        batches = list(src)
+        compute(kernel, batches[0].array(), device, stager)  # warm-up: lazy weights, allocator
+
+        def once():
+            out = []
+            for b in batches:
+                kernels.current.update(index=b.index, attempt=1)
+                out.append(compute(kernel, b.array(), device, stager)[0])
+            return out
+        return _timed(once, repeat)
+
+
+def _pipeline(cfg, spec, src, repeat):
+    with LocalExecutor(cfg, spec) as ex:
+        warm = list(src)[: max(1, len(ex.workers))]
+        ex.map(warm, lambda *a: None, lambda f: None)
+
+        def once():
+            got = {}
+            ex.map(src, lambda i, a, info: got.__setitem__(i, a), lambda f: None)
+            return [got[i] for i in range(len(got))]
+        results, seconds = _timed(once, repeat)
+        n = len(results)
+        extra = {"breakdown_ms_per_batch": {k.replace("_s", "_ms"): round(v / n / repeat * 1000, 3)
+                                            for k, v in ex.breakdown.items()},
+                 "threads_per_worker": ex.threads}
+        return results, seconds, ex.startup_s, extra
+
+
+# -- peers: the kernel is built once per worker process, as in the pipeline ----------------------------
+_peer: dict = {}
+
+
+def _peer_init(spec, device_spec, threads, pinned):
+    torch.set_num_threads(threads)
+    device = devices.choose(device_spec, (mp.current_process()._identity or (1,))[0] - 1)
+    _peer.update(device=device, kernel=kernels.make(spec, device), stager=Stager(device, pinned))
+
+
+def _peer_compute(arr: np.ndarray) -> np.ndarray:
+    return compute(_peer["kernel"], arr, _peer["device"], _peer["stager"])[0]
+
+
+def _peer_args(cfg):
+    return (cfg.workers.device, cfg.threads_per_worker(), cfg.handoff.pinned)
+
+
+def _pool(cfg, spec, src, repeat):
+    t0 = time.perf_counter()
+    ctx = mp.get_context("spawn")
+    with devices.thread_env(cfg.threads_per_worker()):
+        pool = ctx.Pool(cfg.workers.count, _peer_init, (spec, *_peer_args(cfg)))
+    try:
+        pool.map(_peer_compute, [b.array() for b in list(src)[: cfg.workers.count]], chunksize=1)
+        startup = time.perf_counter() - t0
+        results, seconds = _timed(lambda: list(pool.imap(_peer_compute, (b.array() for b in src))), repeat)
+    finally:
+        pool.terminate()
+        pool.join()
+    return results, seconds, startup, {"threads_per_worker": cfg.threads_per_worker()}
+
+
+def _executor(cfg, spec, src, repeat):
+    t0 = time.perf_counter()
+    with devices.thread_env(cfg.threads_per_worker()):
+        ex = cf.ProcessPoolExecutor(cfg.workers.count, mp_context=mp.get_context("spawn"),
+                                    initializer=_peer_init, initargs=(spec, *_peer_args(cfg)))
+    try:
+        list(ex.map(_peer_compute, [b.array() for b in list(src)[: cfg.workers.count]]))
+        startup = time.perf_counter() - t0
+        results, seconds = _timed(lambda: list(ex.map(_peer_compute, (b.array() for b in src))), repeat)
+    finally:
+        ex.shutdown(cancel_futures=True)
+    return results, seconds, startup, {"threads_per_worker": cfg.threads_per_worker()}
+
+
+class _Batches(torch.utils.data.Dataset):
+    """The bench's batches as a map-style dataset: DataLoader workers build them."""
+
+    def __init__(self, src):
+        if not hasattr(src, "get"):
+            raise ConfigError("the DataLoader mode needs a source that can build batch i on its own "
+                              "(synthetic or file input)")
+        self.src = src
+
+    def __len__(self):
+        return len(self.src)
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self.src.get(i))
+
+
+def _dataloader(cfg, spec, src, repeat):
+    device = devices.choose(cfg.workers.device, 0)
+    t0 = time.perf_counter()
+    with devices.thread_env(1):
+        loader = torch.utils.data.DataLoader(
+            _Batches(src), batch_size=None, num_workers=cfg.workers.count, persistent_workers=True,
+            multiprocessing_context="spawn", pin_memory=device.type == "cuda")
+    threads = cfg.workers.threads or (os.cpu_count() or 1)
+    with devices.torch_threads(threads):
+        kernel = kernels.make(spec, device)
+        stager = Stager(device, False)  # DataLoader already pinned the batch
+        it = iter(loader)
+        compute(kernel, next(it).numpy(), device, stager)
+        for _ in it:
+            pass
+        startup = time.perf_counter() - t0
+
+        def once():
+            return [compute(kernel, x.numpy(), device, stager)[0] for x in loader]
+        results, seconds = _timed(once, repeat)
+    del loader
+    return results, seconds, startup, {"threads_main": threads}
+
+
+# -- calibration and roofline ----------------------------------------------------------------------------
+def calibrate(cfg: Config, spec, src, k: int = 4) -> dict:
+    """Per-batch seconds of each stage alone, measured here: build, memcpy, kernel on 1 worker, H2D."""
+    batches = list(src)[:k]
+    b0 = batches[0]
+    out = np.empty(b0.shape, b0.dtype)
+    t0 = time.perf_counter()
+    for b in batches:
+        b.fill(out)
+    build = (time.perf_counter() - t0) / len(batches)
+    dst = np.empty_like(out)
+    t0 = time.perf_counter()
+    for _ in range(k):
+        np.copyto(dst, out)
+    memcpy = (time.perf_counter() - t0) / k
+    device = devices.choose(cfg.workers.device, 0)
+    per_worker = {}
+    for threads in sorted({cfg.replace(**{"workers.count": w}).threads_per_worker() for w in (1, 2, 4, 8, 16)}):
+        with devices.torch_threads(threads):
+            kernel = kernels.make(spec, device)
+            stager = Stager(device, cfg.handoff.pinned)
+            compute(kernel, out, device, stager)
+            t0 = time.perf_counter()
+            for b in batches:
+                kernels.current.update(index=b.index, attempt=1)
+                compute(kernel, out, device, stager)
+            per_worker[threads] = (time.perf_counter() - t0) / len(batches)
+    h2d = None
+    if device.type == "cuda":
+        x = torch.from_numpy(out).pin_memory()
+        x.to(device)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(k):
+            x.to(device, non_blocking=True)
+        torch.cuda.synchronize()
+        h2d = (time.perf_counter() - t0) / k
+    return {"batch_bytes": b0.nbytes, "build_s": build, "memcpy_s": memcpy,
+            "kernel_s_by_threads": per_worker, "h2d_s": h2d, "device": str(device),
+            "cores": os.cpu_count(), "gpus": devices.gpu_count()}
+
+
+def roofline(cal: dict, cfg: Config, counts: list[int], n: int) -> dict:
+    """For each worker count: the slowest of main build+handoff, kernel x usable workers, and H2D."""
+    bounds, limits = {}, {}
+    main_rate = 1 / (cal["build_s"] + cal["memcpy_s"] * (0 if cfg.source.kind == "synthetic" else 1))
+    for w in counts:
+        threads = cfg.replace(**{"workers.count": w}).threads_per_worker()
+        if cal["device"].startswith("cuda"):
+            usable = min(w, max(1, cal["gpus"]))
+        else:
+            usable = min(w, max(1, cal["cores"] // threads))
+        stages = {"main build+handoff": main_rate,
+                  "kernel x usable workers": usable / cal["kernel_s_by_threads"][threads]}
+        if cal["h2d_s"]:
+            stages["host-to-device"] = max(1, cal["gpus"]) / cal["h2d_s"]
+        stage = min(stages, key=stages.get)
+        bounds[str(w)], limits[str(w)] = round(stages[stage], 3), stage
+    return {"bound_batches_per_s": bounds, "limiting_stage": limits}
+
+
+def max_rel_diff(results: list, ref: list) -> float:
+    worst = 0.0
+    for a, b in zip(results, ref):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        if a.shape != b.shape:
+            return float("inf")
+        scale = max(float(np.abs(b).max(initial=0.0)), 1e-12)
+        worst = max(worst, float(np.abs(a - b).max(initial=0.0)) / scale)
+    if len(results) != len(ref):
+        return float("inf")
+    return worst
+
+
+def machine() -> dict:
+    import numpy
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": numpy.__version__, "platform": platform.platform(),
+            "devices": [torch.cuda.get_device_name(i) for i in range(devices.gpu_count())] or ["cpu"]}
+
+
+def table(report: dict) -> str:
+    cal, roof = report["calibration"], report["roofline"]
+    m = report["machine"]
+    lines = [f"machine: {m['cpus']} cpus, {', '.join(m['devices'])}, torch {m['torch']}, "
+             f"python {m['python']}",
+             f"batch {cal['batch_bytes'] / 1e6:.2f} MB; main builds one in {cal['build_s'] * 1e3:.2f} ms; "
+             f"one memcpy {cal['memcpy_s'] * 1e3:.2f} ms",
+             f"{'mode':<20}{'workers':>8}{'batch/s':>10}{'MB/s':>10}{'speedup':>9}{'startup s':>10}"
+             f"{'roofline':>10}{'rel diff':>10}"]
+    for r in report["results"]:
+        eff = f"{r['roofline_efficiency']:.0%}" if r.get("roofline_efficiency") else "-"
+        lines.append(f"{r['mode']:<20}{r['workers']:>8}{r['batches_per_s']:>10.2f}{r['mb_per_s']:>10.1f}"
+                     f"{r['speedup_vs_serial']:>8.2f}x{r['startup_s']:>10.2f}{eff:>10}"
+                     f"{r['max_rel_diff_vs_serial']:>10.1e}")
+    for w, bound in roof["bound_batches_per_s"].items():
+        lines.append(f"roofline at {w} worker(s): {bound} batches/s, limited by {roof['limiting_stage'][w]}")
+    for r in report["results"]:
+        if r["mode"] == "pipeline" and r.get("breakdown_ms_per_batch"):
+            b = r["breakdown_ms_per_batch"]
+            lines.append(f"pipeline x{r['workers']} ms/batch: " + ", ".join(f"{k[:-3]} {v}" for k, v in b.items()))
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("--plot needs matplotlib: pip install -e '.[plot]'") from None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    rows = report["results"]
+    for mode in dict.fromkeys(r["mode"] for r in rows if r["mode"] != "serial"):
+        pts = [(r["workers"], r["batches_per_s"]) for r in rows if r["mode"] == mode]
+        ax.plot(*zip(*pts), marker="o", label=mode)
+    serial = [r["batches_per_s"] for r in rows if r["mode"] == "serial"]
+    if serial:
+        ax.axhline(serial[0], color="grey", linestyle="--", label="serial")
+    roof = report["roofline"]["bound_batches_per_s"]
+    ax.plot([int(w) for w in roof], list(roof.values()), color="black", linestyle=":", label="roofline")
+    cfg = report["config"]["source"]
+    ax.set(xlabel="workers", ylabel="batches/s",
+           title=f"{report['config']['kernel']['name']}, {cfg['rows']}x{cfg['cols']} {cfg['dtype']} "
+                 f"({', '.join(report['machine']['devices'])}, {report['machine']['cpus']} cpus)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

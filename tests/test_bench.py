@@ -1,0 +1,57 @@
+"""bench: every mode agrees with serial (a smoke test of agreement, never of speed)."""
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.bench import max_rel_diff, roofline
+from pipeline.cli import main
+
+
+@pytest.mark.timeout(300)
+def test_quick_all_modes_agree(tmp_path, capsys):
+    """bench --quick --modes all exits 0, and its JSON has the documented fields for every mode."""
+    path = tmp_path / "b.json"
+    rc = main(["bench", "--quick", "--modes", "all", "--workers-list", "1,2", "--kernel", "matmul",
+               "--json", str(path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    report = json.loads(path.read_text())
+    assert set(report["machine"]) >= {"cpus", "python", "torch", "numpy", "devices"}
+    modes = {(r["mode"], r["workers"]) for r in report["results"]}
+    assert modes == {("serial", 0)} | {(m, w) for m in ("pipeline", "mp.Pool", "ProcessPoolExecutor",
+                                                         "DataLoader") for w in (1, 2)}
+    for r in report["results"]:
+        assert r["agrees"] and r["max_rel_diff_vs_serial"] <= 1e-3
+        for k in ("batches_per_s", "mb_per_s", "speedup_vs_serial", "checksum", "startup_s"):
+            assert k in r
+    pipe = [r for r in report["results"] if r["mode"] == "pipeline"][0]
+    assert set(pipe["breakdown_ms_per_batch"]) == {"build_ms", "slot_wait_ms", "handoff_ms", "h2d_ms",
+                                                   "compute_ms", "d2h_ms", "return_ms"}
+    assert report["roofline"]["limiting_stage"]["1"] in ("main build+handoff", "kernel x usable workers")
+    assert "roofline" in out and "pipeline" in out
+
+
+def test_bad_mode_exit_2(capsys):
+    """An unknown mode is a usage error naming it."""
+    assert main(["bench", "--quick", "--modes", "serial,nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_max_rel_diff_detects_disagreement():
+    """max_rel_diff is 0 for equal results, large for different, inf for missing batches or shapes."""
+    a = [np.ones(3), np.arange(3.0)]
+    assert max_rel_diff(a, a) == 0
+    assert max_rel_diff([np.ones(3), np.arange(3.0) + 1], a) == pytest.approx(0.5)
+    assert max_rel_diff(a[:1], a) == float("inf") and max_rel_diff([np.ones(2), a[1]], a) == float("inf")
+
+
+def test_roofline_names_the_slowest_stage():
+    """The bound is the slowest stage: a slow main build limits, then the kernel on usable cores."""
+    from pipeline import Config
+    cfg = Config().replace(**{"workers.threads": 1})
+    cal = {"build_s": 0.05, "memcpy_s": 0.0, "kernel_s_by_threads": {1: 0.1}, "h2d_s": None,
+           "device": "cpu", "cores": 4, "gpus": 0}
+    r = roofline(cal, cfg, [1, 8], 10)
+    assert r["limiting_stage"] == {"1": "kernel x usable workers", "8": "main build+handoff"}
+    assert r["bound_batches_per_s"] == {"1": 10.0, "8": 20.0}
