@@ -81,3 +81,43 @@ def test_remove_stale_clears_dead_mains_only():
         assert "pipeline-999999999-dead" in removed and os.path.exists(ring.path)
     finally:
         ring.close()
+
+
+@pytest.mark.timeout(120)
+def test_slots_are_reused_and_pickled_fallback_is_bit_identical(monkeypatch):
+    """100 batches use one ring of in_flight slots; batches too big for a slot are pickled, same bytes."""
+    import pipeline.executor as ex
+    rings = []
+    real = ex.SlotRing
+    monkeypatch.setattr(ex, "SlotRing", lambda *a: rings.append(real(*a)) or rings[-1])
+    kw = dict(TINY, batches=100, kernel="fft", workers=2, in_flight=3)
+    slots = pipeline.run(**kw).summary
+    assert len(rings) == 1 and slots["handoff"]["slots"] == 3 and slots["handoff"]["pickled_fallbacks"] == 0
+    big = dict(kw, batches=10, rows=256)  # 8 KiB batches, 4 KiB slots (the smallest: one page)
+    pickled = pipeline.run(**dict(big, slot_mb=0.001)).summary
+    assert pickled["handoff"]["pickled_fallbacks"] == 10 and pickled["handoff"]["slot_bytes"] == 4096
+    assert pickled["checksum"] == pipeline.run(**dict(big, workers=0)).summary["checksum"]
+    assert slots["checksum"] == pipeline.run(**dict(kw, workers=0)).summary["checksum"]
+
+
+RSS_SCRIPT = """
+import resource, sys, pipeline
+if __name__ == "__main__":
+    pipeline.run(kernel="sum", workers=2, batches=2, rows=1024, cols=1024, progress=False)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    s = pipeline.run(kernel="sum", workers=2, batches=60, rows=2048, cols=1024, progress=False).summary
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((after - before) // 1024, s["bytes_in"] // 2**20)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_main_memory_stays_bounded_while_streaming():
+    """Streaming 480 MiB of 8 MiB batches grows the main's peak RSS by far less than the stream."""
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-c", RSS_SCRIPT], capture_output=True, text=True, timeout=110)
+    assert p.returncode == 0, p.stderr
+    growth_mb, streamed_mb = map(int, p.stdout.split())
+    assert streamed_mb == 480 and growth_mb < 120, (growth_mb, streamed_mb)
+    assert "leaked" not in p.stderr and "resource_tracker" not in p.stderr
