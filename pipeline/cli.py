@@ -23,6 +23,19 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("run settings (override the config file)")
     g.add_argument("--config", metavar="PATH", help="TOML config (default: built-in, = configs/default.toml)")
     g.add_argument("--workers", type=int, metavar="N", help="worker processes; 0 = serial in this process")
+    g.add_argument("--input", metavar="PATH",
+                   help="read batches from a .npy file (memory-mapped, slices of --rows along axis 0), "
+                        "one array of a .npz (see --input-key), or a directory of .npy files (one batch "
+                        "each, in name order); --batches, --cols, --dtype and --seed are then ignored")
+    g.add_argument("--input-key", metavar="KEY",
+                   help="the array to read from a .npz that holds several")
+    g.add_argument("--output", metavar="DIR",
+                   help="write each result as DIR/batch-NNNNNN.npy (atomically), with DIR/manifest.jsonl "
+                        "and DIR/summary.json; running again with the same DIR and config resumes, "
+                        "skipping the batches already written")
+    g.add_argument("--overwrite", action="store_true",
+                   help="with --output: delete the results of a DIR written by another config and start "
+                        "afresh (without it such a DIR is refused)")
     g.add_argument("--batches", type=int, metavar="N")
     g.add_argument("--rows", type=int, metavar="N")
     g.add_argument("--cols", type=int, metavar="N")
@@ -49,10 +62,13 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
 
 def _overrides(args: argparse.Namespace) -> dict:
     names = ("workers", "batches", "rows", "cols", "dtype", "seed", "kernel", "device", "start_method",
-             "threads_per_worker", "in_flight", "batch_timeout_s", "max_attempts", "on_error")
+             "threads_per_worker", "in_flight", "batch_timeout_s", "max_attempts", "on_error",
+             "input", "input_key", "output")
     out = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if args.no_progress:
         out["progress"] = False
+    if args.overwrite:
+        out["overwrite"] = True
     for flag, prefix, items in (("--set", "", args.set), ("--param", "kernel.params.", args.param)):
         for item in items:
             key, eq, value = item.partition("=")
@@ -76,12 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="serial vs parallel on the same batches", epilog=EXIT_CODES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _run_flags(b)
-    b.add_argument("--modes", default="serial,pipeline", help="comma list: serial, pipeline, mp.Pool")
+    b.add_argument("--modes", default="serial,pipeline",
+                   help="comma list: serial, pipeline, mp.Pool, ProcessPoolExecutor, DataLoader, or all")
     b.add_argument("--workers-list", default=None, metavar="N,N",
                    help="worker counts for the parallel modes (default 1,2,4 and the core count)")
     b.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of agreement")
     b.add_argument("--repeat", type=int, default=1, metavar="N", help="median of N timed runs")
     b.add_argument("--json", metavar="PATH", dest="json_path", help="write the results as JSON")
+    b.add_argument("--plot", metavar="PATH.png", help="throughput vs workers per mode (needs [plot] extra)")
     b.set_defaults(func=cmd_bench)
     d = sub.add_parser("devices", help="torch/CUDA versions, visible devices, cores, start method")
     d.add_argument("--json", action="store_true")
@@ -122,6 +140,8 @@ def human(s: dict) -> str:
         lines.append(f"restart      worker {r['rank']} (pid {r['pid']}): {r['cause']}, batch {r['batch']}")
     for f in s["failed"]:
         lines.append(f"FAILED       batch {f['batch']} after {f['attempts']} attempt(s): {f['cause']}")
+    if s.get("output"):
+        lines.append(f"output       {s['output']} ({s.get('skipped', 0)} batch(es) already there, skipped)")
     lines += [f"note         {n}" for n in s["notes"]]
     lines.append(f"checksum     {s['checksum']}")
     return "\n".join(lines)

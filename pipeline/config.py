@@ -69,6 +69,8 @@ class RunConfig:
     progress: bool = True
     output: str = ""
     overwrite: bool = False
+    backend: str = "local"  # local | ray
+    ray_address: str = ""  # "": start a local Ray; "auto": join this machine's cluster; or host:port
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,7 @@ CHOICES = {
     "source.dtype": DTYPES,
     "workers.start_method": START_METHODS,
     "faults.on_error": ("fail", "skip"),
+    "run.backend": ("local", "ray"),
 }
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 

@@ -30,6 +30,13 @@ class BatchFailed(PipelineError, RuntimeError):
     """A batch that used up its attempts (worker crashes or time-outs)."""
 
 
+class OutputError(PipelineError, OSError):
+    """The output directory cannot be written (not a directory, permissions, a full disk): names the path.
+
+    ``errno`` is the underlying OSError's; no half-written file is left under a final name.
+    """
+
+
 class Interrupted(BaseException):
     """SIGTERM turned into an exception, so that `finally` blocks clean up (exit 143)."""
 

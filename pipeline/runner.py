@@ -13,7 +13,9 @@ from tqdm import tqdm
 
 from . import devices, kernels
 from .config import Config, load_config
+from .errors import ConfigError
 from .handoff import to_host
+from .sinks import open_output
 from .sources import length, make_source
 from .worker import Stager, compute
 
@@ -37,21 +39,32 @@ class RunResult:
 
 
 class Collector:
-    """Results in batch order, the checksum, per-worker counts, failures."""
+    """Results in batch order, the checksum, per-worker counts, failures; the output directory if any.
 
-    def __init__(self, total: int | None, progress: bool):
-        self.results: dict[int, np.ndarray] = {}
+    With a sink (``--output``), batches it already holds are loaded back and skipped: ``counted`` drops
+    them before they reach a worker, and every new result is written to it as it arrives.
+    """
+
+    def __init__(self, total: int | None, progress: bool, sink=None):
+        self.results: dict[int, np.ndarray] = dict(sink.restored) if sink else {}
+        self.skipped = len(self.results)
+        self.sink = sink
         self.failed: list[dict] = []
         self.bytes_in = 0
         self.bar = tqdm(total=total, unit="batch", file=sys.stderr, dynamic_ncols=True,
-                        disable=not progress or not sys.stderr.isatty())
+                        disable=not progress or not sys.stderr.isatty(), initial=self.skipped)
 
     def counted(self, batches):
+        done = set(self.results)
         for b in batches:
+            if b.index in done:
+                continue  # already in the output directory (resumed)
             self.bytes_in += b.nbytes
             yield b
 
     def result(self, index: int, arr: np.ndarray, info: dict) -> None:
+        if self.sink is not None:
+            self.sink.write(index, arr, info)
         self.results[index] = arr
         self.bar.update(1)
 
@@ -88,8 +101,12 @@ def resolve(config: Config | str | os.PathLike | None, overrides: dict[str, Any]
                               f"or a dotted key such as source.rows)")
         dotted[key], origins[key] = value, f"--{name.replace('_', '-')}" if name in OVERRIDES else f"--set {key}"
     if isinstance(config, Config):
-        return config.replace(**dotted) if dotted else config
-    return load_config(config, dotted, origins)
+        cfg = config.replace(**dotted) if dotted else config
+    else:
+        cfg = load_config(config, dotted, origins)
+    if cfg.source.path and cfg.source.kind == "synthetic":  # --input PATH implies a file source
+        cfg = cfg.replace(**{"source.kind": "npy"})
+    return cfg
 
 
 def run(config: Config | str | os.PathLike | None = None, *, source: Iterable | None = None,
@@ -102,13 +119,20 @@ def run(config: Config | str | os.PathLike | None = None, *, source: Iterable | 
     note = devices.check(cfg.workers.device)
     params = to_host(dict(cfg.kernel.params), "kernel param")
     spec = kernels.spec_for(kernel if callable(kernel) else cfg.kernel.name, params)
+    if source is not None and cfg.source.path:
+        raise ConfigError(f"give either source= (your arrays) or input= (a file), not both "
+                          f"(input = {cfg.source.path!r})")
     src = make_source(cfg.source, source)
-    col = Collector(length(src), cfg.run.progress)
+    total = length(src)
+    sink = open_output(cfg.run, src, spec) if cfg.run.output else None  # checked before workers start
+    col = Collector(total, cfg.run.progress, sink)
     src = col.counted(src)
     t0 = time.perf_counter()
     info = {"startup_s": 0.0, "restarts": [], "handoff": None, "breakdown": None, "workers": []}
     try:
-        if cfg.workers.count == 0:
+        if sink is not None and col.skipped == total:
+            pass  # resumed with every batch already in the output directory: no worker to start
+        elif cfg.workers.count == 0:
             run_serial(cfg, spec, src, col, info)
         else:
             from .executor import LocalExecutor
@@ -121,14 +145,19 @@ def run(config: Config | str | os.PathLike | None = None, *, source: Iterable | 
             finally:
                 ex.close(graceful=ok)
                 info.update(restarts=ex.restarts, breakdown=ex.breakdown or None, workers=ex.worker_info())
+        results = col.ordered()
+        summary = summarize(cfg, spec, results, col, time.perf_counter() - t0, info, note)
+        if sink is not None:
+            sink.finish(summary)  # DIR/summary.json: the run finished
     except Exception as e:  # the summary so far travels with the error (``--json`` prints it)
         e.summary = summarize(cfg, spec, col.ordered(), col, time.perf_counter() - t0, info, note,
                               error=f"{type(e).__name__}: {e}")
         raise
     finally:
         col.bar.close()
-    results = col.ordered()
-    return RunResult(summarize(cfg, spec, results, col, time.perf_counter() - t0, info, note), results)
+        if sink is not None:
+            sink.close()  # releases the output directory (a no-op after finish)
+    return RunResult(summary, results)
 
 
 def run_serial(cfg: Config, spec, src, col: Collector, info: dict) -> None:
@@ -141,8 +170,8 @@ def run_serial(cfg: Config, spec, src, col: Collector, info: dict) -> None:
         stager = Stager(device, cfg.handoff.pinned)
         for batch in src:
             kernels.current.update(index=batch.index, attempt=1)
-            out, _ = compute(kernel, batch.array(), device, stager)
-            col.result(batch.index, out, {})
+            out, timings = compute(kernel, batch.array(), device, stager)
+            col.result(batch.index, out, {"pid": me["pid"], "device": me["device"], **timings})
             me["batches"] += 1
 
 
@@ -150,19 +179,22 @@ def summarize(cfg: Config, spec, results: list, col: Collector, wall: float, inf
               note: str | None, error: str | None = None) -> dict:
     done = [r for r in results if r is not None]
     n = len(results)
+    ran = n - col.skipped  # batches this run handled (the rest were loaded back from --output)
     bytes_in = col.bytes_in
     device_set = sorted({w["device"] for w in info["workers"]})
     breakdown = info["breakdown"]
-    if breakdown and done:
-        breakdown = {k.replace("_s", "_ms"): round(v / len(done) * 1000, 3) for k, v in breakdown.items()}
+    if breakdown and len(done) > col.skipped:
+        per = len(done) - col.skipped
+        breakdown = {k.replace("_s", "_ms"): round(v / per * 1000, 3) for k, v in breakdown.items()}
     return {
         "batches": n,
         "completed": len(done),
         "bytes_in": bytes_in,
         "wall_s": round(wall, 4),
         "startup_s": round(info["startup_s"], 4),
-        "batches_per_s": round(n / wall, 3) if wall else None,
-        "steady_batches_per_s": round(n / (wall - info["startup_s"]), 3) if wall > info["startup_s"] else None,
+        "skipped": col.skipped,
+        "batches_per_s": round(ran / wall, 3) if wall else None,
+        "steady_batches_per_s": round(ran / (wall - info["startup_s"]), 3) if wall > info["startup_s"] else None,
         "mb_per_s": round(bytes_in / wall / 1e6, 3) if wall and bytes_in else None,
         "checksum": checksum(results),
         "main_pid": os.getpid(),
@@ -176,5 +208,6 @@ def summarize(cfg: Config, spec, results: list, col: Collector, wall: float, inf
         "breakdown_ms_per_batch": breakdown,
         "notes": [note] if note else [],
         "error": error,
+        "output": col.sink.path if col.sink else None,
         "config": cfg.to_dict(),
     }

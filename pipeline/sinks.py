@@ -1,0 +1,283 @@
+"""Results on disk: an output directory written batch by batch, atomically, that a rerun resumes.
+
+ DIR/run.json          what the results depend on: the source's identity (synthetic settings, or the input
+                       path, key, rows and a size+mtime fingerprint) and the kernel's name and params
+ DIR/batch-000123.npy  batch 123's result: written to a hidden temp file in DIR, fsynced, then renamed
+ DIR/manifest.jsonl    one line per finished batch, appended and fsynced once its file is in place:
+                       batch, file, shape, dtype, sha256 (of the file's bytes), bytes, pid, device, seconds
+ DIR/summary.json      the run's summary, written atomically when the run finishes (absent while it runs)
+
+Without an output directory results stay in memory (``RunResult.results``). With one they are returned as
+well, so memory still holds every result: the output directory is for durability and resume, not memory.
+
+NOTE [ Resume ]
+A batch is done when the manifest has its line AND its file's sha256 matches that line. The file is renamed
+into place before its line is appended, so a kill at any moment (SIGKILL, power loss) leaves at worst a file
+without a line (computed again and replaced), a torn last line (dropped), or a hidden temp file (removed).
+On open, the manifest is rewritten with the verified lines only, one per batch, so appends start on a clean
+line and no batch is listed twice; the verified batches are loaded back from disk (the results and checksum
+are those of an uninterrupted run) and never handed to a worker. A DIR written with a different run.json is
+refused (ConfigError) unless ``overwrite``, which deletes its batch files, manifest and summary first. An
+exclusive lock (flock on DIR) keeps two runs out of one directory. Failures to write (not a directory,
+permissions, a full disk) raise OutputError naming the path, after removing the temp file.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import os
+import re
+
+import numpy as np
+
+from .errors import ConfigError, OutputError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock
+    fcntl = None
+
+RUN, MANIFEST, SUMMARY = "run.json", "manifest.jsonl", "summary.json"
+TMP = ".tmp-"  # hidden: a directory of .npy files read as input skips it
+_BATCH = re.compile(r"^batch-\d{6,}\.npy$")
+FORMAT = 1
+
+
+def batch_name(index: int) -> str:
+    return f"batch-{index:06d}.npy"
+
+
+def identity(source, spec) -> dict:
+    """What every result depends on (never the worker count, backend or device: see DESIGN.md)."""
+    src = source.identity() if hasattr(source, "identity") else {"kind": type(source).__name__}
+    return _plain({"format": FORMAT, "source": src, "kernel": {"name": spec.name, "params": spec.params}})
+
+
+def _plain(obj):
+    """``obj`` as it reads back from JSON (tuples become lists; arrays become a digest)."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=_jsonable))
+
+
+def _jsonable(o):
+    if isinstance(o, np.ndarray):
+        return {"ndarray": o.dtype.str, "shape": list(o.shape),
+                "sha256": hashlib.sha256(np.ascontiguousarray(o).tobytes()).hexdigest()}
+    if isinstance(o, np.generic):
+        return o.item()
+    return repr(o)
+
+
+def _flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def differences(old: dict, new: dict) -> str:
+    a, b = _flat(old), _flat(new)
+    short = lambda v: (r if len(r := json.dumps(v)) <= 40 else r[:37] + "...")  # noqa: E731
+    return ", ".join(f"{k}: {short(a.get(k))} -> {short(b.get(k))}"
+                     for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+
+
+def _error(what: str, e: OSError) -> OutputError:
+    hint = {errno.ENOSPC: " (free some space, or choose another --output)",
+            errno.EACCES: " (check permissions, or choose another --output)",
+            errno.EROFS: " (read-only file system: choose another --output)"}.get(e.errno, "")
+    err = OutputError(f"{what}: {e.strerror or e}{hint}")
+    err.errno = e.errno  # (strerror and filename stay unset: they would replace the message in str())
+    return err
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class _Hashing:
+    """A write-only file wrapper that hashes what goes through it (numpy writes the .npy through it)."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.n = f, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        self.n += len(data)
+        return self.f.write(data)
+
+
+class OutputDir:
+    """One run's output directory: verified resume state on open, then ``write`` per batch, ``finish``."""
+
+    def __init__(self, path: str, ident: dict, overwrite: bool = False):
+        self.path = os.path.abspath(path)
+        self._dir_fd: int | None = None
+        self._manifest_fd: int | None = None
+        self.restored: dict[int, np.ndarray] = {}
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise OutputError(f"--output {self.path}: exists and is not a directory")
+        try:
+            os.makedirs(self.path, exist_ok=True)
+        except OSError as e:
+            raise _error(f"cannot create output directory {self.path}", e) from None
+        try:
+            self._lock()
+            self._prepare(ident, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _join(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def _lock(self) -> None:
+        if fcntl is None:
+            return
+        self._dir_fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fcntl.flock(self._dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"--output {self.path}: in use by another run (locked); wait for it to "
+                              f"finish or choose another directory") from None
+
+    def _prepare(self, ident: dict, overwrite: bool) -> None:
+        names = os.listdir(self.path)
+        for n in names:
+            if n.startswith(TMP):  # a killed run's half-written file (we hold the lock: nobody else's)
+                _remove(self._join(n))
+        ours = [n for n in names if _BATCH.match(n) or n in (MANIFEST, SUMMARY)]
+        old = self._read_run() if RUN in names and not overwrite else None
+        if overwrite:  # manifest first: a kill part-way leaves batch files that nothing vouches for
+            _remove(self._join(MANIFEST))
+            _remove(self._join(SUMMARY))
+            self._atomic_write(RUN, json.dumps(ident, indent=1, sort_keys=True) + "\n")
+            for n in ours:
+                _remove(self._join(n))
+            old = ident
+        elif old is None and ours:
+            raise ConfigError(f"--output {self.path}: holds pipeline output but no {RUN}, so it cannot be "
+                              f"resumed; use --overwrite to replace it, or another --output")
+        elif old is not None and old != ident:
+            raise ConfigError(f"--output {self.path}: written by a different config "
+                              f"({differences(old, ident)}); use --overwrite to replace its results, or "
+                              f"another --output")
+        if old is None:
+            self._atomic_write(RUN, json.dumps(ident, indent=1, sort_keys=True) + "\n")
+        _remove(self._join(SUMMARY))  # summary.json is there only once a run has finished
+        records = self._verified()
+        self._atomic_write(MANIFEST, "".join(json.dumps(r) + "\n" for _, r in sorted(records.items())))
+        try:
+            self._manifest_fd = os.open(self._join(MANIFEST), os.O_WRONLY | os.O_APPEND)
+        except OSError as e:
+            raise _error(f"cannot open {self._join(MANIFEST)}", e) from None
+
+    def _read_run(self):
+        try:
+            with open(self._join(RUN)) as f:
+                return json.load(f)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--output {self.path}: unreadable {RUN} ({e}); use --overwrite to replace "
+                              f"the directory's results") from None
+
+    def _verified(self) -> dict[int, dict]:
+        """Manifest lines whose file exists with the recorded sha256 (the last line per batch wins)."""
+        records: dict[int, dict] = {}
+        try:
+            with open(self._join(MANIFEST), "rb") as f:
+                lines = f.read().split(b"\n")
+        except FileNotFoundError:
+            lines = []
+        for line in lines:
+            try:
+                r = json.loads(line)
+                records[int(r["batch"])] = r
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line from a killed run, or blank
+        good = {}
+        for i, r in records.items():
+            try:
+                with open(self._join(batch_name(i)), "rb") as f:
+                    data = f.read()
+            except OSError:
+                continue
+            if hashlib.sha256(data).hexdigest() != r.get("sha256"):
+                continue
+            try:
+                self.restored[i] = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+            except ValueError:
+                continue
+            good[i] = r
+        return good
+
+    def _atomic_write(self, name: str, text: str) -> None:
+        final, tmp = self._join(name), self._join(f"{TMP}{os.getpid()}-{name}")
+        try:
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except OSError as e:
+            _remove(tmp)
+            raise _error(f"cannot write {final}", e) from None
+
+    # -- per batch -------------------------------------------------------------------------------------
+    def write(self, index: int, arr: np.ndarray, info: dict) -> None:
+        """``DIR/batch-<index>.npy`` atomically, then its manifest line (both fsynced)."""
+        name = batch_name(index)
+        final, tmp = self._join(name), self._join(f"{TMP}{os.getpid()}-{name}")
+        arr = np.asanyarray(arr)
+        try:
+            with open(tmp, "wb") as f:
+                out = _Hashing(f)
+                np.lib.format.write_array(out, arr, allow_pickle=False)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException as e:
+            _remove(tmp)
+            if isinstance(e, OSError):
+                raise _error(f"cannot write {final}", e) from None
+            raise
+        seconds = sum(info.get(k, 0.0) for k in ("stage_s", "compute_s", "d2h_s"))
+        record = {"batch": index, "file": name, "shape": list(arr.shape), "dtype": arr.dtype.str,
+                  "sha256": out.sha.hexdigest(), "bytes": out.n, "pid": info.get("pid"),
+                  "device": info.get("device"), "seconds": round(seconds, 6)}
+        line = (json.dumps(record) + "\n").encode()
+        try:
+            while line:
+                line = line[os.write(self._manifest_fd, line):]
+            os.fsync(self._manifest_fd)
+        except OSError as e:
+            raise _error(f"cannot append to {self._join(MANIFEST)}", e) from None
+
+    def finish(self, summary: dict) -> None:
+        """``DIR/summary.json`` (atomically); then release the directory."""
+        try:
+            self._atomic_write(SUMMARY, json.dumps(summary, indent=1, default=str) + "\n")
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close the manifest and release the lock; safe to call twice."""
+        for attr in ("_manifest_fd", "_dir_fd"):
+            fd = getattr(self, attr)
+            if fd is not None:
+                setattr(self, attr, None)
+                try:
+                    os.close(fd)  # closing the last descriptor releases the flock
+                except OSError:
+                    pass
+
+
+def open_output(run_cfg, source, spec) -> OutputDir:
+    """The output directory of ``run_cfg.output`` (``--output``), checked against this run's identity."""
+    return OutputDir(run_cfg.output, identity(source, spec), run_cfg.overwrite)
