@@ -7,6 +7,7 @@ Modes (each at every worker count, with the same kernel code and thread cap):
   ProcessPoolExecutor  ``concurrent.futures`` (spawn) ``map``, batches pickled
   DataLoader           ``torch.utils.data.DataLoader(num_workers=N)``: its workers build the batches,
                        the main process computes (``pin_memory`` on CUDA)
+  ray                  this package's Ray backend (one actor per worker, the object store), if installed
 
 Worker start-up is timed apart and excluded: every mode is warmed up before its timed run. A calibration
 measures the stages one at a time (build in the main, one memcpy, the kernel on one worker's threads,
@@ -29,17 +30,17 @@ import torch
 from . import devices, kernels
 from .config import Config
 from .errors import ConfigError, ExitCode
-from .executor import LocalExecutor
-from .runner import checksum, resolve
+from .runner import checksum, make_executor, resolve
 from .sources import make_source
 from .worker import Stager, compute
 
-MODES = ("serial", "pipeline", "mp.Pool", "ProcessPoolExecutor", "DataLoader")
+MODES = ("serial", "pipeline", "mp.Pool", "ProcessPoolExecutor", "DataLoader", "ray")
 QUICK = {"source.batches": 6, "source.rows": 64, "source.cols": 32}
 
 
 def bench(args, overrides: dict) -> int:
-    modes = list(MODES) if args.modes == "all" else [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = ([m for m in MODES if m != "ray" or _has_ray()] if args.modes == "all"
+             else [m.strip() for m in args.modes.split(",") if m.strip()])
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise ConfigError(f"--modes: unknown mode(s) {', '.join(unknown)}; known: {', '.join(MODES)}")
@@ -63,6 +64,11 @@ def bench(args, overrides: dict) -> int:
         print(f"pipeline bench: {r['mode']} x{r['workers']} disagrees with serial: max_rel_diff "
               f"{r['max_rel_diff_vs_serial']:.3g} > {report['tolerance']:g}", file=sys.stderr)
     return ExitCode.FAILED if bad else ExitCode.OK
+
+
+def _has_ray() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("ray") is not None
 
 
 def _counts(args, overrides: dict) -> list[int]:
@@ -108,7 +114,7 @@ def run_bench(cfg: Config, modes: list[str], counts: list[int], repeat: int) -> 
             if mode == "serial":
                 continue
             runner = {"pipeline": _pipeline, "mp.Pool": _pool, "ProcessPoolExecutor": _executor,
-                      "DataLoader": _dataloader}[mode]
+                      "DataLoader": _dataloader, "ray": _ray}[mode]
             results, seconds, startup, extra = runner(c, spec, src, repeat)
             record(mode, workers, results, seconds, startup, extra)
     cal = calibrate(cfg, spec, src)
@@ -148,9 +154,13 @@ def _serial(cfg: Config, spec, src, repeat):
         return _timed(once, repeat)
 
 
+def _ray(cfg, spec, src, repeat):
+    return _pipeline(cfg.replace(**{"run.backend": "ray"}), spec, src, repeat)
+
+
 def _pipeline(cfg, spec, src, repeat):
-    with LocalExecutor(cfg, spec) as ex:
-        warm = list(src)[: max(1, len(ex.workers))]
+    with make_executor(cfg, spec, getattr(src, "max_nbytes", None)) as ex:
+        warm = list(src)[: cfg.workers.count]
         ex.map(warm, lambda *a: None, lambda f: None)
 
         def once():

@@ -56,6 +56,9 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                    help="abandon a batch running longer than S seconds (0 = off)")
     g.add_argument("--max-attempts", type=int, metavar="N", help="tries per batch before quarantine")
     g.add_argument("--on-error", metavar="fail|skip", help="what a kernel exception does to the run")
+    g.add_argument("--backend", metavar="local|ray", help="local processes (default) or a Ray cluster")
+    g.add_argument("--ray-address", metavar="ADDR",
+                   help="Ray: '' starts a local instance (default), 'auto' joins this machine's cluster")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     g.add_argument("--traceback", action="store_true", help="print full tracebacks on errors")
 
@@ -63,7 +66,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
 def _overrides(args: argparse.Namespace) -> dict:
     names = ("workers", "batches", "rows", "cols", "dtype", "seed", "kernel", "device", "start_method",
              "threads_per_worker", "in_flight", "batch_timeout_s", "max_attempts", "on_error",
-             "input", "input_key", "output")
+             "input", "input_key", "output", "backend", "ray_address")
     out = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if args.no_progress:
         out["progress"] = False

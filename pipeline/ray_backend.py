@@ -12,7 +12,9 @@ again), and the lost batch is resubmitted by us with ``attempt + 1`` (``max_task
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import time
 from collections import deque
 
@@ -38,6 +40,7 @@ class _Actor:
     def __init__(self, rank: int, spec: KernelSpec, device_spec: str, threads: int, pinned: bool):
         import torch
         torch.set_num_threads(threads)
+        self.rank = rank
         self.device = devices.choose("cuda" if device_spec.startswith("cuda") or
                                      (device_spec == "auto" and devices.gpu_count()) else "cpu", 0)
         self.kernel = kernels.make(spec, self.device)
@@ -51,8 +54,8 @@ class _Actor:
         try:
             out, timings = compute(self.kernel, arr, self.device, self.stager)
         except BaseException as e:  # noqa: BLE001 - as in the local worker: errors travel as data
-            return ("error", index, pack_error(e), os.getpid(), str(self.device))
-        return ("result", index, out, timings, os.getpid(), str(self.device))
+            return ("error", index, pack_error(e), (self.rank, os.getpid(), str(self.device)))
+        return ("result", index, out, timings, (self.rank, os.getpid(), str(self.device)))
 
 
 class RayExecutor:
@@ -80,6 +83,9 @@ class RayExecutor:
 
     def start(self) -> None:
         t0 = time.perf_counter()
+        # Ray's driver prints worker-death notices to stdout; keep stdout for results (--json)
+        self._quiet = contextlib.redirect_stdout(sys.stderr)
+        self._quiet.__enter__()
         if not ray.is_initialized():
             address = self.cfg.run.ray_address or None
             kw = {} if address else {"num_cpus": max(os.cpu_count() or 1, self.cfg.workers.count)}
@@ -109,20 +115,25 @@ class RayExecutor:
         if self.owns_ray:
             ray.shutdown()
             self.owns_ray = False
+        if getattr(self, "_quiet", None) is not None:
+            self._quiet.__exit__(None, None, None)
+            self._quiet = None
 
     def worker_info(self) -> list[dict]:
-        return [{"rank": None, "pid": pid, "device": dev, "batches": n}
-                for (pid, dev), n in sorted(self.counts.items())]
+        return [{"rank": rank, "pid": pid, "device": dev, "batches": n}
+                for (rank, pid, dev), n in sorted(self.counts.items())]
 
     def map(self, batches, on_result, on_failed) -> dict:
         in_flight, limit = self.cfg.in_flight(), self.cfg.faults.batch_timeout_s
         queues = [deque() for _ in self.actors]  # per actor: (ref, index, attempt, batch ref), in order
         since = [0.0] * len(self.actors)  # when the head of each queue started computing
+        recovering: dict[int, object] = {}  # rank -> ref of a ping to an actor Ray is restarting
         todo: deque = deque()
         it, exhausted = iter(batches), False
         timed_out: set[int] = set()
         while True:
-            while sum(map(len, queues)) < in_flight and (todo or not exhausted):
+            usable = [r for r in range(len(queues)) if r not in recovering]
+            while usable and sum(map(len, queues)) < in_flight and (todo or not exhausted):
                 if todo:
                     index, attempt, obj = todo.popleft()
                 else:
@@ -133,14 +144,22 @@ class RayExecutor:
                         continue
                     obj, index, attempt = ray.put(batch.array()), batch.index, 1
                     self.breakdown["build_s"] += time.perf_counter() - t0
-                rank = min(range(len(queues)), key=lambda r: len(queues[r]))
+                rank = min(usable, key=lambda r: len(queues[r]))
                 if not queues[rank]:
                     since[rank] = time.monotonic()
                 queues[rank].append((self.actors[rank].compute.remote(index, attempt, obj), index, attempt, obj))
-            heads = [q[0][0] for q in queues if q]
+            heads = [q[0][0] for q in queues if q] + list(recovering.values())
             if not heads:
                 break
             done, _ = ray.wait(heads, num_returns=1, timeout=min(1.0, limit / 4) if limit else 1.0)
+            for rank, ping in list(recovering.items()):
+                if ping in done:
+                    try:
+                        ray.get(ping)
+                        del recovering[rank]  # restarted: its kernel is set up again
+                    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                        time.sleep(0.2)
+                        recovering[rank] = self.actors[rank].info.remote()
             for rank, q in enumerate(queues):
                 if not q or q[0][0] not in done:
                     continue
@@ -149,13 +168,16 @@ class RayExecutor:
                 try:
                     msg = ray.get(ref)
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-                    # the actor died: its later tasks fail too and are resubmitted without a new attempt
+                    # the actor died: the batch at its head is charged an attempt; the ones queued
+                    # behind it go back to the queue as they were, and the actor gets no work until
+                    # Ray has restarted it
                     cause = (f"timeout: batch ran over {limit:g} s (faults.batch_timeout_s)"
                              if rank in timed_out else _cause(e))
                     timed_out.discard(rank)
                     self._lost(rank, index, attempt, obj, cause, todo, on_failed)
                     todo.extend((i, a, o) for _, i, a, o in q)
                     q.clear()
+                    recovering[rank] = self.actors[rank].info.remote()
                     continue
                 self._on_message(msg, on_result, on_failed, attempt)
             if limit:
@@ -169,13 +191,14 @@ class RayExecutor:
 
     def _on_message(self, msg, on_result, on_failed, attempt) -> None:
         if msg[0] == "result":
-            _, index, out, timings, pid, device = msg
-            self.counts[(pid, device)] = self.counts.get((pid, device), 0) + 1
+            _, index, out, timings, who = msg
+            self.counts[who] = self.counts.get(who, 0) + 1
+            pid, device = who[1:]
             for k in ("h2d_s", "d2h_s", "compute_s"):
                 self.breakdown[k] += timings[k]
             on_result(index, out, {"pid": pid, "device": device, **timings})
             return
-        _, index, packed, pid, device = msg
+        _, index, packed, (_, pid, device) = msg
         if self.cfg.faults.on_error == "skip":
             on_failed({"batch": index, "cause": packed[1], "attempts": attempt})
         else:
@@ -194,9 +217,8 @@ def _cluster_gpus() -> float:
 
 
 def _cause(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    first = next((line for line in text if "died" in line.lower() or "exit" in line.lower()), text[0] if text else "")
-    return f"ray actor lost: {type(e).__name__}: {first[:200]}"
+    text = " ".join(str(e).split())
+    return f"ray actor lost ({type(e).__name__}): {text[:120]}"
 
 
 def _unwrap(e: Exception, where: str) -> Exception:

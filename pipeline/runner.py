@@ -28,7 +28,7 @@ OVERRIDES = {
     "slot_mb": "handoff.slot_mb", "pinned": "handoff.pinned", "max_attempts": "faults.max_attempts",
     "batch_timeout_s": "faults.batch_timeout_s", "on_error": "faults.on_error",
     "input": "source.path", "input_key": "source.key", "output": "run.output",
-    "overwrite": "run.overwrite",
+    "overwrite": "run.overwrite", "backend": "run.backend", "ray_address": "run.ray_address",
 }
 
 
@@ -126,6 +126,7 @@ def run(config: Config | str | os.PathLike | None = None, *, source: Iterable | 
     total = length(src)
     sink = open_output(cfg.run, src, spec) if cfg.run.output else None  # checked before workers start
     col = Collector(total, cfg.run.progress, sink)
+    max_nbytes = getattr(src, "max_nbytes", None)
     src = col.counted(src)
     t0 = time.perf_counter()
     info = {"startup_s": 0.0, "restarts": [], "handoff": None, "breakdown": None, "workers": []}
@@ -135,8 +136,7 @@ def run(config: Config | str | os.PathLike | None = None, *, source: Iterable | 
         elif cfg.workers.count == 0:
             run_serial(cfg, spec, src, col, info)
         else:
-            from .executor import LocalExecutor
-            ex, ok = LocalExecutor(cfg, spec), False
+            ex, ok = make_executor(cfg, spec, max_nbytes), False
             try:
                 ex.start()
                 info["startup_s"] = ex.startup_s
@@ -158,6 +158,17 @@ def run(config: Config | str | os.PathLike | None = None, *, source: Iterable | 
         if sink is not None:
             sink.close()  # releases the output directory (a no-op after finish)
     return RunResult(summary, results)
+
+
+def make_executor(cfg: Config, spec, max_nbytes: int | None = None):
+    """The backend's executor. Slots are sized for the largest batch when the source knows it."""
+    if max_nbytes and not cfg.handoff.slot_mb:
+        cfg = cfg.replace(**{"handoff.slot_mb": max_nbytes / 2**20})
+    if cfg.run.backend == "ray":
+        from .ray_backend import RayExecutor
+        return RayExecutor(cfg, spec)
+    from .executor import LocalExecutor
+    return LocalExecutor(cfg, spec)
 
 
 def run_serial(cfg: Config, spec, src, col: Collector, info: dict) -> None:

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.bench import max_rel_diff, roofline
+from pipeline.bench import _has_ray, max_rel_diff, roofline
 from pipeline.cli import main
 
 
@@ -19,8 +19,8 @@ def test_quick_all_modes_agree(tmp_path, capsys):
     report = json.loads(path.read_text())
     assert set(report["machine"]) >= {"cpus", "python", "torch", "numpy", "devices"}
     modes = {(r["mode"], r["workers"]) for r in report["results"]}
-    assert modes == {("serial", 0)} | {(m, w) for m in ("pipeline", "mp.Pool", "ProcessPoolExecutor",
-                                                         "DataLoader") for w in (1, 2)}
+    peers = ["pipeline", "mp.Pool", "ProcessPoolExecutor", "DataLoader"] + (["ray"] if _has_ray() else [])
+    assert modes == {("serial", 0)} | {(m, w) for m in peers for w in (1, 2)}
     for r in report["results"]:
         assert r["agrees"] and r["max_rel_diff_vs_serial"] <= 1e-3
         for k in ("batches_per_s", "mb_per_s", "speedup_vs_serial", "checksum", "startup_s"):

@@ -1,0 +1,75 @@
+"""The Ray backend on a local Ray instance (2 CPUs): same checksum, retried lost actors, handoff rule."""
+import pytest
+
+ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import pipeline  # noqa: E402
+from conftest import TINY  # noqa: E402
+
+RAY = dict(TINY, backend="ray", batches=6)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    """One local Ray instance for the module (its own processes are not workers of ours)."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_behind():
+    """Ray's own daemons live for the module; the conftest leak check does not apply here."""
+    yield
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("kernel", ["matmul", "fft"])
+def test_checksum_equals_local_backend(kernel):
+    """--backend ray gives the serial/local checksum and per-actor counts."""
+    r = pipeline.run(kernel=kernel, workers=2, **RAY)
+    assert r.summary["checksum"] == pipeline.run(kernel=kernel, workers=0, **dict(RAY, backend="local")).summary["checksum"]
+    assert sum(w["batches"] for w in r.summary["workers"]) == 6
+    assert r.summary["handoff"]["transport"] == "ray object store"
+
+
+@pytest.mark.timeout(180)
+def test_killed_actor_batch_is_retried():
+    """An actor killed mid-batch is restarted by Ray and its batch resubmitted; checksum unchanged."""
+    s = pipeline.run(kernel="faulty", workers=2, **{"kernel.params.crash_on": [2]}, **RAY).summary
+    clean = pipeline.run(kernel="sum", workers=0, **dict(RAY, backend="local")).summary["checksum"]
+    assert s["checksum"] == clean and s["failed"] == []
+    assert [r["batch"] for r in s["restarts"]] == [2] and "ray actor lost" in s["restarts"][0]["cause"]
+
+
+@pytest.mark.timeout(180)
+def test_quarantine_after_max_attempts():
+    """A batch that kills its actor every time is quarantined after max_attempts."""
+    s = pipeline.run(kernel="faulty", workers=2, max_attempts=2, **{"kernel.params.crash_on": [1],
+                     "kernel.params.only_first_attempt": False}, **RAY).summary
+    assert s["completed"] == 5 and [f["batch"] for f in s["failed"]] == [1]
+
+
+@pytest.mark.timeout(180)
+def test_kernel_error_keeps_type_and_batch():
+    """A kernel exception on an actor reaches the caller as its type, naming the batch."""
+    with pytest.raises(RuntimeError, match="batch 3 .*raise_on batch 3"):
+        pipeline.run(kernel="faulty", workers=2, **{"kernel.params.raise_on": [3]}, **RAY)
+
+
+def test_handoff_rule_before_object_store():
+    """A meta tensor in source raises HandoffError before it reaches Ray's object store."""
+    with pytest.raises(pipeline.HandoffError, match="source batch 0"):
+        pipeline.run(source=[torch.empty(2, 2, device="meta")], kernel="sum", workers=1, backend="ray",
+                     progress=False)
+
+
+@pytest.mark.timeout(180)
+def test_callable_kernel_on_ray():
+    """A lambda kernel (sent by value) runs on Ray actors."""
+    src = [np.full((2, 3), i, np.float32) for i in range(4)]
+    r = pipeline.run(source=src, kernel=lambda x: x.sum(1) + 1, workers=2, backend="ray", progress=False)
+    assert [x.tolist() for x in r.results] == [[1, 1], [4, 4], [7, 7], [10, 10]]
