@@ -21,7 +21,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -41,38 +41,76 @@ class Task:
     array: np.ndarray | None = None  # the pickled fallback, for a batch larger than a slot
 
 
+@dataclass
+class Staged:
+    """A batch on its way to the device: the tensor, and on CUDA the copy's start/end events."""
+    x: torch.Tensor
+    start: Any = None
+    end: Any = None
+
+
 class Stager:
-    """Host -> device copies through a reusable pinned buffer, ``non_blocking``; times them on CUDA."""
+    """Host -> device copies: through alternating pinned buffers, ``non_blocking``, on a copy stream.
+
+    NOTE [ Overlap ]
+    On CUDA a worker starts the copy of its next batch (when one is already waiting in its pipe) while the
+    GPU computes the current one: ``start`` issues the copy on a side stream and records an event;
+    ``ready`` makes the compute stream wait for that event (the GPU waits, not the CPU). Two pinned
+    buffers alternate, so the copy of batch k+1 never overwrites the buffer batch k was copied from; the
+    buffer of batch k-1 is free because its result was synchronised before batch k+1 was received.
+    """
 
     def __init__(self, device: torch.device, pinned: bool):
         self.device, self.pinned = device, pinned and device.type == "cuda"
-        self.buf: torch.Tensor | None = None
+        self.bufs: list = [None, None]
+        self.turn = 0
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def to_device(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        if self.device.type == "cpu":
-            return x, 0.0
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    def start(self, arr: np.ndarray) -> Staged:
+        x = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+        if self.stream is None:
+            return Staged(x)
         if self.pinned:
             n = x.numel() * x.element_size()
-            if self.buf is None or self.buf.numel() < n:
-                self.buf = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-            staged = self.buf[:n].view(x.dtype).view(x.shape)
+            self.turn ^= 1
+            if self.bufs[self.turn] is None or self.bufs[self.turn].numel() < n:
+                self.bufs[self.turn] = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+            staged = self.bufs[self.turn][:n].view(x.dtype).view(x.shape)
             staged.copy_(x)
             x = staged
-        start.record()
-        y = x.to(self.device, non_blocking=True)
-        end.record()
-        end.synchronize()
-        return y, start.elapsed_time(end) / 1000
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(self.stream):
+            start.record(self.stream)
+            y = x.to(self.device, non_blocking=True)
+            end.record(self.stream)
+        return Staged(y, start, end)
+
+    def ready(self, h: Staged) -> torch.Tensor:
+        if h.end is not None:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(h.end)
+            h.x.record_stream(current)  # the allocator must not reuse it while the compute stream reads
+        return h.x
+
+    @staticmethod
+    def seconds(h: Staged) -> float:
+        return h.start.elapsed_time(h.end) / 1000 if h.end is not None else 0.0
 
 
-def compute(kernel, arr: np.ndarray, device: torch.device, stager: Stager) -> tuple[np.ndarray, dict]:
-    """One batch: host array -> device -> kernel -> host numpy. The same code serially and in workers."""
+def compute(kernel, arr: np.ndarray, device: torch.device, stager: Stager, staged: Staged | None = None,
+            meanwhile: Callable[[], None] | None = None) -> tuple[np.ndarray, dict]:
+    """One batch: host array -> device -> kernel -> host numpy. The same code serially and in workers.
+
+    ``staged``: the batch's copy, if it was started earlier (see NOTE [ Overlap ]); ``meanwhile`` runs
+    after the kernel is launched and before its result is awaited (starting the next batch's copy).
+    """
     t0 = time.perf_counter()
-    x = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
-    x, h2d = stager.to_device(x)
+    h = staged or stager.start(arr)
+    x = stager.ready(h)
     t1 = time.perf_counter()
     y = kernel(x)
+    if meanwhile is not None:
+        meanwhile()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t2 = time.perf_counter()
@@ -83,8 +121,9 @@ def compute(kernel, arr: np.ndarray, device: torch.device, stager: Stager) -> tu
     if np.may_share_memory(out, arr):  # never hand back a view of the slot: it is reused
         out = out.copy()
     t3 = time.perf_counter()
-    return out, {"h2d_s": h2d if device.type == "cuda" else 0.0, "h2d_bytes": arr.nbytes,
-                 "stage_s": t1 - t0, "compute_s": t2 - t1, "d2h_s": t3 - t2}
+    h2d = stager.seconds(h)
+    return out, {"h2d_s": h2d, "h2d_bytes": arr.nbytes, "stage_s": (t1 - t0) if staged is None else 0.0,
+                 "compute_s": t2 - t1, "d2h_s": t3 - t2}
 
 
 def pack_error(e: BaseException) -> tuple[Any, str, str]:
@@ -136,19 +175,36 @@ def main(rank: int, conn, spec: kernels.KernelSpec, device_spec: str, threads: i
 
 
 def _loop(conn, kernel, device, stager, readers: dict) -> None:
+    def view(task):
+        if task.desc is None:
+            return task.array
+        if task.ring not in readers:
+            readers[task.ring] = SlotReader(task.ring, task.slot_bytes)
+        return readers[task.ring].view(task.desc)
+
+    ahead: list = []  # on CUDA: the next (task, array, staged copy), received while this batch computed
+
+    def prefetch():
+        try:
+            if conn.poll():
+                task = conn.recv()
+                arr = view(task) if task is not None else None
+                ahead.append((task, arr, stager.start(arr) if arr is not None else None))
+        except (EOFError, OSError) as e:  # the main is gone: raised below, not blamed on the kernel
+            ahead.append((e, None, None))
+
     while True:
-        task = conn.recv()
+        task, arr, staged = ahead.pop() if ahead else (conn.recv(), None, None)
+        if isinstance(task, BaseException):
+            raise task
         if task is None:
             return
-        if task.desc is not None:
-            if task.ring not in readers:
-                readers[task.ring] = SlotReader(task.ring, task.slot_bytes)
-            arr = readers[task.ring].view(task.desc)
-        else:
-            arr = task.array
+        if arr is None:
+            arr = view(task)
         kernels.current.update(index=task.index, attempt=task.attempt)
         try:
-            out, timings = compute(kernel, arr, device, stager)
+            out, timings = compute(kernel, arr, device, stager, staged,
+                                   prefetch if device.type == "cuda" else None)
         except BaseException as e:  # noqa: BLE001 - SystemExit and KeyboardInterrupt too: never hang
             msg = ("error", task.index, pack_error(e))
         else:
