@@ -145,3 +145,23 @@ def test_gpu_cuda_tensor_in_source_refused():
     """A real CUDA tensor in source raises HandoffError."""
     with pytest.raises(pipeline.HandoffError, match="device 'cuda:0'"):
         pipeline.run(source=[torch.ones(2, 2, device="cuda")], kernel="sum", workers=1, progress=False)
+
+
+def test_unserialisable_kernel_fails_fast_naming_it():
+    """A kernel capturing something cloudpickle can't send (a lock) fails at once with a KernelError."""
+    import threading
+    lock = threading.Lock()
+
+    def locked_sum(x):
+        with lock:
+            return x.sum(1)
+    with pytest.raises(pipeline.KernelError, match=r"kernel '.*locked_sum' cannot be sent .*lock"):
+        pipeline.run(kernel=locked_sum, workers=2, **TINY)
+
+
+def test_importable_callable_travels_by_name():
+    """A callable spawn can import by name is sent as 'module:name', not by value."""
+    from pipeline.kernels import Sum, spec_for
+    spec = spec_for(Sum, {})
+    assert spec.name == "pipeline.kernels:Sum" and spec.payload is None
+    assert spec_for(lambda x: x, {}).payload is not None
