@@ -128,7 +128,8 @@ def human(s: dict) -> str:
     lines = [
         f"batches      {s['completed']}/{s['batches']} ({s['bytes_in'] / 1e6:.1f} MB in)",
         f"wall         {s['wall_s']:.3f} s (worker start-up {s['startup_s']:.3f} s)",
-        f"throughput   {s['batches_per_s']} batches/s, {s['mb_per_s']} MB/s",
+        f"throughput   {s['batches_per_s']} batches/s, {s['mb_per_s']} MB/s"
+        + (f" ({s['steady_batches_per_s']} batches/s after start-up)" if s.get("steady_batches_per_s") else ""),
         f"kernel       {s['kernel']} on {s['device']}, {s['threads_per_worker']} thread(s) per worker",
         f"main pid     {s['main_pid']}",
     ]

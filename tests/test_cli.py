@@ -117,3 +117,12 @@ def test_python_dash_m_subprocess():
                         "--batches", "3", "--json"], capture_output=True, text=True, timeout=100, cwd=ROOT)
     assert p.returncode == 0, p.stderr
     assert json.loads(p.stdout)["completed"] == 3
+
+
+@pytest.mark.timeout(90)
+def test_skipped_batches_exit_3_with_json(capsys):
+    """on_error=skip with a failing batch: exit 3, and the JSON summary lists it in failed."""
+    rc = main(["run", "--workers", "2", "--kernel", "faulty", "--param", "raise_on=[2]", "--on-error", "skip",
+               *SMALL, "--json"])
+    s = json.loads(capsys.readouterr().out)
+    assert rc == 3 and [f["batch"] for f in s["failed"]] == [2] and s["completed"] == 3
