@@ -55,3 +55,23 @@ def test_roofline_names_the_slowest_stage():
     r = roofline(cal, cfg, [1, 8], 10)
     assert r["limiting_stage"] == {"1": "kernel x usable workers", "8": "main build+handoff"}
     assert r["bound_batches_per_s"] == {"1": 10.0, "8": 20.0}
+
+
+def test_disagreeing_mode_exits_1(monkeypatch, capsys):
+    """A mode whose results differ from serial beyond tolerance makes bench exit 1, naming it."""
+    import pipeline.bench as b
+
+    def wrong(cfg, spec, src, repeat):
+        results, seconds = b._serial(cfg, spec, src, 1)
+        return [r * 1.01 for r in results], seconds, 0.0, {}
+    monkeypatch.setattr(b, "_pool", wrong)
+    assert main(["bench", "--quick", "--modes", "serial,mp.Pool", "--workers-list", "1"]) == 1
+    assert "mp.Pool x1 disagrees with serial" in capsys.readouterr().err
+
+
+def test_plot_written(tmp_path, capsys):
+    """--plot writes a PNG (matplotlib, the [plot] extra)."""
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "b.png"
+    assert main(["bench", "--quick", "--modes", "serial", "--plot", str(path)]) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
