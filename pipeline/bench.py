@@ -164,15 +164,18 @@ def _pipeline(cfg, spec, src, repeat):
         warm = list(src)[: 2 * cfg.workers.count]  # every worker sets its kernel up before timing
         ex.map(warm, lambda *a: None, lambda f: None)
 
+        figures: dict = {}
+
         def once():
             got = {}
-            ex.map(src, lambda i, a, info: got.__setitem__(i, a), lambda f: None)
+            figures.update(ex.map(src, lambda i, a, info: got.__setitem__(i, a), lambda f: None))
             return [got[i] for i in range(len(got))]
         results, seconds = _timed(once, repeat)
         n = len(results)
         extra = {"breakdown_ms_per_batch": {k.replace("_s", "_ms"): round(v / n * 1000, 3)  # last run
                                             for k, v in ex.breakdown.items()},
-                 "threads_per_worker": ex.threads}
+                 "threads_per_worker": ex.threads, "h2d_gbps": figures.get("h2d_gbps"),
+                 "pickled_fallbacks": figures.get("pickled_fallbacks")}
         return results, seconds, ex.startup_s, extra
 
 
@@ -370,7 +373,8 @@ def table(report: dict) -> str:
     for r in report["results"]:
         if r["mode"] == "pipeline" and r.get("breakdown_ms_per_batch"):
             b = r["breakdown_ms_per_batch"]
-            lines.append(f"pipeline x{r['workers']} ms/batch: " + ", ".join(f"{k[:-3]} {v}" for k, v in b.items()))
+            lines.append(f"pipeline x{r['workers']} ms/batch: " + ", ".join(f"{k[:-3]} {v}" for k, v in b.items())
+                         + (f"; host-to-device {r['h2d_gbps']} GB/s" if r.get("h2d_gbps") else ""))
     return "\n".join(lines)
 
 

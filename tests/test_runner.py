@@ -131,7 +131,7 @@ def test_checksum_covers_dtype_and_shape():
 @pytest.mark.timeout(180)
 def test_gpu_workers_compute_on_cuda_and_match_cpu():
     """On CUDA, workers really use cuda and results match the CPU within float tolerance."""
-    kw = dict(TINY, rows=256, cols=128)
+    kw = dict(TINY, rows=256, cols=128, batches=16)  # several per worker: copies overlap compute
     cpu = pipeline.run(kernel="matmul", workers=0, device="cpu", **kw)
     gpu = pipeline.run(kernel="matmul", workers=2, device="cuda", **kw)
     assert all(w["device"].startswith("cuda") for w in gpu.summary["workers"])
