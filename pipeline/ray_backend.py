@@ -125,7 +125,8 @@ class RayExecutor:
 
     def map(self, batches, on_result, on_failed) -> dict:
         in_flight, limit = self.cfg.in_flight(), self.cfg.faults.batch_timeout_s
-        queues = [deque() for _ in self.actors]  # per actor: (ref, index, attempt, batch ref), in order
+        # per actor, in order: (ref, index, attempt, batch ref, solo); see NOTE [ Ray attribution ]
+        queues = [deque() for _ in self.actors]
         since = [0.0] * len(self.actors)  # when the head of each queue started computing
         recovering: dict[int, object] = {}  # rank -> ref of a ping to an actor Ray is restarting
         todo: deque = deque()
@@ -134,8 +135,12 @@ class RayExecutor:
         while True:
             usable = [r for r in range(len(queues)) if r not in recovering]
             while usable and sum(map(len, queues)) < in_flight and (todo or not exhausted):
+                solo = bool(todo) and todo[0][3]
+                free = [r for r in usable if not queues[r] or (not solo and not queues[r][0][4])]
+                if not free:
+                    break
                 if todo:
-                    index, attempt, obj = todo.popleft()
+                    index, attempt, obj, solo = todo.popleft()
                 else:
                     t0 = time.perf_counter()
                     batch: Batch | None = next(it, None)
@@ -144,10 +149,11 @@ class RayExecutor:
                         continue
                     obj, index, attempt = ray.put(batch.array()), batch.index, 1
                     self.breakdown["build_s"] += time.perf_counter() - t0
-                rank = min(usable, key=lambda r: len(queues[r]))
+                rank = min(free, key=lambda r: len(queues[r]))
                 if not queues[rank]:
                     since[rank] = time.monotonic()
-                queues[rank].append((self.actors[rank].compute.remote(index, attempt, obj), index, attempt, obj))
+                ref = self.actors[rank].compute.remote(index, attempt, obj)
+                queues[rank].append((ref, index, attempt, obj, solo))
             heads = [q[0][0] for q in queues if q] + list(recovering.values())
             if not heads:
                 break
@@ -163,21 +169,19 @@ class RayExecutor:
             for rank, q in enumerate(queues):
                 if not q or q[0][0] not in done:
                     continue
-                ref, index, attempt, obj = q.popleft()
+                ref, index, attempt, obj, solo = q.popleft()
                 since[rank] = time.monotonic()
                 try:
                     msg = ray.get(ref)
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-                    # the actor died: the batch at its head is charged an attempt; the ones queued
-                    # behind it go back to the queue as they were, and the actor gets no work until
-                    # Ray has restarted it
-                    cause = (f"timeout: batch ran over {limit:g} s (faults.batch_timeout_s)"
-                             if rank in timed_out else _cause(e))
+                    was_timeout = rank in timed_out
                     timed_out.discard(rank)
-                    self._lost(rank, index, attempt, obj, cause, todo, on_failed)
-                    todo.extend((i, a, o) for _, i, a, o in q)
+                    cause = (f"timeout: batch ran over {limit:g} s (faults.batch_timeout_s)"
+                             if was_timeout else _cause(e))
+                    lost = [(index, attempt, obj)] + [(i, a, o) for _, i, a, o, _ in q]
                     q.clear()
-                    recovering[rank] = self.actors[rank].info.remote()
+                    self._lost(rank, lost, solo or len(lost) == 1 or was_timeout, cause, todo, on_failed)
+                    recovering[rank] = self.actors[rank].info.remote()  # no work until Ray restarted it
                     continue
                 self._on_message(msg, on_result, on_failed, attempt)
             if limit:
@@ -204,12 +208,26 @@ class RayExecutor:
         else:
             raise _reraise(packed, f"batch {index} (ray actor pid {pid}, device {device})")
 
-    def _lost(self, rank, index, attempt, obj, cause, todo, on_failed) -> None:
-        self.restarts.append({"rank": rank, "pid": None, "cause": cause, "batch": index})
-        if attempt + 1 > self.cfg.faults.max_attempts:
-            on_failed({"batch": index, "cause": cause, "attempts": attempt})
-        else:
-            todo.append((index, attempt + 1, obj))
+    def _lost(self, rank, lost: list, known: bool, cause: str, todo: deque, on_failed) -> None:
+        """An actor died holding ``lost`` (oldest first).
+
+        NOTE [ Ray attribution ]
+        Ray can't say which of an actor's queued tasks was running when it died: the reply of one that
+        had finished can be lost with the process. So a death is charged to a batch only when it is
+        ``known`` to be the culprit: it was alone on the actor, or is a timed-out head. Otherwise nobody
+        is charged and every lost batch is retried ``solo`` (alone on an actor), where a further death
+        is attributed exactly. Quarantine and ``failed`` then match the local backend.
+        """
+        self.restarts.append({"rank": rank, "pid": None, "cause": cause, "batch": lost[0][0] if known else None})
+        (index, attempt, obj), rest = lost[0], lost[1:]
+        if not known:
+            todo.extend((i, a, o, True) for i, a, o in lost)
+        else:  # the head was running; the rest never started
+            if attempt + 1 > self.cfg.faults.max_attempts:
+                on_failed({"batch": index, "cause": cause, "attempts": attempt})
+            else:
+                todo.append((index, attempt + 1, obj, True))
+            todo.extend((i, a, o, False) for i, a, o in rest)
 
 
 def _cluster_gpus() -> float:

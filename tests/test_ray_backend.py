@@ -42,7 +42,10 @@ def test_killed_actor_batch_is_retried():
     s = pipeline.run(kernel="faulty", workers=2, **{"kernel.params.crash_on": [2]}, **RAY).summary
     clean = pipeline.run(kernel="sum", workers=0, **dict(RAY, backend="local")).summary["checksum"]
     assert s["checksum"] == clean and s["failed"] == []
-    assert [r["batch"] for r in s["restarts"]] == [2] and "ray actor lost" in s["restarts"][0]["cause"]
+    # a death with several tasks queued on the actor is charged to nobody (batch None): they are
+    # retried alone, and a death then is charged exactly (NOTE [ Ray attribution ])
+    assert [r["batch"] for r in s["restarts"]] in ([2], [None, 2])
+    assert all("ray actor lost" in r["cause"] for r in s["restarts"])
 
 
 @pytest.mark.timeout(180)
@@ -50,7 +53,8 @@ def test_quarantine_after_max_attempts():
     """A batch that kills its actor every time is quarantined after max_attempts."""
     s = pipeline.run(kernel="faulty", workers=2, max_attempts=2, **{"kernel.params.crash_on": [1],
                      "kernel.params.only_first_attempt": False}, **RAY).summary
-    assert s["completed"] == 5 and [f["batch"] for f in s["failed"]] == [1]
+    assert s["completed"] == 5 and s["failed"][0]["batch"] == 1 and len(s["failed"]) == 1
+    assert s["failed"][0]["attempts"] == 2
 
 
 @pytest.mark.timeout(180)
