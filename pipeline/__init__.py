@@ -5,10 +5,10 @@
     r.summary["checksum"], r.results[0]
 """
 from .config import Config, load_config
-from .errors import (BatchFailed, ConfigError, ExitCode, HandoffError, KernelError, PipelineError,
+from .errors import (ConfigError, ExitCode, HandoffError, KernelError, OutputError, PipelineError,
                      WorkerError)
 from .runner import RunResult, run
 
 __all__ = ["run", "RunResult", "Config", "load_config", "PipelineError", "ConfigError", "HandoffError",
-           "KernelError", "WorkerError", "BatchFailed", "ExitCode"]
+           "KernelError", "WorkerError", "OutputError", "ExitCode"]
 __version__ = "0.1.0"

@@ -26,10 +26,6 @@ class WorkerError(PipelineError, RuntimeError):
     """A worker failed in a way that has no exception of its own (crash, kernel SystemExit)."""
 
 
-class BatchFailed(PipelineError, RuntimeError):
-    """A batch that used up its attempts (worker crashes or time-outs)."""
-
-
 class OutputError(PipelineError, OSError):
     """The output directory cannot be written (not a directory, permissions, a full disk): names the path.
 

@@ -110,18 +110,8 @@ class SlotRing:
             os.close(fd)
         self.free = list(range(count - 1, -1, -1))
 
-    def fits(self, arr: np.ndarray) -> bool:
-        return arr.nbytes <= self.slot_bytes
-
-    def put(self, arr: np.ndarray) -> Descriptor:
-        """Copy ``arr`` into a free slot (one memcpy) and describe it."""
-        slot = self.free.pop()
-        view = self.view(slot, arr.shape, arr.dtype)
-        np.copyto(view, arr, casting="no")
-        return Descriptor(slot, tuple(arr.shape), arr.dtype.str, view.strides)
-
     def take(self, shape: tuple, dtype: np.dtype) -> tuple[int, np.ndarray]:
-        """A free slot and a writable view of it, for a source that builds batches in place."""
+        """A free slot and a writable view of it: the source writes the batch there (one pass)."""
         slot = self.free.pop()
         return slot, self.view(slot, shape, dtype)
 

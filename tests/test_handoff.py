@@ -57,7 +57,9 @@ def test_slot_ring_reuses_and_views_without_copy():
     ring = SlotRing(2, 100)
     try:
         a = np.arange(20, dtype=np.float32).reshape(4, 5)
-        d = ring.put(a)
+        slot, view = ring.take(a.shape, a.dtype)
+        view[...] = a
+        d = ring.describe(slot, view)
         reader = SlotReader(ring.name, ring.slot_bytes)
         v = reader.view(d)
         assert np.array_equal(v, a) and d.strides == (20, 4)
