@@ -80,6 +80,7 @@ class LocalExecutor:
         self.restarts: list[dict] = []
         self.startup_s = 0.0
         self.breakdown: dict = {}
+        self.ring: SlotRing | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def __enter__(self):
@@ -133,6 +134,9 @@ class LocalExecutor:
                 w.process.join()
             w.conn.close()
         self.workers = []
+        if self.ring is not None:
+            self.ring.close()
+            self.ring = None
 
     def worker_info(self) -> list[dict]:
         return [{"rank": w.rank, "pid": w.pid, "device": w.device, "batches": w.batches}
@@ -155,35 +159,36 @@ class LocalExecutor:
         if first is None:
             return self._figures(None)
         slot_bytes = int(self.cfg.handoff.slot_mb * MB) or first.nbytes
-        self.ring = SlotRing(in_flight, slot_bytes)
-        try:
-            it = itertools.chain([first], it)
-            exhausted = False
-            while True:
-                while len(self.outstanding) < in_flight:
-                    w = self._idlest()
-                    if w is None:
-                        break
-                    if self.todo:
-                        self._send(w, self.todo.popleft())
-                    elif not exhausted:
-                        t0 = time.perf_counter()
-                        batch = next(it, None)
-                        if batch is None:
-                            exhausted = True
-                            continue
-                        self._send(w, self._task(batch, t0))
-                    else:
-                        break
-                if exhausted and not self.todo and not self.outstanding:
+        if self.ring is None or self.ring.count != in_flight or self.ring.slot_bytes < slot_bytes:
+            if self.ring is not None:
+                self.ring.close()
+            self.ring = SlotRing(in_flight, slot_bytes)  # kept for the next map: its pages stay mapped
+        self.ring.reset()
+        it = itertools.chain([first], it)
+        exhausted = False
+        while True:
+            while len(self.outstanding) < in_flight:
+                w = self._idlest()
+                if w is None:
                     break
-                t0 = time.perf_counter()
-                self._pump(timeout=self._tick())
-                if len(self.outstanding) >= in_flight:
-                    self.breakdown["slot_wait_s"] += time.perf_counter() - t0
-            return self._figures(self.ring)
-        finally:
-            self.ring.close()
+                if self.todo:
+                    self._send(w, self.todo.popleft())
+                elif not exhausted:
+                    t0 = time.perf_counter()
+                    batch = next(it, None)
+                    if batch is None:
+                        exhausted = True
+                        continue
+                    self._send(w, self._task(batch, t0))
+                else:
+                    break
+            if exhausted and not self.todo and not self.outstanding:
+                break
+            t0 = time.perf_counter()
+            self._pump(timeout=self._tick())
+            if len(self.outstanding) >= in_flight:
+                self.breakdown["slot_wait_s"] += time.perf_counter() - t0
+        return self._figures(self.ring)
 
     def _task(self, batch: Batch, t0: float) -> Task:
         if batch.nbytes <= self.ring.slot_bytes and self.ring.free:

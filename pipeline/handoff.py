@@ -108,12 +108,16 @@ class SlotRing:
             raise
         finally:
             os.close(fd)
-        self.free = list(range(count - 1, -1, -1))
+        self.reset()
 
     def take(self, shape: tuple, dtype: np.dtype) -> tuple[int, np.ndarray]:
         """A free slot and a writable view of it: the source writes the batch there (one pass)."""
         slot = self.free.pop()
         return slot, self.view(slot, shape, dtype)
+
+    def reset(self) -> None:
+        """Every slot free again (a new run on the same ring)."""
+        self.free = list(range(self.count - 1, -1, -1))
 
     def describe(self, slot: int, view: np.ndarray) -> Descriptor:
         return Descriptor(slot, tuple(view.shape), view.dtype.str, view.strides)
