@@ -281,7 +281,14 @@ class LocalExecutor:
         w.conn.close()
         self.workers.remove(w)
         if not w.ready:
-            raise WorkerError(f"worker {w.rank} (pid {w.process.pid}) died while starting: {cause}")
+            hint = ""
+            main = sys.modules.get("__main__")
+            if w.process.exitcode == 1 and getattr(main, "__file__", None) and not getattr(main, "__spec__", None):
+                hint = (f"; its error is printed above. If it says 'bootstrapping phase', "
+                        f"{os.path.basename(main.__file__)} calls pipeline at import time: spawn re-imports "
+                        f"the main script in every worker, so put the call under "
+                        f"`if __name__ == \"__main__\":`")
+            raise WorkerError(f"worker {w.rank} (pid {w.process.pid}) died while starting: {cause}{hint}")
         lost = list(w.tasks)
         if lost:
             head = lost[0]

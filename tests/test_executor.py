@@ -125,3 +125,15 @@ def test_dead_parent_workers_exit_and_unlink():
     p.kill()
     p.communicate()
     assert_gone(p.pid, workers, within=5)
+
+
+@pytest.mark.timeout(120)
+def test_script_without_main_guard_gets_a_hint(tmp_path):
+    """A script calling run() at import time: the error names the script and the __main__ guard fix."""
+    script = tmp_path / "noguard.py"
+    script.write_text("import pipeline\npipeline.run(kernel='sum', workers=1, batches=2, rows=4, cols=4, "
+                      "progress=False)\n")
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=100)
+    assert p.returncode != 0
+    assert "bootstrapping phase" in p.stderr and "noguard.py calls pipeline at import time" in p.stderr
+    assert 'if __name__ == "__main__":' in p.stderr.splitlines()[-1]
