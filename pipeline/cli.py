@@ -135,9 +135,11 @@ def human(s: dict) -> str:
     ]
     for w in s["workers"]:
         lines.append(f"  worker {w['rank']}  pid {w['pid']}  {w['device']}  {w['batches']} batches")
-    if s.get("handoff"):
+    if s.get("handoff") and s["handoff"].get("transport"):
+        lines.append(f"handoff      {s['handoff']['transport']}")
+    elif s.get("handoff"):
         h = s["handoff"]
-        lines.append(f"handoff      {h['slots']} slots x {h['slot_bytes'] / 2**20:.1f} MiB, "
+        lines.append(f"handoff      {h['slots']} slots x {_size(h['slot_bytes'])}, "
                      f"{h['pickled_fallbacks']} pickled fallbacks"
                      + (f", host-to-device {h['h2d_gbps']} GB/s" if h["h2d_gbps"] else ""))
     for r in s["restarts"]:
@@ -149,6 +151,10 @@ def human(s: dict) -> str:
     lines += [f"note         {n}" for n in s["notes"]]
     lines.append(f"checksum     {s['checksum']}")
     return "\n".join(lines)
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 def cmd_bench(args) -> int:
