@@ -106,7 +106,7 @@ class LocalExecutor:
             args=(rank, child, self.spec, self.cfg.workers.device, self.threads,
                   self.cfg.handoff.pinned, os.getpid()),
         )
-        with devices.thread_env(self.threads), _no_phantom_main_file():
+        with devices.thread_env(self.threads), _no_phantom_main_file(), _born_ignoring_sigint():
             p.start()
         child.close()
         h = Handle(rank, p, parent)
@@ -323,6 +323,21 @@ class LocalExecutor:
             "pickled_fallbacks": self.pickled,
             "h2d_gbps": round(self.h2d[1] / self.h2d[0] / 1e9, 2) if self.h2d[0] else None,
         }
+
+
+@contextmanager
+def _born_ignoring_sigint():
+    """Start children with SIGINT ignored (kept across exec), so that a Ctrl-C while a worker is still
+    importing torch doesn't print its traceback: the main alone handles Ctrl-C (NOTE [ Shutdown ])."""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextmanager

@@ -137,3 +137,14 @@ def test_script_without_main_guard_gets_a_hint(tmp_path):
     assert p.returncode != 0
     assert "bootstrapping phase" in p.stderr and "noguard.py calls pipeline at import time" in p.stderr
     assert 'if __name__ == "__main__":' in p.stderr.splitlines()[-1]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("delay", [0.2, 1.5])
+def test_ctrl_c_while_starting(delay):
+    """Ctrl-C while the main or its workers still import torch: exit 130, one line, no traceback."""
+    p = start_cli()
+    time.sleep(delay)
+    os.killpg(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=30)
+    assert p.returncode == 130 and "Traceback" not in err and err.strip().count("\n") == 0, err
