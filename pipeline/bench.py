@@ -33,7 +33,7 @@ from .config import Config
 from .errors import ConfigError, ExitCode
 from .runner import checksum, make_executor, resolve
 from .sources import make_source
-from .worker import Stager, compute
+from .worker import Computer
 
 MODES = ("serial", "pipeline", "mp.Pool", "ProcessPoolExecutor", "DataLoader", "ray")
 QUICK = {"source.batches": 6, "source.rows": 64, "source.cols": 32}
@@ -141,17 +141,12 @@ def _serial(cfg: Config, spec, src, repeat):
     device = devices.choose(cfg.workers.device, 0)
     threads = cfg.workers.threads or (os.cpu_count() or 1)
     with devices.torch_threads(threads):
-        kernel = kernels.make(spec, device)
-        stager = Stager(device, cfg.handoff.pinned)
+        computer = Computer(spec, device, cfg.handoff.pinned)
         batches = list(src)
-        compute(kernel, batches[0].array(), device, stager)  # warm-up: lazy weights, allocator
+        computer(batches[0].array())  # warm-up: lazy weights, allocator
 
         def once():
-            out = []
-            for b in batches:
-                kernels.current.update(index=b.index, attempt=1)
-                out.append(compute(kernel, b.array(), device, stager)[0])
-            return out
+            return [computer(b.array(), b.index)[0] for b in batches]
         return _timed(once, repeat)
 
 
@@ -186,11 +181,12 @@ _peer: dict = {}
 def _peer_init(spec, device_spec, threads, pinned):
     torch.set_num_threads(threads)
     device = devices.choose(device_spec, (mp.current_process()._identity or (1,))[0] - 1)
-    _peer.update(device=device, kernel=kernels.make(spec, device), stager=Stager(device, pinned))
+    _peer["computer"] = Computer(spec, device, pinned)
 
 
-def _peer_compute(arr: np.ndarray) -> np.ndarray:
-    return compute(_peer["kernel"], arr, _peer["device"], _peer["stager"])[0]
+def _peer_compute(item: tuple[int, np.ndarray]) -> np.ndarray:
+    index, arr = item
+    return _peer["computer"](arr, index)[0]
 
 
 def _peer_args(cfg):
@@ -203,9 +199,9 @@ def _pool(cfg, spec, src, repeat):
     with devices.thread_env(cfg.threads_per_worker()):
         pool = ctx.Pool(cfg.workers.count, _peer_init, (spec, *_peer_args(cfg)))
     try:
-        pool.map(_peer_compute, [b.array() for b in list(src)[: 2 * cfg.workers.count]], chunksize=1)
+        pool.map(_peer_compute, [(b.index, b.array()) for b in list(src)[: 2 * cfg.workers.count]], chunksize=1)
         startup = time.perf_counter() - t0
-        results, seconds = _timed(lambda: list(pool.imap(_peer_compute, (b.array() for b in src))), repeat)
+        results, seconds = _timed(lambda: list(pool.imap(_peer_compute, ((b.index, b.array()) for b in src))), repeat)
     finally:
         pool.terminate()
         pool.join()
@@ -218,9 +214,9 @@ def _executor(cfg, spec, src, repeat):
         ex = cf.ProcessPoolExecutor(cfg.workers.count, mp_context=mp.get_context("spawn"),
                                     initializer=_peer_init, initargs=(spec, *_peer_args(cfg)))
     try:
-        list(ex.map(_peer_compute, [b.array() for b in list(src)[: 2 * cfg.workers.count]]))
+        list(ex.map(_peer_compute, [(b.index, b.array()) for b in list(src)[: 2 * cfg.workers.count]]))
         startup = time.perf_counter() - t0
-        results, seconds = _timed(lambda: list(ex.map(_peer_compute, (b.array() for b in src))), repeat)
+        results, seconds = _timed(lambda: list(ex.map(_peer_compute, ((b.index, b.array()) for b in src))), repeat)
     finally:
         ex.shutdown(cancel_futures=True)
     return results, seconds, startup, {"threads_per_worker": cfg.threads_per_worker()}
@@ -257,18 +253,16 @@ def _dataloader_run(cfg, spec, src, repeat):
             multiprocessing_context="spawn", pin_memory=device.type == "cuda")
     threads = cfg.workers.threads or (os.cpu_count() or 1)
     with devices.torch_threads(threads):
-        kernel = kernels.make(spec, device)
-        stager = Stager(device, False)  # DataLoader already pinned the batch
+        computer = Computer(spec, device, False)  # DataLoader already pinned the batch
         it = iter(loader)
-        compute(kernel, next(it).numpy(), device, stager)
+        computer(next(it).numpy())
         for _ in it:
             pass
         startup = time.perf_counter() - t0
 
         def once():
-            return [compute(kernel, x.numpy(), device, stager)[0] for x in loader]
+            return [computer(x.numpy(), i)[0] for i, x in enumerate(loader)]
         results, seconds = _timed(once, repeat)
-    del loader
     return results, seconds, startup, {"threads_main": threads}
 
 
@@ -293,13 +287,11 @@ def calibrate(cfg: Config, spec, src, k: int = 4) -> dict:
     per_worker = {}
     for threads in sorted({cfg.replace(**{"workers.count": w}).threads_per_worker() for w in (1, 2, 4, 8, 16)}):
         with devices.torch_threads(threads):
-            kernel = kernels.make(spec, device)
-            stager = Stager(device, cfg.handoff.pinned)
-            compute(kernel, out, device, stager)
+            computer = Computer(spec, device, cfg.handoff.pinned)
+            computer(out)
             t0 = time.perf_counter()
             for b in batches:
-                kernels.current.update(index=b.index, attempt=1)
-                compute(kernel, out, device, stager)
+                computer(out, b.index)
             per_worker[threads] = (time.perf_counter() - t0) / len(batches)
     h2d = None
     if device.type == "cuda":

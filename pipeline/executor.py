@@ -246,7 +246,7 @@ class LocalExecutor:
             w.ready, w.pid, w.device = True, msg[1], msg[2]
             return
         if kind == "fatal":
-            raise _reraise(msg[1], f"worker {w.rank} (pid {w.process.pid}) failed to set up kernel "
+            raise remote_error(msg[1], f"worker {w.rank} (pid {w.process.pid}) failed to set up kernel "
                                    f"'{self.spec.name}'")
         task = w.tasks.popleft()
         w.head_since = time.monotonic()
@@ -269,7 +269,7 @@ class LocalExecutor:
                 self._finish(task)
                 self.on_failed({"batch": task.index, "cause": msg[2][1], "attempts": task.attempt})
             else:
-                raise _reraise(msg[2], where)
+                raise remote_error(msg[2], where)
 
     def _finish(self, task: Task) -> None:
         self.outstanding.pop(task.index, None)
@@ -360,7 +360,7 @@ def _no_phantom_main_file():
             main.__file__ = path
 
 
-def _reraise(packed: tuple, where: str) -> BaseException:
+def remote_error(packed: tuple, where: str) -> BaseException:
     """The worker's exception as its own type, ``where`` in its message, the remote traceback as cause."""
     exc, text, tb = packed
     if exc is None:

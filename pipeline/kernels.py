@@ -13,7 +13,6 @@ import importlib
 import inspect
 import math
 import os
-import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable

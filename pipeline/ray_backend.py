@@ -20,13 +20,13 @@ from collections import deque
 
 import numpy as np
 
-from . import devices, kernels
+from . import devices
 from .config import Config
 from .errors import ConfigError, WorkerError
-from .executor import _reraise
+from .executor import remote_error
 from .kernels import KernelSpec
 from .sources import Batch
-from .worker import Stager, compute, pack_error
+from .worker import Computer, pack_error
 
 try:
     import ray
@@ -43,16 +43,14 @@ class _Actor:
         self.rank = rank
         self.device = devices.choose("cuda" if device_spec.startswith("cuda") or
                                      (device_spec == "auto" and devices.gpu_count()) else "cpu", 0)
-        self.kernel = kernels.make(spec, self.device)
-        self.stager = Stager(self.device, pinned)
+        self.computer = Computer(spec, self.device, pinned)
 
     def info(self):
         return os.getpid(), str(self.device)
 
     def compute(self, index: int, attempt: int, arr: np.ndarray):
-        kernels.current.update(index=index, attempt=attempt)
         try:
-            out, timings = compute(self.kernel, arr, self.device, self.stager)
+            out, timings = self.computer(arr, index, attempt)
         except BaseException as e:  # noqa: BLE001 - as in the local worker: errors travel as data
             return ("error", index, pack_error(e), (self.rank, os.getpid(), str(self.device)))
         return ("result", index, out, timings, (self.rank, os.getpid(), str(self.device)))
@@ -206,7 +204,7 @@ class RayExecutor:
         if self.cfg.faults.on_error == "skip":
             on_failed({"batch": index, "cause": packed[1], "attempts": attempt})
         else:
-            raise _reraise(packed, f"batch {index} (ray actor pid {pid}, device {device})")
+            raise remote_error(packed, f"batch {index} (ray actor pid {pid}, device {device})")
 
     def _lost(self, rank, lost: list, known: bool, cause: str, todo: deque, on_failed) -> None:
         """An actor died holding ``lost`` (oldest first).

@@ -17,7 +17,7 @@ from .errors import ConfigError
 from .handoff import to_host
 from .sinks import open_output
 from .sources import length, make_source
-from .worker import Stager, compute
+from .worker import Computer
 
 # CLI names accepted as ``run(**overrides)`` and on the command line, and the config keys they set.
 OVERRIDES = {
@@ -177,11 +177,9 @@ def run_serial(cfg: Config, spec, src, col: Collector, info: dict) -> None:
     me = {"rank": 0, "pid": os.getpid(), "device": str(device), "batches": 0}
     info["workers"] = [me]
     with devices.torch_threads(cfg.threads_per_worker()):
-        kernel = kernels.make(spec, device)
-        stager = Stager(device, cfg.handoff.pinned)
+        computer = Computer(spec, device, cfg.handoff.pinned)
         for batch in src:
-            kernels.current.update(index=batch.index, attempt=1)
-            out, timings = compute(kernel, batch.array(), device, stager)
+            out, timings = computer(batch.array(), batch.index)
             col.result(batch.index, out, {"pid": me["pid"], "device": me["device"], **timings})
             me["batches"] += 1
 

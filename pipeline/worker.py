@@ -97,33 +97,39 @@ class Stager:
         return h.start.elapsed_time(h.end) / 1000 if h.end is not None else 0.0
 
 
-def compute(kernel, arr: np.ndarray, device: torch.device, stager: Stager, staged: Staged | None = None,
-            meanwhile: Callable[[], None] | None = None) -> tuple[np.ndarray, dict]:
-    """One batch: host array -> device -> kernel -> host numpy. The same code serially and in workers.
+class Computer:
+    """A kernel built once on its device, with its stager: computes one batch, the same way everywhere
+    (workers, the serial baseline, Ray actors, the bench's peers)."""
 
-    ``staged``: the batch's copy, if it was started earlier (see NOTE [ Overlap ]); ``meanwhile`` runs
-    after the kernel is launched and before its result is awaited (starting the next batch's copy).
-    """
-    t0 = time.perf_counter()
-    h = staged or stager.start(arr)
-    x = stager.ready(h)
-    t1 = time.perf_counter()
-    y = kernel(x)
-    if meanwhile is not None:
-        meanwhile()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t2 = time.perf_counter()
-    if isinstance(y, torch.Tensor):
-        out = y.detach().cpu().numpy()
-    else:
-        out = np.asarray(y)
-    if np.may_share_memory(out, arr):  # never hand back a view of the slot: it is reused
-        out = out.copy()
-    t3 = time.perf_counter()
-    h2d = stager.seconds(h)
-    return out, {"h2d_s": h2d, "h2d_bytes": arr.nbytes, "stage_s": (t1 - t0) if staged is None else 0.0,
-                 "compute_s": t2 - t1, "d2h_s": t3 - t2}
+    def __init__(self, spec: kernels.KernelSpec, device: torch.device, pinned: bool):
+        self.device = device
+        self.kernel = kernels.make(spec, device)
+        self.stager = Stager(device, pinned)
+
+    def __call__(self, arr: np.ndarray, index: int = -1, attempt: int = 1, staged: Staged | None = None,
+                 meanwhile: Callable[[], None] | None = None) -> tuple[np.ndarray, dict]:
+        """One batch: host array -> device -> kernel -> host numpy, and the time of each step.
+
+        ``staged``: the batch's copy, if it was started earlier (see NOTE [ Overlap ]); ``meanwhile`` runs
+        after the kernel is launched and before its result is awaited (starting the next batch's copy).
+        """
+        kernels.current.update(index=index, attempt=attempt)
+        t0 = time.perf_counter()
+        h = staged or self.stager.start(arr)
+        x = self.stager.ready(h)
+        t1 = time.perf_counter()
+        y = self.kernel(x)
+        if meanwhile is not None:
+            meanwhile()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t2 = time.perf_counter()
+        out = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+        if np.may_share_memory(out, arr):  # never hand back a view of the slot: it is reused
+            out = out.copy()
+        t3 = time.perf_counter()
+        return out, {"h2d_s": self.stager.seconds(h), "h2d_bytes": arr.nbytes,
+                     "stage_s": (t1 - t0) if staged is None else 0.0, "compute_s": t2 - t1, "d2h_s": t3 - t2}
 
 
 def pack_error(e: BaseException) -> tuple[Any, str, str]:
@@ -160,21 +166,20 @@ def main(rank: int, conn, spec: kernels.KernelSpec, device_spec: str, threads: i
         device = devices.choose(device_spec, rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        kernel = kernels.make(spec, device)
-        stager = Stager(device, pinned)
+        computer = Computer(spec, device, pinned)
     except BaseException as e:  # noqa: BLE001 - reported to the main, which raises it
         conn.send(("fatal", pack_error(e)))
         return
     conn.send(("ready", os.getpid(), str(device)))
     try:
-        _loop(conn, kernel, device, stager, readers)
+        _loop(conn, computer, readers)
     except (EOFError, OSError):  # the pipe broke: if the main is gone, leave nothing behind
         if not _alive(main_pid) or os.getppid() == 1:
             for r in readers.values():
                 r.unlink()
 
 
-def _loop(conn, kernel, device, stager, readers: dict) -> None:
+def _loop(conn, computer: Computer, readers: dict) -> None:
     def view(task):
         if task.desc is None:
             return task.array
@@ -189,7 +194,7 @@ def _loop(conn, kernel, device, stager, readers: dict) -> None:
             if conn.poll():
                 task = conn.recv()
                 arr = view(task) if task is not None else None
-                ahead.append((task, arr, stager.start(arr) if arr is not None else None))
+                ahead.append((task, arr, computer.stager.start(arr) if arr is not None else None))
         except (EOFError, OSError) as e:  # the main is gone: raised below, not blamed on the kernel
             ahead.append((e, None, None))
 
@@ -201,10 +206,9 @@ def _loop(conn, kernel, device, stager, readers: dict) -> None:
             return
         if arr is None:
             arr = view(task)
-        kernels.current.update(index=task.index, attempt=task.attempt)
         try:
-            out, timings = compute(kernel, arr, device, stager, staged,
-                                   prefetch if device.type == "cuda" else None)
+            out, timings = computer(arr, task.index, task.attempt, staged,
+                                    prefetch if computer.device.type == "cuda" else None)
         except BaseException as e:  # noqa: BLE001 - SystemExit and KeyboardInterrupt too: never hang
             msg = ("error", task.index, pack_error(e))
         else:

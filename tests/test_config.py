@@ -1,5 +1,4 @@
 """Config: TOML -> frozen dataclasses, overrides, validation errors that name key, value and file."""
-import tomllib
 from pathlib import Path
 
 import pytest
