@@ -8,6 +8,27 @@ from pipeline.runner import checksum
 from conftest import TINY, workers_alive
 
 
+class SetupCounter:
+    """A user kernel that reports how often its setup ran in this process, and torch's thread cap."""
+    setups = 0
+
+    def setup(self, device, scale=1):
+        SetupCounter.setups += 1
+        self.scale = scale
+
+    def __call__(self, x):
+        return torch.tensor([SetupCounter.setups, torch.get_num_threads(), self.scale])
+
+
+@pytest.mark.timeout(90)
+def test_user_kernel_by_import_path_set_up_once_per_worker():
+    """'module:Class' kernels: setup runs once per worker with the params; workers honour the thread cap."""
+    r = pipeline.run(kernel="test_runner:SetupCounter", workers=2, **{"kernel.params.scale": 7},
+                     **dict(TINY, batches=8))
+    assert [list(x) for x in r.results] == [[1, 1, 7]] * 8
+    assert len({w["pid"] for w in r.summary["workers"]}) == 2
+
+
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("kernel", ["sum", "matmul", "fft", "mlp", "faulty"])
 def test_parallel_matches_serial_bit_for_bit(kernel):
