@@ -31,8 +31,8 @@ import torch
 from . import devices, kernels
 from .config import Config
 from .errors import ConfigError, ExitCode
-from .runner import checksum, make_executor, resolve
-from .sources import make_source
+from .runner import checksum, make_executor, make_source, resolve
+from .sources import Work
 from .worker import Computer
 
 MODES = ("serial", "pipeline", "mp.Pool", "ProcessPoolExecutor", "DataLoader", "ray")
@@ -155,15 +155,18 @@ def _ray(cfg, spec, src, repeat):
 
 
 def _pipeline(cfg, spec, src, repeat):
-    with make_executor(cfg, spec, getattr(src, "max_nbytes", None)) as ex:
+    def work(batches):
+        return Work(batches, getattr(src, "batch", None), getattr(src, "max_nbytes", None))
+
+    with make_executor(cfg, spec) as ex:
         warm = list(src)[: 2 * cfg.workers.count]  # every worker sets its kernel up before timing
-        ex.map(warm, lambda *a: None, lambda f: None)
+        ex.map(work(warm), lambda *a: None, lambda f: None)
 
         figures: dict = {}
 
         def once():
             got = {}
-            figures.update(ex.map(src, lambda i, a, info: got.__setitem__(i, a), lambda f: None))
+            figures.update(ex.map(work(src), lambda i, a, info: got.__setitem__(i, a), lambda f: None))
             return [got[i] for i in range(len(got))]
         results, seconds = _timed(once, repeat)
         n = len(results)

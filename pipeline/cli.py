@@ -51,7 +51,11 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--start-method", metavar="M", help="spawn (default) or forkserver; fork is refused")
     g.add_argument("--threads-per-worker", type=int, metavar="N",
                    help="torch threads per worker (default: max(1, cores // workers))")
-    g.add_argument("--in-flight", type=int, metavar="N", help="batches outstanding (default 2 x workers)")
+    g.add_argument("--build-threads", type=int, metavar="N",
+                   help="threads building batches in the main (default 0 = auto: on CUDA the usable CPUs "
+                        "less one per worker, on the CPU half the usable CPUs)")
+    g.add_argument("--in-flight", type=int, metavar="N",
+                   help="shared-memory slots = batches outstanding (default: build threads + 2 x workers)")
     g.add_argument("--batch-timeout", type=float, metavar="S", dest="batch_timeout_s",
                    help="abandon a batch running longer than S seconds (0 = off)")
     g.add_argument("--max-attempts", type=int, metavar="N", help="tries per batch before quarantine")
@@ -65,7 +69,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
 
 def _overrides(args: argparse.Namespace) -> dict:
     names = ("workers", "batches", "rows", "cols", "dtype", "seed", "kernel", "device", "start_method",
-             "threads_per_worker", "in_flight", "batch_timeout_s", "max_attempts", "on_error",
+             "threads_per_worker", "build_threads", "in_flight", "batch_timeout_s", "max_attempts", "on_error",
              "input", "input_key", "output", "backend", "ray_address")
     out = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if args.no_progress:

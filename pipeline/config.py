@@ -48,11 +48,12 @@ class WorkersConfig:
     device: str = "auto"
     start_method: str = "spawn"
     threads: int = 0  # 0: max(1, cores // count)
+    build_threads: int = 0  # 0: auto (Config.build_threads)
 
 
 @dataclass(frozen=True)
 class HandoffConfig:
-    in_flight: int = 0  # 0: 2 x workers
+    in_flight: int = 0  # 0: build threads + 2 x workers
     slot_mb: float = 0.0  # 0: the largest batch
     pinned: bool = True
 
@@ -93,10 +94,23 @@ class Config:
     def threads_per_worker(self) -> int:
         if self.workers.threads:
             return self.workers.threads
-        return max(1, (os.cpu_count() or 1) // max(1, self.workers.count))
+        return max(1, usable_cpus() // max(1, self.workers.count))
 
-    def in_flight(self) -> int:
-        return self.handoff.in_flight or 2 * max(1, self.workers.count)
+    def build_threads(self, cuda: bool) -> int:
+        """Threads that build batches in the main. Auto: on CUDA every usable CPU but one per worker (a
+        GPU worker keeps about one core busy feeding its GPU); on the CPU half the usable CPUs, since the
+        workers' compute wants the cores too. Never more than the slots (``handoff.in_flight``)."""
+        if self.workers.build_threads:
+            n = self.workers.build_threads
+        elif cuda:
+            n = max(1, usable_cpus() - self.workers.count)
+        else:
+            n = max(1, usable_cpus() // 2)
+        return min(n, self.handoff.in_flight) if self.handoff.in_flight else n
+
+    def in_flight(self, cuda: bool = False) -> int:
+        """Slots: one per build thread, and two per worker (one computing, one queued)."""
+        return self.handoff.in_flight or self.build_threads(cuda) + 2 * max(1, self.workers.count)
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
@@ -109,7 +123,7 @@ KEYS = {
 }
 MINIMUM = {
     "source.batches": 1, "source.rows": 1, "source.cols": 1, "source.seed": 0,
-    "workers.count": 0, "workers.threads": 0, "handoff.in_flight": 0, "handoff.slot_mb": 0,
+    "workers.count": 0, "workers.threads": 0, "workers.build_threads": 0, "handoff.in_flight": 0, "handoff.slot_mb": 0,
     "faults.max_attempts": 1, "faults.batch_timeout_s": 0,
 }
 CHOICES = {
@@ -120,6 +134,14 @@ CHOICES = {
     "run.backend": ("local", "ray"),
 }
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def parse_value(text: str) -> Any:

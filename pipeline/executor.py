@@ -1,42 +1,67 @@
-"""Local backend: start and supervise spawn workers, bounded in-flight batches, retries, shutdown.
+"""Local backend: spawn workers, feed them from build threads, supervise, stream results out in order.
 
- main (this module)                                  worker processes (worker.py)
- ------------------                                  ----------------------------
- source -> batch into a free slot -> Task ---pipe--> view slot -> device -> kernel -> host
- _on_message  <------------------------------pipe--- ("result", index, array, timings) | ("error", ...)
- _on_death    <- process sentinel (crash, kill, OOM)
- _check_deadlines: a batch past faults.batch_timeout_s -> kill its worker -> _on_death
+ caller's thread               main process, supervisor thread              worker processes (worker.py)
+ ---------------               -------------------------------              ----------------------------
+                               builders (threads) --fill slot k-->  ring
+                   <--Outcome- _Run: jobs to builders, built batches --Task(k, slot)--> view slot -> device
+ for (i, r) in ...             to the idlest worker; results, deaths,  <--("copied", k)-- (CUDA: slot free)
+  (in order, or as done)       deadlines; retries and quarantine     <--("result", k, array, timings)--
+                                                                           | ("error", k, error)
 
-One loop does the bookkeeping, waiting with ``multiprocessing.connection.wait`` on every worker's pipe
-and process sentinel, so a dead worker is noticed at once, and the main knows which worker holds which
-batch: a lost batch goes to a fresh worker, and one that keeps killing workers is quarantined. Workers
-compute their tasks in order, so the oldest task a worker holds is the one it was computing.
+NOTE [ Supervisor ]
+One thread per run (``_Run``) does all the bookkeeping and never waits on anything but
+``multiprocessing.connection.wait`` over every worker's pipe, every process sentinel and a wake-up pipe
+that build threads and the consumer write to. Builds run on their own threads (NOTE [ Builders ]), the
+consumer in the caller's thread, so a death or a deadline is noticed at once whatever they are doing.
+Bounds: ``in_flight`` slots; at most ``window`` batches (default 2 x in_flight) started and not yet taken
+by the consumer, results held for reordering included: a slow consumer stops new builds (backpressure),
+it never grows a buffer. Workers compute their tasks in order, so the oldest task a worker holds is the
+one it was computing: a worker that dies loses it (retried on a fresh worker, quarantined after
+``faults.max_attempts``) and the ones queued behind it (sent again).
+
+NOTE [ Slot release ]
+A slot is free again when nothing will read it: on the CPU when the batch's result is back (the kernel
+reads the slot itself); on CUDA as soon as the worker says its copy to the device has completed (a CUDA
+event), before the kernel ends. A batch whose slot went back early and whose worker then dies is built
+again from the source (``rebuild``); sources that can't (a caller's iterator) keep their slots until the
+result is back.
 """
 from __future__ import annotations
 
-import itertools
-import os
+import math
 import multiprocessing as mp
+import os
+import queue
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
-from typing import Callable, Iterable
-
-import numpy as np
+from typing import Any, Callable, Iterator
 
 from . import devices, worker
+from .builders import Builders, Built
 from .config import Config
 from .errors import RemoteTraceback, WorkerError
 from .handoff import SlotRing, remove_stale
 from .kernels import KernelSpec
-from .sources import Batch
 from .worker import Task
 
 MB = 1 << 20
+BREAKDOWN = ("build_s", "dispatch_s", "receive_s", "stage_s", "h2d_s", "compute_s", "d2h_s",
+             "slot_wait_s", "worker_wait_s", "idle_s", "return_s", "order_wait_s")
+
+
+@dataclass
+class Outcome:
+    """One batch's end: its result, or (``result`` None) the record of why it failed."""
+    index: int
+    result: Any
+    info: dict
+    failure: dict | None = None
 
 
 @dataclass
@@ -69,7 +94,7 @@ def _likely(exitcode: int | None) -> str:
 
 
 class LocalExecutor:
-    """Workers for one config and kernel; ``map`` can run several times on the same workers (bench)."""
+    """Workers for one config and kernel; ``stream`` can run several times on the same workers."""
 
     def __init__(self, cfg: Config, spec: KernelSpec):
         self.cfg, self.spec = cfg, spec
@@ -78,26 +103,40 @@ class LocalExecutor:
         self.workers: list[Handle] = []
         self.history: list[Handle] = []
         self.restarts: list[dict] = []
+        self.notes: list[str] = []
         self.startup_s = 0.0
         self.breakdown: dict = {}
+        self.figures: dict = {}
         self.ring: SlotRing | None = None
+        self._t_start: float | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def __enter__(self):
         self.start()
+        self.wait_ready()
         return self
 
     def __exit__(self, *exc):
         self.close(graceful=exc[0] is None)
 
     def start(self) -> None:
-        t0 = time.perf_counter()
+        """Spawn the workers and return at once: they import torch and set up the kernel while the first
+        batches are built (``startup_s`` is measured when the last one says it is ready)."""
+        if self.workers:
+            return
+        self._t_start = time.perf_counter()
         remove_stale()
         for rank in range(self.cfg.workers.count):
             self.workers.append(self._spawn(rank))
+
+    def wait_ready(self) -> None:
+        """Block until every worker has set its kernel up (raises if one can't)."""
         while not all(w.ready for w in self.workers):
-            self._pump(timeout=1.0, starting=True)
-        self.startup_s = time.perf_counter() - t0
+            self._pump_idle(1.0)
+
+    @property
+    def started(self) -> bool:
+        return bool(self.workers)
 
     def _spawn(self, rank: int) -> Handle:
         parent, child = self.ctx.Pipe(duplex=True)
@@ -106,7 +145,7 @@ class LocalExecutor:
             args=(rank, child, self.spec, self.cfg.workers.device, self.threads,
                   self.cfg.handoff.pinned, os.getpid()),
         )
-        with devices.thread_env(self.threads), _no_phantom_main_file(), _born_ignoring_sigint():
+        with devices.thread_env(self.threads), _no_phantom_main_file(), _sigint_blocked():
             p.start()
         child.close()
         h = Handle(rank, p, parent)
@@ -139,205 +178,459 @@ class LocalExecutor:
             self.ring = None
 
     def worker_info(self) -> list[dict]:
-        return [{"rank": w.rank, "pid": w.pid, "device": w.device, "batches": w.batches}
-                for w in self.history if w.pid]
+        """Every worker this executor started (device None: it never got ready, e.g. the run was over)."""
+        return [{"rank": w.rank, "pid": w.pid or w.process.pid, "device": w.device, "batches": w.batches}
+                for w in self.history]
 
-    # -- one run -------------------------------------------------------------------------------------
-    def map(self, batches: Iterable[Batch], on_result: Callable[[int, np.ndarray, dict], None],
+    # -- runs ----------------------------------------------------------------------------------------
+    def stream(self, batches, ordered: bool = True, window: int | None = None,
+               settle: bool = True) -> Iterator[Outcome]:
+        """Compute every batch of ``batches`` (an iterator of ``Batch``; see ``sources.Work``); yield an
+        ``Outcome`` per batch, in batch order when ``ordered``, else as they complete.
+
+        ``settle``: when the stream ends early (closed, or an error), let the workers finish what they
+        hold (or replace the ones that don't within a few seconds), so that the next run starts clean;
+        without it, the caller is expected to ``close()`` the executor.
+        """
+        self.start()
+        run = _Run(self, batches, ordered, window)
+        try:
+            yield from run.outcomes()
+        finally:
+            run.stop(settle)
+            self.breakdown, self.figures = run.breakdown, run.figures()
+
+    def map(self, batches, on_result: Callable[[int, Any, dict], None],
             on_failed: Callable[[dict], None]) -> dict:
-        """Compute every batch; ``on_result`` gets them as they complete. Returns handoff figures."""
-        self.on_result, self.on_failed = on_result, on_failed
-        self.todo: deque[Task] = deque()
-        self.outstanding: dict[int, Task] = {}
-        self.pickled = 0
-        self.h2d = [0.0, 0]
-        self.breakdown = {k: 0.0 for k in ("build_s", "slot_wait_s", "handoff_s", "h2d_s", "compute_s",
-                                           "d2h_s", "return_s")}
-        in_flight = self.cfg.in_flight()
-        it = iter(batches)
-        first = next(it, None)
-        if first is None:
-            return self._figures(None)
-        slot_bytes = int(self.cfg.handoff.slot_mb * MB) or first.nbytes
-        if self.ring is None or self.ring.count != in_flight or self.ring.slot_bytes < slot_bytes:
+        """Every batch, results as they complete through callbacks (the bench). Returns handoff figures."""
+        for out in self.stream(batches, ordered=False):
+            if out.failure is None:
+                on_result(out.index, out.result, out.info)
+            else:
+                on_failed(out.failure)
+        return self.figures
+
+    def _ring_for(self, count: int, slot_bytes: int) -> SlotRing:
+        """The run's ring: the previous one when it fits (its pages stay mapped, workers keep it)."""
+        if self.ring is None or self.ring.count != count or self.ring.slot_bytes < slot_bytes:
             if self.ring is not None:
                 self.ring.close()
-            self.ring = SlotRing(in_flight, slot_bytes)  # kept for the next map: its pages stay mapped
-        self.ring.reset()
-        it = itertools.chain([first], it)
-        exhausted = False
-        while True:
-            while len(self.outstanding) < in_flight:
-                w = self._idlest()
-                if w is None:
-                    break
-                if self.todo:
-                    self._send(w, self.todo.popleft())
-                elif not exhausted:
-                    t0 = time.perf_counter()
-                    batch = next(it, None)
-                    if batch is None:
-                        exhausted = True
-                        continue
-                    self._send(w, self._task(batch, t0))
-                else:
-                    break
-            if exhausted and not self.todo and not self.outstanding:
-                break
-            t0 = time.perf_counter()
-            self._pump(timeout=self._tick())
-            if len(self.outstanding) >= in_flight:
-                self.breakdown["slot_wait_s"] += time.perf_counter() - t0
-        return self._figures(self.ring)
+            self.ring = SlotRing(count, slot_bytes)
+        return self.ring
 
-    def _task(self, batch: Batch, t0: float) -> Task:
-        if batch.nbytes <= self.ring.slot_bytes and self.ring.free:
-            slot, view = self.ring.take(batch.shape, batch.dtype)
-            batch.fill(view)
-            task = Task(batch.index, 1, self.ring.name, self.ring.slot_bytes, self.ring.describe(slot, view))
-            del view
+    def _pump_idle(self, timeout: float) -> None:
+        """Between runs (or before the first): take 'ready' messages, notice deaths while starting."""
+        by_conn = {w.conn: w for w in self.workers}
+        for obj in wait(list(by_conn) + [w.process.sentinel for w in self.workers], timeout):
+            w = by_conn.get(obj)
+            if w is not None:
+                try:
+                    while w.conn.poll():
+                        self._on_setup_message(w, w.conn.recv())
+                except (EOFError, OSError):
+                    pass
+        for w in list(self.workers):
+            if not w.process.is_alive():
+                self._died_unready(w) if not w.ready else self._replace(w, self._cause(w))
+
+    def _on_setup_message(self, w: Handle, msg: tuple) -> None:
+        if msg[0] == "ready":
+            w.ready, w.pid, w.device = True, msg[1], msg[2]
+            if self._t_start is not None and all(h.ready for h in self.workers):
+                self.startup_s = time.perf_counter() - self._t_start
+                self._t_start = None
+        elif msg[0] == "fatal":
+            raise remote_error(msg[1], f"worker {w.rank} (pid {w.process.pid}) failed to set up kernel "
+                                       f"'{self.spec.name}'")
+        elif msg[0] == "note":
+            if msg[1] not in self.notes:
+                self.notes.append(msg[1])
         else:
-            task = Task(batch.index, 1, array=batch.array())
-            self.pickled += 1
-        self.breakdown["build_s"] += time.perf_counter() - t0
-        self.outstanding[batch.index] = task
-        return task
+            raise AssertionError(f"unexpected message from worker {w.rank} between runs: {msg[0]}")
 
-    def _idlest(self) -> Handle | None:
-        ready = [w for w in self.workers if w.ready]
-        return min(ready, key=lambda w: len(w.tasks)) if ready else None
+    @staticmethod
+    def _cause(w: Handle) -> str:
+        return signal_name(w.process.exitcode) + _likely(w.process.exitcode)
+
+    def _died_unready(self, w: Handle) -> None:
+        w.process.join()
+        hint = ""
+        main = sys.modules.get("__main__")
+        if w.process.exitcode == 1 and getattr(main, "__file__", None) and not getattr(main, "__spec__", None):
+            hint = (f"; its error is printed above. If it says 'bootstrapping phase', "
+                    f"{os.path.basename(main.__file__)} calls pipeline at import time: spawn re-imports "
+                    f"the main script in every worker, so put the call under "
+                    f"`if __name__ == \"__main__\":`")
+        raise WorkerError(f"worker {w.rank} (pid {w.process.pid}) died while starting: {self._cause(w)}{hint}")
+
+    def _replace(self, w: Handle, cause: str, batch: int | None = None) -> None:
+        """A worker died (or was killed): record it and start a fresh one in its place."""
+        w.process.join()
+        w.conn.close()
+        self.workers.remove(w)
+        self.restarts.append({"rank": w.rank, "pid": w.pid, "cause": cause, "batch": batch})
+        self.workers.append(self._spawn(w.rank))
+        self.workers.sort(key=lambda h: h.rank)
+
+
+class _Run:
+    """One stream: the supervisor thread's state and loop (NOTE [ Supervisor ])."""
+
+    def __init__(self, ex: LocalExecutor, batches, ordered: bool, window: int | None):
+        self.ex, self.cfg = ex, ex.cfg
+        self.batches = iter(batches)
+        self.rebuild = getattr(batches, "rebuild", None)
+        self.max_nbytes = getattr(batches, "max_nbytes", None)
+        self.ordered = ordered
+        self.cuda = _cuda(self.cfg)
+        self.in_flight = self.cfg.in_flight(self.cuda)
+        self.window = max(window or 2 * self.in_flight, self.in_flight)
+        self.depth = max(2, math.ceil(self.in_flight / max(1, len(ex.workers))))  # tasks queued per worker
+        self.breakdown = {k: 0.0 for k in BREAKDOWN}
+        self.counts = {"batches": 0, "pickled": 0, "direct": 0, "h2d_bytes": 0}
+        self.cond = threading.Condition()
+        self.held: dict[int, Outcome] = {}  # done, not yet taken by the consumer
+        self.taken = 0
+        self.error: BaseException | None = None
+        self.finished = False
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+        self.builders: Builders | None = None
+        self.ring: SlotRing | None = None
+
+    # -- the consumer's side (the caller's thread) --------------------------------------------------
+    def outcomes(self) -> Iterator[Outcome]:
+        if not self._setup():
+            return
+        self.thread = threading.Thread(target=self._supervise, name="pipeline-supervisor", daemon=True)
+        self.thread.start()
+        while True:
+            with self.cond:
+                while True:
+                    if self.error is not None:
+                        raise self.error
+                    out = self._next_held()
+                    if out is not None:
+                        break
+                    if self.finished:
+                        return
+                    self.cond.wait(1.0)
+                self.taken += 1
+            self._wake()
+            yield out
+
+    def _next_held(self) -> Outcome | None:
+        if not self.held:
+            return None
+        if not self.ordered:
+            out = self.held.pop(next(iter(self.held)))
+        else:
+            drawn = self.builders.drawn
+            if not (drawn and drawn[0] in self.held):
+                return None
+            out = self.held.pop(drawn.popleft())
+        self.breakdown["order_wait_s"] += time.perf_counter() - out.info.pop("_done_at")
+        return out
+
+    def _setup(self) -> bool:
+        slot_bytes = int(self.cfg.handoff.slot_mb * MB) or self.max_nbytes
+        if not slot_bytes:  # a caller's iterable: the first batch sizes the slots
+            first = next(self.batches, None)
+            if first is None:
+                return False
+            slot_bytes = first.nbytes
+            rest = self.batches
+            self.batches = (b for it in ([first], rest) for b in it)
+        self.ring = self.ex._ring_for(self.in_flight, max(1, slot_bytes))
+        self.free = list(range(self.ring.count - 1, -1, -1))
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_w, False)
+        self.done_q: queue.SimpleQueue = queue.SimpleQueue()
+        threads = self.cfg.build_threads(self.cuda)
+        self.builders = Builders(self.batches, self.rebuild, self.ring, threads, self._built,
+                                 record_order=self.ordered)
+        self.started = 0  # next-batch jobs issued and not answered 'exhausted'
+        self.jobs = 0  # jobs the builders have not answered yet
+        self.exhausted = False
+        self.ready: deque[Task] = deque()  # built (or to be sent again), waiting for a worker
+        self.rebuilds: deque[tuple[int, int]] = deque()  # (index, attempt) to build again
+        self.attempts: dict[int, int] = {}
+        self.outstanding = 0  # tasks at workers
+        return True
+
+    def stop(self, settle: bool) -> None:
+        """End the run (normally, early, or on an error): stop the supervisor, the builders, and settle."""
+        if self.thread is not None:
+            self.stopping = True
+            self._wake()
+            self.thread.join()
+        if self.builders is not None:
+            self.builders.close()
+            os.close(self.wake_r)
+            os.close(self.wake_w)
+        if settle and self.thread is not None:
+            self._settle()
+
+    def figures(self) -> dict:
+        ring, c = self.ring, self.counts
+        h2d = self.breakdown["h2d_s"]
+        return {
+            "slots": ring.count if ring else 0,
+            "slot_bytes": ring.slot_bytes if ring else 0,
+            "build_threads": len(self.builders.threads) if self.builders else 0,
+            "pickled_fallbacks": c["pickled"],
+            "h2d_gbps": round(c["h2d_bytes"] / h2d / 1e9, 2) if h2d and c["h2d_bytes"] else None,
+            "h2d_from_slot": (c["direct"] == c["batches"]) if c["h2d_bytes"] else None,
+        }
+
+    # -- wake-ups ----------------------------------------------------------------------------------
+    def _wake(self) -> None:
+        try:
+            os.write(self.wake_w, b"\0")
+        except (BlockingIOError, OSError):
+            pass  # already awake (pipe full) or closed
+
+    def _built(self, event: tuple) -> None:
+        """Called by build threads."""
+        self.done_q.put(event)
+        self._wake()
+
+    # -- the supervisor thread -----------------------------------------------------------------------
+    def _supervise(self) -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # Ctrl-C is the main thread's
+        try:
+            while not self.stopping:
+                self._take_builds()
+                self._issue_builds()
+                self._dispatch()
+                if self.exhausted and not (self.jobs or self.ready or self.rebuilds or self.outstanding):
+                    break
+                self._pump(self._tick())
+        except BaseException as e:  # noqa: BLE001 - the consumer raises it
+            with self.cond:
+                self.error = e
+        finally:
+            with self.cond:
+                self.finished = True
+                self.cond.notify_all()
+
+    def _tick(self) -> float:
+        t = self.cfg.faults.batch_timeout_s
+        return min(1.0, t / 4) if t else 1.0
+
+    def _take_builds(self) -> None:
+        while True:
+            try:
+                event = self.done_q.get_nowait()
+            except queue.Empty:
+                return
+            self.jobs -= 1
+            kind = event[0]
+            if kind == "exhausted":
+                self.exhausted = True
+                self.started -= 1
+                self.free.append(event[1])
+            elif kind == "error":
+                raise event[2]
+            else:
+                self._on_built(event[1])
+
+    def _on_built(self, b: Built) -> None:
+        self.breakdown["build_s"] += b.seconds
+        attempt = self.attempts.pop(b.index, 1)
+        if b.desc is None:  # larger than a slot: the array travels pickled
+            self.free.append(b.slot)
+            self.counts["pickled"] += 1
+            task = Task(b.index, attempt, array=b.array)
+        else:
+            task = Task(b.index, attempt, self.ring.path, self.ring.slot_bytes, b.desc)
+        task.nbytes = b.nbytes
+        self.ready.append(task)
+
+    def _issue_builds(self) -> None:
+        t0 = time.perf_counter()
+        while self.free and self.rebuilds:
+            index, attempt = self.rebuilds.popleft()
+            self.attempts[index] = attempt
+            self.builders.submit(self.free.pop(), index)
+            self.jobs += 1
+        with self.cond:
+            room = self.window - (self.started - self.taken)
+        while not self.exhausted and room > 0 and self.free:
+            self.builders.submit(self.free.pop())
+            self.jobs += 1
+            self.started += 1
+            room -= 1
+        if not self.exhausted and room > 0 and not self.free and self.ex._t_start is None:  # (after start-up)
+            self._slot_wait_since = getattr(self, "_slot_wait_since", None) or t0
+        elif getattr(self, "_slot_wait_since", None):
+            self.breakdown["slot_wait_s"] += t0 - self._slot_wait_since
+            self._slot_wait_since = None
+
+    def _dispatch(self) -> None:
+        while self.ready:
+            room = [w for w in self.ex.workers if w.ready and len(w.tasks) < self.depth]
+            if not room:
+                if self.ex._t_start is None:  # waits for workers still starting are start-up, not waits
+                    self._worker_wait_since = getattr(self, "_worker_wait_since", None) or time.perf_counter()
+                return
+            self._send(min(room, key=lambda w: len(w.tasks)), self.ready.popleft())
+        if getattr(self, "_worker_wait_since", None):
+            self.breakdown["worker_wait_s"] += time.perf_counter() - self._worker_wait_since
+            self._worker_wait_since = None
 
     def _send(self, w: Handle, task: Task) -> None:
         t0 = time.perf_counter()
         if not w.tasks:
             w.head_since = time.monotonic()
         w.tasks.append(task)
+        self.outstanding += 1
         try:
             w.conn.send(task)
         except OSError:
-            pass  # the worker died; its sentinel tells us, and the task is retried from w.tasks
-        self.breakdown["handoff_s"] += time.perf_counter() - t0
+            pass  # the worker died; its sentinel tells us, and the task is sent again from w.tasks
+        self.breakdown["dispatch_s"] += time.perf_counter() - t0
 
-    def _tick(self) -> float:
-        t = self.cfg.faults.batch_timeout_s
-        return min(1.0, t / 4) if t else 1.0
-
-    # -- events --------------------------------------------------------------------------------------
-    def _pump(self, timeout: float, starting: bool = False) -> None:
-        by_conn = {w.conn: w for w in self.workers}
-        by_sentinel = {w.process.sentinel: w for w in self.workers}
-        for obj in wait(list(by_conn) + list(by_sentinel), timeout):
-            if obj in by_conn:
-                w = by_conn[obj]
-                try:
-                    while w.conn.poll():
-                        self._on_message(w, w.conn.recv())
-                except (EOFError, OSError):
-                    pass  # died mid-message; the sentinel follows
-        for w in list(self.workers):
+    def _pump(self, timeout: float) -> None:
+        by_conn = {w.conn: w for w in self.ex.workers}
+        by_sentinel = {w.process.sentinel: w for w in self.ex.workers}
+        ready = wait(list(by_conn) + list(by_sentinel) + [self.wake_r], timeout)
+        if self.wake_r in ready:
+            os.read(self.wake_r, 4096)
+        for obj in ready:
+            w = by_conn.get(obj)
+            if w is None:
+                continue
+            try:
+                while w.conn.poll():
+                    t0 = time.perf_counter()
+                    msg = w.conn.recv()
+                    self.breakdown["receive_s"] += time.perf_counter() - t0
+                    self._on_message(w, msg)
+            except (EOFError, OSError):
+                pass  # died mid-message; the sentinel follows
+        for w in list(self.ex.workers):
             if not w.process.is_alive():
-                self._on_death(w, signal_name(w.process.exitcode) + _likely(w.process.exitcode),
-                               starting)
+                self._on_death(w, self.ex._cause(w))
         self._check_deadlines()
 
     def _on_message(self, w: Handle, msg: tuple) -> None:
         kind = msg[0]
-        if kind == "ready":
-            w.ready, w.pid, w.device = True, msg[1], msg[2]
+        if kind in ("ready", "fatal", "note"):
+            self.ex._on_setup_message(w, msg)
             return
-        if kind == "fatal":
-            raise remote_error(msg[1], f"worker {w.rank} (pid {w.process.pid}) failed to set up kernel "
-                                   f"'{self.spec.name}'")
+        if kind == "copied":  # NOTE [ Slot release ]: the device has its copy
+            task = next((t for t in w.tasks if t.index == msg[1]), None)
+            if task is not None and self.rebuild is not None:
+                self._release(task)
+            return
         task = w.tasks.popleft()
+        self.outstanding -= 1
         w.head_since = time.monotonic()
         assert task.index == msg[1], (task.index, msg[1])
+        self._release(task)
         if kind == "result":
             w.batches += 1
             timings = msg[3]
-            for k in ("h2d_s", "d2h_s", "compute_s"):
-                self.breakdown[k] += timings[k]
-            self.breakdown["handoff_s"] += timings["stage_s"] - timings["h2d_s"]
-            self.breakdown["return_s"] += max(0.0, time.time() - timings["sent"])
-            if timings["h2d_s"]:
-                self.h2d[0] += timings["h2d_s"]
-                self.h2d[1] += timings["h2d_bytes"]
-            self._finish(task)
-            self.on_result(task.index, msg[2], {"pid": w.pid, "device": w.device, **timings})
+            self._account(timings)
+            info = {"pid": w.pid, "device": w.device, **timings, "_done_at": time.perf_counter()}
+            self._deliver(Outcome(task.index, msg[2], info))
+        elif self.cfg.faults.on_error == "skip":
+            self._deliver(Outcome(task.index, None, {"_done_at": time.perf_counter()},
+                                  {"batch": task.index, "cause": msg[2][1], "attempts": task.attempt}))
         else:
-            where = f"batch {task.index} (worker pid {w.pid}, device {w.device})"
-            if self.cfg.faults.on_error == "skip":
-                self._finish(task)
-                self.on_failed({"batch": task.index, "cause": msg[2][1], "attempts": task.attempt})
-            else:
-                raise remote_error(msg[2], where)
+            raise remote_error(msg[2], f"batch {task.index} (worker pid {w.pid}, device {w.device})")
 
-    def _finish(self, task: Task) -> None:
-        self.outstanding.pop(task.index, None)
-        if task.desc is not None:
-            self.ring.release(task.desc.slot)
+    def _account(self, t: dict) -> None:
+        b, c = self.breakdown, self.counts
+        for k in ("stage_s", "h2d_s", "compute_s", "d2h_s", "idle_s"):
+            b[k] += t.get(k, 0.0)
+        b["return_s"] += max(0.0, time.time() - t["sent"])
+        c["batches"] += 1
+        if t.get("h2d_s"):
+            c["h2d_bytes"] += t["h2d_bytes"]
+            c["direct"] += bool(t.get("direct"))
 
-    def _on_death(self, w: Handle, cause: str, starting: bool) -> None:
-        w.process.join()
-        w.conn.close()
-        self.workers.remove(w)
+    def _release(self, task: Task) -> None:
+        if task.desc is not None and not task.released:
+            task.released = True
+            self.free.append(task.desc.slot)
+
+    def _deliver(self, out: Outcome) -> None:
+        with self.cond:
+            self.held[out.index] = out
+            self.cond.notify_all()
+
+    def _on_death(self, w: Handle, cause: str) -> None:
         if not w.ready:
-            hint = ""
-            main = sys.modules.get("__main__")
-            if w.process.exitcode == 1 and getattr(main, "__file__", None) and not getattr(main, "__spec__", None):
-                hint = (f"; its error is printed above. If it says 'bootstrapping phase', "
-                        f"{os.path.basename(main.__file__)} calls pipeline at import time: spawn re-imports "
-                        f"the main script in every worker, so put the call under "
-                        f"`if __name__ == \"__main__\":`")
-            raise WorkerError(f"worker {w.rank} (pid {w.process.pid}) died while starting: {cause}{hint}")
+            self.ex._died_unready(w)
         lost = list(w.tasks)
+        batch = lost[0].index if lost else None
+        self.outstanding -= len(lost)
         if lost:
             head = lost[0]
-            self.todo.extendleft(reversed(lost[1:]))
             head.attempt += 1
             if head.attempt > self.cfg.faults.max_attempts:
-                self._finish(head)
-                self.on_failed({"batch": head.index, "cause": cause, "attempts": head.attempt - 1})
+                self._release(head)
+                lost = lost[1:]
+                self._deliver(Outcome(head.index, None, {"_done_at": time.perf_counter()},
+                                      {"batch": head.index, "cause": cause, "attempts": head.attempt - 1}))
+        for task in reversed(lost):  # the head first, then the rest in their order
+            if task.released:  # its slot went back early: build it again (NOTE [ Slot release ])
+                self.rebuilds.appendleft((task.index, task.attempt))
             else:
-                self.todo.appendleft(head)
-        self.restarts.append({"rank": w.rank, "pid": w.pid, "cause": cause,
-                              "batch": lost[0].index if lost else None})
-        if not starting:
-            self.workers.append(self._spawn(w.rank))
-            self.workers.sort(key=lambda h: h.rank)
+                self.ready.appendleft(task)
+        self.ex._replace(w, cause, batch)
 
     def _check_deadlines(self) -> None:
         limit = self.cfg.faults.batch_timeout_s
         if not limit:
             return
         now = time.monotonic()
-        for w in list(self.workers):
+        for w in list(self.ex.workers):
             if w.tasks and now - w.head_since > limit:
                 w.process.kill()
                 w.process.join()
-                self._on_death(w, f"timeout: batch ran over {limit:g} s (faults.batch_timeout_s)", False)
+                self._on_death(w, f"timeout: batch ran over {limit:g} s (faults.batch_timeout_s)")
 
-    def _figures(self, ring: SlotRing | None) -> dict:
-        return {
-            "slots": ring.count if ring else 0,
-            "slot_bytes": ring.slot_bytes if ring else 0,
-            "pickled_fallbacks": self.pickled,
-            "h2d_gbps": round(self.h2d[1] / self.h2d[0] / 1e9, 2) if self.h2d[0] else None,
-        }
+    # -- after an early end: the next run must start with idle workers -----------------------------
+    def _settle(self, limit: float = 5.0) -> None:
+        deadline = time.monotonic() + limit
+        busy = [w for w in self.ex.workers if w.tasks]
+        while busy and time.monotonic() < deadline:
+            for obj in wait([w.conn for w in busy] + [w.process.sentinel for w in busy], 0.2):
+                w = next((h for h in busy if obj in (h.conn, h.process.sentinel)), None)
+                try:
+                    while w is not None and w.conn.poll():
+                        msg = w.conn.recv()
+                        if msg[0] in ("result", "error"):
+                            w.tasks.popleft()
+                except (EOFError, OSError):
+                    pass
+            busy = [w for w in busy if w.tasks and w.process.is_alive()]
+        for w in list(self.ex.workers):
+            if w.tasks or not w.process.is_alive():
+                if w.process.is_alive():
+                    w.process.kill()
+                head = w.tasks[0].index if w.tasks else None
+                self.ex._replace(w, "stopped: still busy when its run ended early", head)
+
+
+def _cuda(cfg: Config) -> bool:
+    d = cfg.workers.device
+    return d.startswith("cuda") or (d == "auto" and devices.gpu_count() > 0)
 
 
 @contextmanager
-def _born_ignoring_sigint():
-    """Start children with SIGINT ignored (kept across exec), so that a Ctrl-C while a worker is still
-    importing torch doesn't print its traceback: the main alone handles Ctrl-C (NOTE [ Shutdown ])."""
-    import threading
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+def _sigint_blocked():
+    """Start children with SIGINT blocked (the mask survives fork and exec), so that a Ctrl-C while a worker
+    is still importing torch doesn't print its traceback: the main alone handles Ctrl-C (NOTE [ Shutdown ]
+    in worker.py); the worker ignores SIGINT, then unblocks it. Works from any thread."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @contextmanager

@@ -8,10 +8,10 @@ can't send it back and the parent must outlive it), a fork child dies and the po
 no CUDA IPC at all (DESIGN.md, "Measured facts").
 
 NOTE [ Slot ring ]
-One shared-memory file of ``count`` slots, allocated once per run and reused for every batch. The main
-writes a batch straight into a free slot and sends a small descriptor; the worker views the slot without
-copying. A slot belongs to its batch until the batch's result (or final failure) comes back, so a batch
-whose worker died is retried from the same slot. The file lives in /dev/shm under a name that carries
+One shared-memory file of ``count`` slots, allocated once and reused for every batch (and every run on
+the same workers). Build threads write a batch straight into a free slot and the main sends a small
+descriptor; the worker views the slot without copying. Which slots are free is the run's business
+(executor.py, NOTE [ Slot release ]). The file lives in /dev/shm under a name that carries
 the main's pid (``pipeline-<pid>-<token>``): it is unlinked when the run ends by any path; workers unlink
 it when they notice that the main died (SIGKILL); and ``remove_stale`` clears files of dead mains.
 We use a plain file rather than ``multiprocessing.shared_memory`` because on Python 3.11/3.12 attaching
@@ -108,22 +108,9 @@ class SlotRing:
             raise
         finally:
             os.close(fd)
-        self.reset()
-
-    def take(self, shape: tuple, dtype: np.dtype) -> tuple[int, np.ndarray]:
-        """A free slot and a writable view of it: the source writes the batch there (one pass)."""
-        slot = self.free.pop()
-        return slot, self.view(slot, shape, dtype)
-
-    def reset(self) -> None:
-        """Every slot free again (a new run on the same ring)."""
-        self.free = list(range(self.count - 1, -1, -1))
 
     def describe(self, slot: int, view: np.ndarray) -> Descriptor:
         return Descriptor(slot, tuple(view.shape), view.dtype.str, view.strides)
-
-    def release(self, slot: int) -> None:
-        self.free.append(slot)
 
     def view(self, slot: int, shape: tuple, dtype) -> np.ndarray:
         return slot_view(self._mm, self.slot_bytes, slot, shape, dtype)
@@ -149,12 +136,16 @@ def slot_view(buf, slot_bytes: int, slot: int, shape: tuple, dtype) -> np.ndarra
 
 
 class SlotReader:
-    """The worker's side of the ring: maps the file once, views slots without copying."""
+    """The worker's side of the ring: maps the file once, views slots without copying.
 
-    def __init__(self, name: str, slot_bytes: int):
-        self.name = name
-        self.path = os.path.join(SHM_DIR, name)
+    On CUDA it also registers the mapping with the driver (``cudaHostRegister``: pinned in place), so that
+    host-to-device copies run straight from the slot at full bandwidth, with no staging memcpy.
+    """
+
+    def __init__(self, path: str, slot_bytes: int):
+        self.path = path
         self.slot_bytes = slot_bytes
+        self.registered = False
         fd = os.open(self.path, os.O_RDWR)
         try:
             self._mm = mmap.mmap(fd, 0)
@@ -164,10 +155,45 @@ class SlotReader:
     def view(self, d: Descriptor) -> np.ndarray:
         return slot_view(self._mm, self.slot_bytes, d.slot, d.shape, d.dtype)
 
-    def unlink(self) -> None:
+    def _address(self) -> int:
+        return np.frombuffer(self._mm, dtype=np.uint8).ctypes.data
+
+    def register(self) -> str | None:
+        """Pin the mapping for DMA; None when it worked, else why not (the caller falls back to staging)."""
+        import torch
         try:
-            os.unlink(self.path)
-        except FileNotFoundError:
+            rc = torch.cuda.cudart().cudaHostRegister(self._address(), len(self._mm), 0)
+        except Exception as e:  # noqa: BLE001 - no cudart binding, or it refused the call
+            return f"{type(e).__name__}: {e}"
+        rc = int(getattr(rc, "value", rc))
+        if rc != 0:
+            return f"cudaHostRegister returned error {rc}"
+        self.registered = True
+        return None
+
+    def close(self) -> None:
+        """Unregister (before unmapping: the driver must not keep pinning pages that are gone), unmap."""
+        if self.registered:
+            import torch
+            torch.cuda.synchronize()
+            torch.cuda.cudart().cudaHostUnregister(self._address())
+            self.registered = False
+        try:
+            self._mm.close()
+        except BufferError:  # a view is still alive; the mapping goes with the process
+            pass
+
+
+def remove_rings_of(pid: int) -> None:
+    """Unlink every ring file of main ``pid`` (a worker whose main died: mapped by it or not yet)."""
+    try:
+        names = [n for n in os.listdir(SHM_DIR) if n.startswith(f"{PREFIX}{pid}-")]
+    except OSError:
+        return
+    for name in names:
+        try:
+            os.unlink(os.path.join(SHM_DIR, name))
+        except OSError:
             pass
 
 

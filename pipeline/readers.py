@@ -19,15 +19,15 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import threading
 import zipfile
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 
 from .config import SourceConfig
 from .errors import ConfigError
-from .sources import Batch
+from .sources import Batch, Indexed
 
 NUMERIC = "biufc"  # bool, signed, unsigned, float, complex
 
@@ -113,7 +113,7 @@ def _stat_id(path: str) -> dict:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-class _Slices:
+class _Slices(Indexed):
     """Batches that are consecutive ``rows``-high slices along axis 0 of one array."""
 
     def __init__(self, head: Header, rows: int):
@@ -125,33 +125,27 @@ class _Slices:
         self.row_bytes = math.prod(head.shape[1:]) * head.dtype.itemsize
         self.max_nbytes = self.rows * self.row_bytes
         self._arr = None
+        self._lock = threading.Lock()
 
     def load(self) -> np.ndarray:
         raise NotImplementedError
 
-    def __len__(self) -> int:
-        return self.n
-
     def __getstate__(self):  # picklable (bench's DataLoader mode): the array is reopened on demand
-        return {**self.__dict__, "_arr": None}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_arr", "_lock")}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _arr=None, _lock=threading.Lock())
 
     def _part(self, index: int) -> np.ndarray:
-        if self._arr is None:
-            self._arr = self.load()
-        return self._arr[index * self.rows:(index + 1) * self.rows]
+        with self._lock:  # build threads share one map (or one loaded .npz array)
+            if self._arr is None:
+                self._arr = self.load()
+            return self._arr[index * self.rows:(index + 1) * self.rows]
 
-    def get(self, index: int) -> np.ndarray:
-        """Batch ``index`` as a new native-order, C-contiguous array."""
+    def batch(self, index: int) -> Batch:
+        """Batch ``index``: a slice of the map; its ``fill`` copies it (native order) into a slot."""
         part = self._part(index)
-        out = np.empty(part.shape, self.dtype)
-        np.copyto(out, part)
-        return out
-
-    def __iter__(self) -> Iterator[Batch]:
-        for i in range(self.n):
-            part = self._part(i)
-            yield Batch(i, part.shape, self.dtype, lambda out, p=part: np.copyto(out, p), part.nbytes)
-        self._arr = None  # drop the map (or the loaded .npz array) once every batch was handed out
+        return Batch(index, part.shape, self.dtype, lambda out: np.copyto(out, part), part.nbytes)
 
 
 class NpyFile(_Slices):
@@ -206,7 +200,7 @@ class NpzArray(_Slices):
         return self._id
 
 
-class NpyDir:
+class NpyDir(Indexed):
     """Every ``*.npy`` file of a directory, sorted by name, one batch each (shapes may differ)."""
 
     def __init__(self, path: str):
@@ -220,6 +214,7 @@ class NpyDir:
         if not names:
             raise _bad(path, "the directory has no .npy files")
         self.files = [os.path.join(path, n) for n in names]
+        self.n = len(self.files)
         self.heads = [_npy_header(f) for f in self.files]
         self.max_nbytes = max(math.prod(h.shape) * h.dtype.itemsize for h in self.heads)
         digest = hashlib.sha256()
@@ -229,22 +224,11 @@ class NpyDir:
         self._id = {"kind": "npy dir", "path": os.path.abspath(path), "files": len(self.files),
                     "stat_sha256": digest.hexdigest()}
 
-    def __len__(self) -> int:
-        return len(self.files)
-
     def identity(self) -> dict:
         return self._id
 
-    def _fill(self, index: int) -> Callable[[np.ndarray], None]:
-        return lambda out: np.copyto(out, np.load(self.files[index], mmap_mode="r", allow_pickle=False))
-
-    def get(self, index: int) -> np.ndarray:
-        h = self.heads[index]
-        out = np.empty(h.shape, h.dtype.newbyteorder("="))
-        self._fill(index)(out)
-        return out
-
-    def __iter__(self) -> Iterator[Batch]:
-        for i, h in enumerate(self.heads):
-            yield Batch(i, h.shape, h.dtype.newbyteorder("="), self._fill(i),
-                        math.prod(h.shape) * h.dtype.itemsize)
+    def batch(self, index: int) -> Batch:
+        h, path = self.heads[index], self.files[index]
+        return Batch(index, h.shape, h.dtype.newbyteorder("="),
+                     lambda out: np.copyto(out, np.load(path, mmap_mode="r", allow_pickle=False)),
+                     math.prod(h.shape) * h.dtype.itemsize)

@@ -1,4 +1,10 @@
-"""``run``: config + source + kernel -> ordered results and a summary, on the chosen backend."""
+"""``run``, ``imap`` and ``Pipeline``: config + source + kernel -> a stream of results, a summary.
+
+``Pipeline`` holds the workers (local processes or Ray actors) with the kernel set up, for as many
+``run``/``imap`` calls as wanted; ``pipeline.run`` and ``pipeline.imap`` are one-shot pipelines. Results
+stream: ``imap`` yields them, ``run`` folds them into a checksum, a progress bar, an output directory and
+(unless told not to) a list, so memory holds only the batches in flight (executor.py, NOTE [ Supervisor ]).
+"""
 from __future__ import annotations
 
 import hashlib
@@ -6,7 +12,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -16,78 +22,54 @@ from .config import Config, load_config
 from .errors import ConfigError
 from .handoff import to_host
 from .sinks import open_output
-from .sources import length, make_source
-from .worker import Computer
+from .sources import FromIterable, Indexed, Synthetic, Work, length
 
 # CLI names accepted as ``run(**overrides)`` and on the command line, and the config keys they set.
 OVERRIDES = {
     "workers": "workers.count", "batches": "source.batches", "rows": "source.rows",
     "cols": "source.cols", "dtype": "source.dtype", "seed": "source.seed", "kernel": "kernel.name",
     "device": "workers.device", "start_method": "workers.start_method",
-    "threads_per_worker": "workers.threads", "progress": "run.progress", "in_flight": "handoff.in_flight",
-    "slot_mb": "handoff.slot_mb", "pinned": "handoff.pinned", "max_attempts": "faults.max_attempts",
-    "batch_timeout_s": "faults.batch_timeout_s", "on_error": "faults.on_error",
-    "input": "source.path", "input_key": "source.key", "output": "run.output",
+    "threads_per_worker": "workers.threads", "build_threads": "workers.build_threads", "progress": "run.progress",
+    "in_flight": "handoff.in_flight", "slot_mb": "handoff.slot_mb", "pinned": "handoff.pinned",
+    "max_attempts": "faults.max_attempts", "batch_timeout_s": "faults.batch_timeout_s",
+    "on_error": "faults.on_error", "input": "source.path", "input_key": "source.key", "output": "run.output",
     "overwrite": "run.overwrite", "backend": "run.backend", "ray_address": "run.ray_address",
 }
+# What the workers were started with: a call on a running Pipeline can't change it.
+FIXED = ("kernel.", "workers.count", "workers.device", "workers.start_method", "workers.threads",
+         "handoff.pinned", "run.backend", "run.ray_address")
 
 
 @dataclass
 class RunResult:
     summary: dict
-    results: list = field(default_factory=list)  # numpy arrays in batch order (None for failed batches)
+    results: list = field(default_factory=list)  # in batch order (None for failed batches); [] if not kept
 
 
-class Collector:
-    """Results in batch order, the checksum, per-worker counts, failures; the output directory if any.
-
-    With a sink (``--output``), batches it already holds are loaded back and skipped: ``counted`` drops
-    them before they reach a worker, and every new result is written to it as it arrives.
-    """
-
-    def __init__(self, total: int | None, progress: bool, sink=None):
-        self.results: dict[int, np.ndarray] = dict(sink.restored) if sink else {}
-        self.skipped = len(self.results)
-        self.sink = sink
-        self.failed: list[dict] = []
-        self.bytes_in = 0
-        self.bar = tqdm(total=total, unit="batch", file=sys.stderr, dynamic_ncols=True,
-                        disable=not progress or not sys.stderr.isatty(), initial=self.skipped)
-
-    def counted(self, batches):
-        done = set(self.results)
-        for b in batches:
-            if b.index in done:
-                continue  # already in the output directory (resumed)
-            self.bytes_in += b.nbytes
-            yield b
-
-    def result(self, index: int, arr: np.ndarray, info: dict) -> None:
-        if self.sink is not None:
-            self.sink.write(index, arr, info)
-        self.results[index] = arr
-        self.bar.update(1)
-
-    def fail(self, record: dict) -> None:
-        self.failed.append(record)
-        self.bar.update(1)
-
-    def ordered(self) -> list:
-        n = max(list(self.results) + [f["batch"] for f in self.failed], default=-1) + 1
-        return [self.results.get(i) for i in range(n)]
+@dataclass
+class Outcome:
+    """One batch's end (the executors' own class has the same fields)."""
+    index: int
+    result: Any
+    info: dict
+    failure: dict | None = None
 
 
 def checksum(results: Iterable[np.ndarray | None]) -> str:
     """sha256 over every result's dtype, shape and bytes, in batch order (a failed batch: its index)."""
     h = hashlib.sha256()
     for i, r in enumerate(results):
-        if r is None:
-            h.update(f"failed:{i};".encode())
-            continue
-        r = np.ascontiguousarray(r)
-        h.update(f"{r.dtype.str}{r.shape};".encode())
-        h.update(r.tobytes())
+        checksum_update(h, i, r)
     return h.hexdigest()
+
+
+def checksum_update(h, index: int, r) -> None:
+    if r is None:
+        h.update(f"failed:{index};".encode())
+        return
+    r = np.ascontiguousarray(r)
+    h.update(f"{r.dtype.str}{r.shape};".encode())
+    h.update(r.tobytes())
 
 
 def resolve(config: Config | str | os.PathLike | None, overrides: dict[str, Any]) -> Config:
@@ -96,7 +78,6 @@ def resolve(config: Config | str | os.PathLike | None, overrides: dict[str, Any]
     for name, value in overrides.items():
         key = OVERRIDES.get(name, name if "." in name else None)
         if key is None:
-            from .errors import ConfigError
             raise ConfigError(f"unknown setting '{name}' (known: {', '.join(OVERRIDES)}, "
                               f"or a dotted key such as source.rows)")
         dotted[key], origins[key] = value, f"--{name.replace('_', '-')}" if name in OVERRIDES else f"--set {key}"
@@ -109,61 +90,18 @@ def resolve(config: Config | str | os.PathLike | None, overrides: dict[str, Any]
     return cfg
 
 
-def run(config: Config | str | os.PathLike | None = None, *, source: Iterable | None = None,
-        kernel: str | Callable | None = None, **overrides) -> RunResult:
-    """Run the pipeline. ``source``: your own arrays (numpy or CPU tensors) in batch order; ``kernel``:
-    a built-in name, ``package.module:name`` or a callable; ``overrides``: CLI names (``workers=2``)."""
-    if isinstance(kernel, str):
-        overrides["kernel"] = kernel
-    cfg = resolve(config, overrides)
-    note = devices.check(cfg.workers.device)
-    params = to_host(dict(cfg.kernel.params), "kernel param")
-    spec = kernels.spec_for(kernel if callable(kernel) else cfg.kernel.name, params)
-    if source is not None and cfg.source.path:
-        raise ConfigError(f"give either source= (your arrays) or input= (a file), not both "
-                          f"(input = {cfg.source.path!r})")
-    src = make_source(cfg.source, source)
-    total = length(src)
-    sink = open_output(cfg.run, src, spec) if cfg.run.output else None  # checked before workers start
-    col = Collector(total, cfg.run.progress, sink)
-    max_nbytes = getattr(src, "max_nbytes", None)
-    src = col.counted(src)
-    t0 = time.perf_counter()
-    info = {"startup_s": 0.0, "restarts": [], "handoff": None, "breakdown": None, "workers": []}
-    try:
-        if sink is not None and col.skipped == total:
-            pass  # resumed with every batch already in the output directory: no worker to start
-        elif cfg.workers.count == 0:
-            run_serial(cfg, spec, src, col, info)
-        else:
-            ex, ok = make_executor(cfg, spec, max_nbytes), False
-            try:
-                ex.start()
-                info["startup_s"] = ex.startup_s
-                info["handoff"] = ex.map(src, col.result, col.fail)
-                ok = True
-            finally:
-                ex.close(graceful=ok)
-                info.update(restarts=ex.restarts, breakdown=ex.breakdown or None, workers=ex.worker_info())
-        results = col.ordered()
-        summary = summarize(cfg, spec, results, col, time.perf_counter() - t0, info, note)
-        if sink is not None:
-            sink.finish(summary)  # DIR/summary.json: the run finished
-    except Exception as e:  # the summary so far travels with the error (``--json`` prints it)
-        e.summary = summarize(cfg, spec, col.ordered(), col, time.perf_counter() - t0, info, note,
-                              error=f"{type(e).__name__}: {e}")
-        raise
-    finally:
-        col.bar.close()
-        if sink is not None:
-            sink.close()  # releases the output directory (a no-op after finish)
-    return RunResult(summary, results)
+def make_source(cfg, items: Iterable | None = None):
+    """The batches of ``cfg`` (a SourceConfig): the caller's iterable, synthetic, or files on disk."""
+    if items is not None:
+        return FromIterable(items)
+    if cfg.kind == "synthetic":
+        return Synthetic(cfg)
+    from .readers import open_source
+    return open_source(cfg)
 
 
-def make_executor(cfg: Config, spec, max_nbytes: int | None = None):
-    """The backend's executor. Slots are sized for the largest batch when the source knows it."""
-    if max_nbytes and not cfg.handoff.slot_mb:
-        cfg = cfg.replace(**{"handoff.slot_mb": max_nbytes / 2**20})
+def make_executor(cfg: Config, spec):
+    """The backend's executor (not started)."""
     if cfg.run.backend == "ray":
         from .ray_backend import RayExecutor
         return RayExecutor(cfg, spec)
@@ -171,52 +109,357 @@ def make_executor(cfg: Config, spec, max_nbytes: int | None = None):
     return LocalExecutor(cfg, spec)
 
 
-def run_serial(cfg: Config, spec, src, col: Collector, info: dict) -> None:
-    """``--workers 0``: the same kernel code in this process, under the same thread cap."""
-    device = devices.choose(cfg.workers.device, 0)
-    me = {"rank": 0, "pid": os.getpid(), "device": str(device), "batches": 0}
-    info["workers"] = [me]
-    with devices.torch_threads(cfg.threads_per_worker()):
-        computer = Computer(spec, device, cfg.handoff.pinned)
-        for batch in src:
-            out, timings = computer(batch.array(), batch.index)
-            col.result(batch.index, out, {"pid": me["pid"], "device": me["device"], **timings})
-            me["batches"] += 1
+class Pipeline:
+    """Workers with the kernel set up, kept for as many runs as wanted::
+
+        with pipeline.Pipeline("configs/cpu-ci.toml", kernel="matmul", workers=4) as p:
+            p.run(batches=16).summary["checksum"]
+            for i, r in p.imap(source=my_arrays):
+                ...
+
+    The workers start when the Pipeline is made (their start-up overlaps whatever you do next) and stop
+    at ``close()`` (or the end of the ``with`` block). Each call may change the source, the output, the
+    fault settings and the slots; the kernel, its params, the device and the number of workers are those
+    the workers were started with (a call that asks for others is refused with a ConfigError: make
+    another Pipeline).
+    """
+
+    def __init__(self, config: Config | str | os.PathLike | None = None, *, kernel: str | Callable | None = None,
+                 **overrides):
+        self._open(config, kernel, overrides)
+        if self.cfg.workers.count:
+            self._executor().start()
+
+    def _open(self, config, kernel, overrides) -> None:
+        if isinstance(kernel, str):
+            overrides["kernel"] = kernel
+        self.cfg = resolve(config, overrides)
+        self.note = devices.check(self.cfg.workers.device)
+        params = to_host(dict(self.cfg.kernel.params), "kernel param")
+        self.spec = kernels.spec_for(kernel if callable(kernel) else self.cfg.kernel.name, params)
+        self.executor = None
+        self.serial = None  # the kernel in this process, for workers = 0
+        self.closed = False
+        self._one_shot = False  # run()/imap(): the workers go with the run, nothing to settle after it
+
+    @classmethod
+    def _lazy(cls, config, kernel, overrides) -> "Pipeline":
+        """A one-shot pipeline whose workers start with its first batch (none if nothing is left to do)."""
+        p = cls.__new__(cls)
+        p._open(config, kernel, overrides)
+        return p
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close(graceful=exc[0] is None)
+
+    def close(self, graceful: bool = True) -> None:
+        """Stop the workers and remove the shared memory; safe to call twice."""
+        self.closed = True
+        if self.executor is not None:
+            ex, self.executor = self.executor, None
+            ex.close(graceful=graceful)
+
+    def _executor(self):
+        if self.closed:
+            raise ConfigError("this Pipeline is closed; make a new one")
+        if self.executor is None:
+            self.executor = make_executor(self.cfg, self.spec)
+        return self.executor
+
+    def _call_config(self, overrides: dict) -> Config:
+        cfg = resolve(self.cfg, overrides) if overrides else self.cfg
+        old, new = _flat(self.cfg.to_dict()), _flat(cfg.to_dict())
+        for key in sorted(set(old) | set(new)):
+            if key.startswith(FIXED) and old.get(key) != new.get(key):
+                raise ConfigError(f"{key} = {new.get(key)!r}: this Pipeline's workers run with "
+                                  f"{old.get(key)!r}; make a new Pipeline for a different kernel, device or "
+                                  f"worker count")
+        return cfg
+
+    # -- the stream ----------------------------------------------------------------------------------
+    def imap(self, source: Iterable | None = None, *, ordered: bool = True, **overrides) -> "Stream":
+        """``(index, result)`` for every batch, in batch order (``ordered``) or as they complete. A batch that
+        failed (``on_error = "skip"``, or quarantined) comes as ``(index, None)``; ``stream.failed`` says
+        why. Memory stays bounded whatever the consumer does: a slow one slows the workers."""
+        cfg = self._call_config(overrides)
+        if cfg.run.output:
+            raise ConfigError("imap yields the results to you; write them with run(output=...) instead")
+        src = self._source(cfg, source)
+        tally = Tally(cfg, length(src), progress=False)
+        return Stream(self._outcomes(cfg, src, [], ordered, tally), tally, self)
+
+    def run(self, source: Iterable | None = None, *, keep_results: bool = True, **overrides) -> RunResult:
+        """Every batch through the workers: a summary (checksum, throughput, failures) and the results in
+        batch order (``keep_results=False`` keeps none: for jobs bigger than memory, with ``output=``)."""
+        cfg = self._call_config(overrides)
+        src = self._source(cfg, source)
+        sink = open_output(cfg.run, src, self.spec) if cfg.run.output else None  # before workers start
+        done = sorted(sink.restored) if sink else []
+        tally = Tally(cfg, length(src), cfg.run.progress, keep_results, sink, skipped=len(done))
+        outcomes = self._outcomes(cfg, src, done, True, tally)
+        try:
+            for out in _merged(outcomes, done, sink):
+                tally.add(out)
+            summary = self._summarize(cfg, tally)
+            if sink is not None:
+                sink.finish(summary)  # DIR/summary.json: the run finished
+        except BaseException as e:  # the summary so far travels with the error (``--json`` prints it)
+            outcomes.close()
+            if isinstance(e, Exception):
+                e.summary = self._summarize(cfg, tally, error=f"{type(e).__name__}: {e}")
+            raise
+        finally:
+            tally.close()
+            if sink is not None:
+                sink.close()  # releases the output directory (a no-op after finish)
+        return RunResult(summary, tally.results)
+
+    def _source(self, cfg: Config, source):
+        if source is not None and cfg.source.path:
+            raise ConfigError(f"give either source= (your arrays) or input= (a file), not both "
+                              f"(input = {cfg.source.path!r})")
+        return make_source(cfg.source, source)
+
+    def _outcomes(self, cfg: Config, src, done: list[int], ordered: bool, tally: "Tally") -> Iterator:
+        """Every batch of ``src`` not in ``done``, computed; ``tally`` times the run and counts bytes in."""
+        skip = set(done)
+        total = length(src)
+        if total is not None and len(skip) >= total:
+            return  # resumed with every batch already in the output directory: no worker to start
+
+        def batches():
+            for b in src:
+                if b.index not in skip:
+                    tally.bytes_in += b.nbytes
+                    yield b
+        tally.begin()
+        if cfg.workers.count == 0:
+            yield from self._serial(cfg, batches(), tally)
+            return
+        tally.fresh = self.executor is None or not self.executor.started
+        tally.executor = ex = self._executor()
+        work = Work(batches(), src.batch if isinstance(src, Indexed) else None, getattr(src, "max_nbytes", None))
+        yield from ex.stream(work, ordered, settle=not self._one_shot)
+
+    def _serial(self, cfg: Config, batches: Iterator, tally: "Tally") -> Iterator[Outcome]:
+        """``workers = 0``: the same kernel code in this process, under the same thread cap."""
+        from .executor import remote_error
+        from .worker import Computer, pack_error
+        device = devices.choose(cfg.workers.device, 0)
+        me = {"rank": 0, "pid": os.getpid(), "device": str(device)}
+        tally.workers = [me]
+        with devices.torch_threads(cfg.threads_per_worker()):
+            if self.serial is None:
+                self.serial = Computer(self.spec, device, cfg.handoff.pinned)
+            for b in batches:
+                try:
+                    out, timings = self.serial(b.array(), b.index)
+                except Exception as e:  # noqa: BLE001 - as in a worker: on_error decides
+                    packed = pack_error(e)
+                    if cfg.faults.on_error == "skip":
+                        yield Outcome(b.index, None, {}, {"batch": b.index, "cause": packed[1], "attempts": 1})
+                        continue
+                    raise remote_error(packed, f"batch {b.index} (main process, device {device})") from None
+                yield Outcome(b.index, out, {"pid": me["pid"], "device": me["device"], **timings})
+
+    def _summarize(self, cfg: Config, tally: "Tally", error: str | None = None) -> dict:
+        note = self.note
+        ex = tally.executor
+        notes = ([note] if note else []) + (list(getattr(ex, "notes", [])) if ex else [])
+        return tally.summary(self.spec, notes, error)
 
 
-def summarize(cfg: Config, spec, results: list, col: Collector, wall: float, info: dict,
-              note: str | None, error: str | None = None) -> dict:
-    done = [r for r in results if r is not None]
-    n = len(results)
-    ran = n - col.skipped  # batches this run handled (the rest were loaded back from --output)
-    bytes_in = col.bytes_in
-    device_set = sorted({w["device"] for w in info["workers"]})
-    breakdown = info["breakdown"]
-    if breakdown and len(done) > col.skipped:
-        per = len(done) - col.skipped
-        breakdown = {k.replace("_s", "_ms"): round(v / per * 1000, 3) for k, v in breakdown.items()}
-    return {
-        "batches": n,
-        "completed": len(done),
-        "bytes_in": bytes_in,
-        "wall_s": round(wall, 4),
-        "startup_s": round(info["startup_s"], 4),
-        "skipped": col.skipped,
-        "batches_per_s": round(ran / wall, 3) if wall else None,
-        "steady_batches_per_s": round(ran / (wall - info["startup_s"]), 3) if wall > info["startup_s"] else None,
-        "mb_per_s": round(bytes_in / wall / 1e6, 3) if wall and bytes_in else None,
-        "checksum": checksum(results),
-        "main_pid": os.getpid(),
-        "device": ",".join(device_set),
-        "kernel": spec.name,
-        "threads_per_worker": cfg.threads_per_worker(),
-        "workers": info["workers"],
-        "restarts": info["restarts"],
-        "failed": col.failed,
-        "handoff": info["handoff"],
-        "breakdown_ms_per_batch": breakdown,
-        "notes": [note] if note else [],
-        "error": error,
-        "output": col.sink.path if col.sink else None,
-        "config": cfg.to_dict(),
-    }
+class Stream:
+    """What ``imap`` returns: an iterator of ``(index, result)``; ``close()`` (or leaving a ``with`` block,
+    or breaking out of a for loop and dropping it) stops the run. ``summary`` is set once it is exhausted."""
+
+    def __init__(self, outcomes: Iterator, tally: "Tally", pipeline: Pipeline):
+        self._outcomes, self._tally, self._pipeline = outcomes, tally, pipeline
+        self.failed = tally.failed
+        self.summary: dict | None = None
+        self._done = False
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> tuple[int, Any]:
+        if self._done:
+            raise StopIteration
+        try:
+            out = next(self._outcomes)
+        except StopIteration:
+            self.summary = self._pipeline._summarize(self._tally.cfg, self._tally)
+            self.close()
+            raise
+        except BaseException:
+            self.close(graceful=False)
+            raise
+        self._tally.add(out)
+        return out.index, out.result
+
+    def close(self, graceful: bool = True) -> None:
+        """Stop the run; a one-shot ``pipeline.imap`` also stops its workers and removes the shared memory."""
+        if self._done:
+            return
+        self._done = True
+        self._outcomes.close()
+        self._tally.close()
+        if self._pipeline._one_shot:
+            self._pipeline.close(graceful)
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close(graceful=exc[0] is None)
+
+    def __del__(self):
+        try:
+            self.close(graceful=False)
+        except Exception:  # noqa: BLE001 - at interpreter exit, modules may be half torn down
+            pass
+
+
+class Tally:
+    """A run's results folded as they arrive, in batch order: checksum, counts, failures, bar, output dir."""
+
+    def __init__(self, cfg: Config, total: int | None, progress: bool, keep: bool = False, sink=None,
+                 skipped: int = 0):
+        self.cfg, self.keep, self.sink, self.skipped = cfg, keep, sink, skipped
+        self.results: list = []
+        self.failed: list[dict] = []
+        self.sha = hashlib.sha256()
+        self.n = self.completed = self.bytes_in = 0
+        self.per_pid: dict[int, int] = {}
+        self.workers: list[dict] = []
+        self.executor = None
+        self.fresh = False  # the workers started with this run: their start-up is part of it
+        self.t0 = time.perf_counter()
+        self.bar = tqdm(total=total, unit="batch", file=sys.stderr, dynamic_ncols=True,
+                        disable=not progress or not sys.stderr.isatty(), initial=skipped)
+
+    def begin(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def add(self, out) -> None:
+        """One batch's outcome (in batch order when the checksum is to mean anything)."""
+        if out.failure is not None:
+            self.failed.append(out.failure)
+        else:
+            self.completed += 1
+            pid = out.info.get("pid")
+            if pid is not None:
+                self.per_pid[pid] = self.per_pid.get(pid, 0) + 1
+            if self.sink is not None and not out.info.get("restored"):
+                self.sink.write(out.index, out.result, out.info)
+        checksum_update(self.sha, out.index, out.result)
+        self.n = max(self.n, out.index + 1)
+        if self.keep:
+            self.results.extend([None] * (out.index + 1 - len(self.results)))
+            self.results[out.index] = out.result
+        if not out.info.get("restored"):
+            self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def summary(self, spec, notes: list[str], error: str | None) -> dict:
+        cfg, ex = self.cfg, self.executor
+        wall = time.perf_counter() - self.t0
+        ran = self.n - self.skipped  # batches this run handled (the rest were loaded back from --output)
+        workers = [dict(w, batches=self.per_pid.get(w["pid"], 0))
+                   for w in (ex.worker_info() if ex is not None else self.workers)]
+        breakdown = getattr(ex, "breakdown", None) if ex else None
+        done = self.completed - self.skipped
+        if breakdown and done > 0:
+            breakdown = {k.replace("_s", "_ms"): round(v / done * 1000, 3) for k, v in breakdown.items()}
+        startup = ex.startup_s if ex is not None and self.fresh else 0.0
+        return {
+            "batches": self.n,
+            "completed": self.completed,
+            "bytes_in": self.bytes_in,
+            "wall_s": round(wall, 4),
+            "startup_s": round(startup, 4),
+            "skipped": self.skipped,
+            "batches_per_s": round(ran / wall, 3) if wall else None,
+            "steady_batches_per_s": round(ran / (wall - startup), 3) if wall > startup else None,
+            "mb_per_s": round(self.bytes_in / wall / 1e6, 3) if wall and self.bytes_in else None,
+            "checksum": self.sha.hexdigest(),
+            "main_pid": os.getpid(),
+            "device": ",".join(sorted({w["device"] for w in workers if w.get("device")})),
+            "kernel": spec.name,
+            "threads_per_worker": cfg.threads_per_worker(),
+            "workers": workers,
+            "restarts": list(getattr(ex, "restarts", [])) if ex else [],
+            "failed": self.failed,
+            "handoff": getattr(ex, "figures", None) or None if ex else None,
+            "breakdown_ms_per_batch": breakdown or None,
+            "notes": notes,
+            "error": error,
+            "output": self.sink.path if self.sink else None,
+            "config": cfg.to_dict(),
+        }
+
+
+def _merged(outcomes: Iterator, done: list[int], sink) -> Iterator:
+    """The run's outcomes in batch order, with the batches already in the output directory read back from
+    it one at a time, where they belong (NOTE [ Resume ] in sinks.py)."""
+    d = 0
+    for out in outcomes:
+        while d < len(done) and done[d] < out.index:
+            yield Outcome(done[d], sink.load(done[d]), {"restored": True})
+            d += 1
+        yield out
+    for i in done[d:]:
+        yield Outcome(i, sink.load(i), {"restored": True})
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and not (prefix == "kernel." and k == "params" and not v):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def run(config: Config | str | os.PathLike | None = None, *, source: Iterable | None = None,
+        kernel: str | Callable | None = None, keep_results: bool = True, **overrides) -> RunResult:
+    """Run the pipeline once. ``source``: your own arrays (numpy or CPU tensors) in batch order; ``kernel``:
+    a built-in name, ``package.module:name`` or a callable; ``overrides``: CLI names (``workers=2``).
+    ``keep_results=False``: the summary only (results streamed to ``output=`` or dropped)."""
+    p = Pipeline._lazy(config, kernel, overrides)
+    p._one_shot = True
+    ok = False
+    try:
+        r = p.run(source, keep_results=keep_results)
+        ok = True
+        return r
+    finally:
+        p.close(graceful=ok)
+
+
+def imap(config: Config | str | os.PathLike | None = None, *, source: Iterable | None = None,
+         kernel: str | Callable | None = None, ordered: bool = True, **overrides) -> Stream:
+    """``(index, result)`` for every batch, streamed (see ``Pipeline.imap``); the workers stop when the
+    stream is exhausted or closed::
+
+        for i, r in pipeline.imap(kernel="fft", workers=2, batches=1000):
+            ...
+    """
+    p = Pipeline._lazy(config, kernel, overrides)
+    p._one_shot = True
+    try:
+        cfg = p._call_config({})
+        if cfg.run.output:
+            raise ConfigError("imap yields the results to you; write them with run(output=...) instead")
+        src = p._source(cfg, source)
+        tally = Tally(cfg, length(src), progress=False)
+        return Stream(p._outcomes(cfg, src, [], ordered, tally), tally, p)
+    except BaseException:
+        p.close(graceful=False)
+        raise

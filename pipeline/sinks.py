@@ -229,6 +229,10 @@ class OutputDir:
             _remove(tmp)
             raise _error(f"cannot write {final}", e) from None
 
+    def load(self, index: int) -> np.ndarray:
+        """A verified batch's result, read back."""
+        return self.restored[index]
+
     # -- per batch -------------------------------------------------------------------------------------
     def write(self, index: int, arr: np.ndarray, info: dict) -> None:
         """``DIR/batch-<index>.npy`` atomically, then its manifest line (both fsynced)."""

@@ -2,7 +2,14 @@
 
 A source yields ``Batch`` records: the index, shape and dtype, and ``fill(out)``, which writes the batch
 into an array the caller provides (a shared-memory slot, usually), so the main process spends one pass
-over the memory per batch and allocates nothing.
+over the memory per batch and allocates nothing. Making the record is cheap; ``fill`` is the work, and
+build threads run it in parallel (NOTE [ Builders ] in builders.py).
+
+A source that can build batch ``i`` on its own has ``batch(i)`` (synthetic, file input): a lost batch is
+built again from it, so its slot can be reused as soon as a worker has copied it to the device. The
+caller's own iterable can only be drawn from in order, one thread at a time.
+
+Imports go one way: ``readers`` (file sources) builds on this module, never the reverse.
 """
 from __future__ import annotations
 
@@ -29,7 +36,26 @@ class Batch:
         return out
 
 
-class Synthetic:
+class Indexed:
+    """A source of ``n`` batches, each built on its own by ``batch(i)``: any thread, any order."""
+
+    n: int
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batch(self, index: int) -> Batch:
+        raise NotImplementedError
+
+    def get(self, index: int) -> np.ndarray:
+        """Batch ``index`` as a new array (the bench's DataLoader mode builds them in its workers)."""
+        return self.batch(index).array()
+
+    def __iter__(self) -> Iterator[Batch]:
+        return (self.batch(i) for i in range(self.n))
+
+
+class Synthetic(Indexed):
     """Uniform random batches from ``default_rng([seed, index])``: same index, same bytes, anywhere."""
 
     def __init__(self, cfg: SourceConfig):
@@ -38,9 +64,6 @@ class Synthetic:
         self.dtype = np.dtype(cfg.dtype)
         self.seed = cfg.seed
         self.max_nbytes = cfg.rows * cfg.cols * self.dtype.itemsize
-
-    def __len__(self) -> int:
-        return self.n
 
     def identity(self) -> dict:
         """What batch i depends on: an output directory written from it is resumed only if this matches."""
@@ -57,14 +80,8 @@ class Synthetic:
             lo, hi = (0, 256) if out.dtype == np.uint8 else (-100, 100)
             out[...] = rng.integers(lo, hi, size=out.shape, dtype=out.dtype)
 
-    def get(self, index: int) -> np.ndarray:
-        out = np.empty(self.shape, self.dtype)
-        self.build(index, out)
-        return out
-
-    def __iter__(self) -> Iterator[Batch]:
-        for i in range(self.n):
-            yield Batch(i, self.shape, self.dtype, lambda out, i=i: self.build(i, out), self.max_nbytes)
+    def batch(self, index: int) -> Batch:
+        return Batch(index, self.shape, self.dtype, lambda out: self.build(index, out), self.max_nbytes)
 
 
 class FromIterable:
@@ -93,13 +110,20 @@ class FromIterable:
             yield Batch(i, arr.shape, arr.dtype, lambda out, a=arr: np.copyto(out, a), arr.nbytes)
 
 
-def make_source(cfg: SourceConfig, items: Iterable | None = None):
-    if items is not None:
-        return FromIterable(items)
-    if cfg.kind == "synthetic":
-        return Synthetic(cfg)
-    from .readers import open_source  # files on disk
-    return open_source(cfg)
+class Work:
+    """The batches of one run for an executor: an iterator of ``Batch`` in batch order, with ``rebuild(i)``
+    when the source can build batch i on its own, and the largest batch's size when it is known."""
+
+    def __init__(self, batches: Iterable[Batch], rebuild: Callable[[int], Batch] | None = None,
+                 max_nbytes: int | None = None):
+        self._it = iter(batches)
+        self.rebuild, self.max_nbytes = rebuild, max_nbytes
+
+    def __iter__(self) -> "Work":
+        return self
+
+    def __next__(self) -> Batch:
+        return next(self._it)
 
 
 def length(source) -> int | None:

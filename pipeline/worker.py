@@ -3,14 +3,15 @@
 Module level, so that spawn can import the entry point by name. Messages are tiny tuples:
 
   main -> worker   Task(index, attempt, ring, desc, array) | None (stop)
-  worker -> main   ("ready", pid, device) | ("fatal", error)
+  worker -> main   ("ready", pid, device) | ("fatal", error) | ("note", text)
+                   ("copied", index)   (CUDA: the batch is on the device, its slot may be reused)
                    ("result", index, array, timings) | ("error", index, error)
 
 NOTE [ Shutdown ]
 Workers ignore SIGINT: Ctrl-C reaches the whole process group, and the main decides what happens (stop
 handing out work, stop the workers, clean up). A watchdog thread checks twice a second that the main is
 alive, as PyTorch's DataLoader workers do; if it died (even by SIGKILL, which no ``daemon`` flag covers)
-the worker unlinks the shared-memory rings it mapped and exits, also when a kernel is stuck.
+the worker unlinks the main's shared-memory rings and exits, also when a kernel is stuck.
 """
 from __future__ import annotations
 
@@ -28,17 +29,22 @@ import torch
 
 from . import devices, kernels
 from .errors import WorkerError
-from .handoff import Descriptor, SlotReader, _alive
+from .handoff import Descriptor, SlotReader, _alive, remove_rings_of
 
 
 @dataclass
 class Task:
     index: int
     attempt: int
-    ring: str | None = None  # name of the slot ring file, when the batch is in a slot
+    ring: str | None = None  # path of the slot ring file, when the batch is in a slot
     slot_bytes: int = 0
     desc: Descriptor | None = None
     array: np.ndarray | None = None  # the pickled fallback, for a batch larger than a slot
+    nbytes: int = 0
+    released: bool = False  # (main side) its slot went back to the ring (NOTE [ Slot release ])
+
+    def __getstate__(self):  # what travels: no main-side bookkeeping
+        return {k: v for k, v in self.__dict__.items() if k not in ("nbytes", "released")}
 
 
 @dataclass
@@ -47,17 +53,20 @@ class Staged:
     x: torch.Tensor
     start: Any = None
     end: Any = None
+    direct: bool = False  # copied straight from a slot registered with CUDA (no staging memcpy)
 
 
 class Stager:
-    """Host -> device copies: through alternating pinned buffers, ``non_blocking``, on a copy stream.
+    """Host -> device copies: ``non_blocking``, on a copy stream; straight from the slot when the ring is
+    registered with CUDA (pinned in place), else through alternating pinned staging buffers.
 
     NOTE [ Overlap ]
     On CUDA a worker starts the copy of its next batch (when one is already waiting in its pipe) while the
     GPU computes the current one: ``start`` issues the copy on a side stream and records an event;
-    ``ready`` makes the compute stream wait for that event (the GPU waits, not the CPU). Two pinned
+    ``ready`` makes the compute stream wait for that event (the GPU waits, not the CPU). Two staging
     buffers alternate, so the copy of batch k+1 never overwrites the buffer batch k was copied from; the
-    buffer of batch k-1 is free because its result was synchronised before batch k+1 was received.
+    buffer of batch k-1 is free because its result was synchronised before batch k+1 was received. A slot
+    copied straight to the device goes back to the main once the copy's end event has completed.
     """
 
     def __init__(self, device: torch.device, pinned: bool):
@@ -66,11 +75,12 @@ class Stager:
         self.turn = 0
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def start(self, arr: np.ndarray) -> Staged:
+    def start(self, arr: np.ndarray, registered: bool = False) -> Staged:
         x = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
         if self.stream is None:
             return Staged(x)
-        if self.pinned:
+        direct = self.pinned and registered
+        if self.pinned and not registered:
             n = x.numel() * x.element_size()
             self.turn ^= 1
             if self.bufs[self.turn] is None or self.bufs[self.turn].numel() < n:
@@ -83,7 +93,7 @@ class Stager:
             start.record(self.stream)
             y = x.to(self.device, non_blocking=True)
             end.record(self.stream)
-        return Staged(y, start, end)
+        return Staged(y, start, end, direct)
 
     def ready(self, h: Staged) -> torch.Tensor:
         if h.end is not None:
@@ -107,18 +117,24 @@ class Computer:
         self.stager = Stager(device, pinned)
 
     def __call__(self, arr: np.ndarray, index: int = -1, attempt: int = 1, staged: Staged | None = None,
-                 meanwhile: Callable[[], None] | None = None) -> tuple[np.ndarray, dict]:
+                 meanwhile: Callable[[], None] | None = None,
+                 copied: Callable[[], None] | None = None, registered: bool = False) -> tuple[np.ndarray, dict]:
         """One batch: host array -> device -> kernel -> host numpy, and the time of each step.
 
         ``staged``: the batch's copy, if it was started earlier (see NOTE [ Overlap ]); ``meanwhile`` runs
-        after the kernel is launched and before its result is awaited (starting the next batch's copy).
+        after the kernel is launched and before its result is awaited (starting the next batch's copy);
+        ``copied`` is called once the copy to the device has completed, while the kernel may still run;
+        ``registered``: ``arr`` lies in memory registered with CUDA (a slot), copied without staging.
         """
         kernels.current.update(index=index, attempt=attempt)
         t0 = time.perf_counter()
-        h = staged or self.stager.start(arr)
+        h = staged or self.stager.start(arr, registered)
         x = self.stager.ready(h)
         t1 = time.perf_counter()
         y = self.kernel(x)
+        if copied is not None and h.end is not None:
+            h.end.synchronize()  # the copy, not the kernel: nothing reads the host memory any more
+            copied()
         if meanwhile is not None:
             meanwhile()
         if self.device.type == "cuda":
@@ -128,7 +144,7 @@ class Computer:
         if np.may_share_memory(out, arr):  # never hand back a view of the slot: it is reused
             out = out.copy()
         t3 = time.perf_counter()
-        return out, {"h2d_s": self.stager.seconds(h), "h2d_bytes": arr.nbytes,
+        return out, {"h2d_s": self.stager.seconds(h), "h2d_bytes": arr.nbytes, "direct": h.direct,
                      "stage_s": (t1 - t0) if staged is None else 0.0, "compute_s": t2 - t1, "d2h_s": t3 - t2}
 
 
@@ -145,47 +161,57 @@ def pack_error(e: BaseException) -> tuple[Any, str, str]:
     return e, f"{type(e).__name__ if e else 'Exception'}: {e}", tb
 
 
-def _watchdog(main_pid: int, readers: dict) -> None:
+def _watchdog(main_pid: int) -> None:
     ppid = os.getppid()
     while True:
         time.sleep(0.5)
         if os.getppid() != ppid or not _alive(main_pid):
-            for r in list(readers.values()):
-                r.unlink()
+            remove_rings_of(main_pid)
             os._exit(1)
 
 
 def main(rank: int, conn, spec: kernels.KernelSpec, device_spec: str, threads: int, pinned: bool,
          main_pid: int) -> None:
     """Entry point of a worker process."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    readers: dict[str, SlotReader] = {}
-    threading.Thread(target=_watchdog, args=(main_pid, readers), daemon=True).start()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # born with SIGINT blocked: see executor._sigint_blocked
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    threading.Thread(target=_watchdog, args=(main_pid,), daemon=True).start()
     try:
-        torch.set_num_threads(threads)
-        device = devices.choose(device_spec, rank)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        computer = Computer(spec, device, pinned)
-    except BaseException as e:  # noqa: BLE001 - reported to the main, which raises it
-        conn.send(("fatal", pack_error(e)))
-        return
-    conn.send(("ready", os.getpid(), str(device)))
-    try:
-        _loop(conn, computer, readers)
+        try:
+            torch.set_num_threads(threads)
+            device = devices.choose(device_spec, rank)
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            computer = Computer(spec, device, pinned)
+        except BaseException as e:  # noqa: BLE001 - reported to the main, which raises it
+            conn.send(("fatal", pack_error(e)))
+            return
+        conn.send(("ready", os.getpid(), str(device)))
+        _loop(rank, conn, computer)
     except (EOFError, OSError):  # the pipe broke: if the main is gone, leave nothing behind
         if not _alive(main_pid) or os.getppid() == 1:
-            for r in readers.values():
-                r.unlink()
+            remove_rings_of(main_pid)
 
 
-def _loop(conn, computer: Computer, readers: dict) -> None:
+def _loop(rank: int, conn, computer: Computer) -> None:
+    cuda = computer.device.type == "cuda"
+    readers: dict[str, SlotReader] = {}
+
     def view(task):
+        """The task's batch (a view of its slot, or the pickled array) and whether CUDA can DMA from it."""
         if task.desc is None:
-            return task.array
-        if task.ring not in readers:
-            readers[task.ring] = SlotReader(task.ring, task.slot_bytes)
-        return readers[task.ring].view(task.desc)
+            return task.array, False
+        reader = readers.get(task.ring)
+        if reader is None:
+            for old in list(readers):  # a new ring (a new run with bigger batches): drop the old one
+                readers.pop(old).close()
+            reader = readers[task.ring] = SlotReader(task.ring, task.slot_bytes)
+            if computer.stager.pinned:
+                why = reader.register()
+                if why:
+                    conn.send(("note", f"worker {rank}: the slot ring could not be registered with CUDA "
+                                       f"({why}); host-to-device copies go through pinned staging buffers"))
+        return reader.view(task.desc), reader.registered
 
     ahead: list = []  # on CUDA: the next (task, array, staged copy), received while this batch computed
 
@@ -193,26 +219,34 @@ def _loop(conn, computer: Computer, readers: dict) -> None:
         try:
             if conn.poll():
                 task = conn.recv()
-                arr = view(task) if task is not None else None
-                ahead.append((task, arr, computer.stager.start(arr) if arr is not None else None))
+                if task is None:
+                    ahead.append((None, None, None))
+                else:
+                    arr, registered = view(task)
+                    ahead.append((task, arr, computer.stager.start(arr, registered)))
         except (EOFError, OSError) as e:  # the main is gone: raised below, not blamed on the kernel
             ahead.append((e, None, None))
 
     while True:
+        t0 = time.perf_counter()
         task, arr, staged = ahead.pop() if ahead else (conn.recv(), None, None)
+        idle = time.perf_counter() - t0
         if isinstance(task, BaseException):
             raise task
         if task is None:
             return
+        registered = False
         if arr is None:
-            arr = view(task)
+            arr, registered = view(task)
+        copied = (lambda i=task.index: conn.send(("copied", i))) if cuda and task.desc is not None else None
         try:
-            out, timings = computer(arr, task.index, task.attempt, staged,
-                                    prefetch if computer.device.type == "cuda" else None)
+            out, timings = computer(arr, task.index, task.attempt, staged, prefetch if cuda else None, copied,
+                                    registered)
         except BaseException as e:  # noqa: BLE001 - SystemExit and KeyboardInterrupt too: never hang
             msg = ("error", task.index, pack_error(e))
         else:
+            timings["idle_s"] = idle
             timings["sent"] = time.time()
             msg = ("result", task.index, out, timings)
-        del arr
+        del arr, staged
         conn.send(msg)

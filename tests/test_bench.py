@@ -26,8 +26,9 @@ def test_quick_all_modes_agree(tmp_path, capsys):
         for k in ("batches_per_s", "mb_per_s", "speedup_vs_serial", "checksum", "startup_s"):
             assert k in r
     pipe = [r for r in report["results"] if r["mode"] == "pipeline"][0]
-    assert set(pipe["breakdown_ms_per_batch"]) == {"build_ms", "slot_wait_ms", "handoff_ms", "h2d_ms",
-                                                   "compute_ms", "d2h_ms", "return_ms"}
+    assert set(pipe["breakdown_ms_per_batch"]) == {
+        "build_ms", "dispatch_ms", "receive_ms", "stage_ms", "h2d_ms", "compute_ms", "d2h_ms",
+        "slot_wait_ms", "worker_wait_ms", "idle_ms", "return_ms", "order_wait_ms"}
     assert report["roofline"]["limiting_stage"]["1"] in ("main build+handoff", "kernel x usable workers")
     assert "roofline" in out and "pipeline" in out
 
