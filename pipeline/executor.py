@@ -31,7 +31,7 @@ import numpy as np
 from . import devices, worker
 from .config import Config
 from .errors import RemoteTraceback, WorkerError
-from .handoff import SlotRing, remove_stale
+from .handoff import SlotRing, open_ring, remove_stale
 from .kernels import KernelSpec
 from .sources import Batch
 from .worker import Task
@@ -81,6 +81,7 @@ class LocalExecutor:
         self.startup_s = 0.0
         self.breakdown: dict = {}
         self.ring: SlotRing | None = None
+        self.notes: list[str] = []  # from open_ring: fewer slots, or a ring on disk (small /dev/shm)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def __enter__(self):
@@ -92,7 +93,7 @@ class LocalExecutor:
 
     def start(self) -> None:
         t0 = time.perf_counter()
-        remove_stale()
+        remove_stale(self.cfg.handoff.dir)
         for rank in range(self.cfg.workers.count):
             self.workers.append(self._spawn(rank))
         while not all(w.ready for w in self.workers):
@@ -159,10 +160,16 @@ class LocalExecutor:
         if first is None:
             return self._figures(None)
         slot_bytes = int(self.cfg.handoff.slot_mb * MB) or first.nbytes
-        if self.ring is None or self.ring.count != in_flight or self.ring.slot_bytes < slot_bytes:
+        if self.ring is None or self.ring.requested != in_flight or self.ring.slot_bytes < slot_bytes:
             if self.ring is not None:
                 self.ring.close()
-            self.ring = SlotRing(in_flight, slot_bytes)  # kept for the next map: its pages stay mapped
+                self.ring = None
+            self.ring, notes = open_ring(in_flight, slot_bytes, self.cfg.handoff.dir)  # kept for the next map
+            for note in notes:
+                if note not in self.notes:
+                    self.notes.append(note)
+                    print(f"pipeline: note: {note}", file=sys.stderr)
+        in_flight = min(in_flight, self.ring.count)  # a ring with fewer slots: as many batches in flight
         self.ring.reset()
         it = itertools.chain([first], it)
         exhausted = False
@@ -194,7 +201,7 @@ class LocalExecutor:
         if batch.nbytes <= self.ring.slot_bytes and self.ring.free:
             slot, view = self.ring.take(batch.shape, batch.dtype)
             batch.fill(view)
-            task = Task(batch.index, 1, self.ring.name, self.ring.slot_bytes, self.ring.describe(slot, view))
+            task = Task(batch.index, 1, self.ring.path, self.ring.slot_bytes, self.ring.describe(slot, view))
             del view
         else:
             task = Task(batch.index, 1, array=batch.array())

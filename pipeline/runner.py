@@ -129,7 +129,7 @@ def run(config: Config | str | os.PathLike | None = None, *, source: Iterable | 
     max_nbytes = getattr(src, "max_nbytes", None)
     src = col.counted(src)
     t0 = time.perf_counter()
-    info = {"startup_s": 0.0, "restarts": [], "handoff": None, "breakdown": None, "workers": []}
+    info = {"startup_s": 0.0, "restarts": [], "handoff": None, "breakdown": None, "workers": [], "notes": []}
     try:
         if sink is not None and col.skipped == total:
             pass  # resumed with every batch already in the output directory: no worker to start
@@ -144,7 +144,8 @@ def run(config: Config | str | os.PathLike | None = None, *, source: Iterable | 
                 ok = True
             finally:
                 ex.close(graceful=ok)
-                info.update(restarts=ex.restarts, breakdown=ex.breakdown or None, workers=ex.worker_info())
+                info.update(restarts=ex.restarts, breakdown=ex.breakdown or None, workers=ex.worker_info(),
+                            notes=getattr(ex, "notes", []))
         results = col.ordered()
         summary = summarize(cfg, spec, results, col, time.perf_counter() - t0, info, note)
         if sink is not None:
@@ -215,7 +216,7 @@ def summarize(cfg: Config, spec, results: list, col: Collector, wall: float, inf
         "failed": col.failed,
         "handoff": info["handoff"],
         "breakdown_ms_per_batch": breakdown,
-        "notes": [note] if note else [],
+        "notes": ([note] if note else []) + info["notes"],
         "error": error,
         "output": col.sink.path if col.sink else None,
         "config": cfg.to_dict(),

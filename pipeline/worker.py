@@ -35,7 +35,7 @@ from .handoff import Descriptor, SlotReader, _alive
 class Task:
     index: int
     attempt: int
-    ring: str | None = None  # name of the slot ring file, when the batch is in a slot
+    ring: str | None = None  # path of the slot ring file, when the batch is in a slot
     slot_bytes: int = 0
     desc: Descriptor | None = None
     array: np.ndarray | None = None  # the pickled fallback, for a batch larger than a slot
