@@ -254,17 +254,18 @@ def open_ring(count: int, slot_bytes: int, directory: str) -> tuple[SlotRing, li
         if ring.count < count:
             notes.append(f"handoff: {place} has room for {ring.count} of {count} slots of {_size(slot)} "
                          f"({_size(_free(place))} free after them): {ring.count} batches in flight; "
-                         f"{_fix(count * slot)} for all {count}")
+                         f"{_fix(count * slot)} would hold all {count}")
         if place != places[0]:
-            notes.append(f"handoff: {tried[0]} ({least} slots of {_size(slot)} need "
-                         f"{_size(least * slot)}); the slot ring is a file in {place} instead (the page "
+            notes.append(f"handoff: {tried[0]}, {least} slots of {_size(slot)} need "
+                         f"{_size(least * slot)}; the slot ring is a file in {place} instead (the page "
                          f"cache holds it, workers still map it without a copy, but it may be written "
                          f"to disk); {_fix(count * slot)} keeps it in shared memory")
         return ring, notes
     raise ConfigError(
         f"handoff: no room for the slot ring: it needs {count} x {_size(slot)} = {_size(count * slot)} "
         f"(at least {least} x {_size(slot)} = {_size(least * slot)}), but {' and '.join(tried)}; "
-        f"{_fix(count * slot)}, set handoff.dir to a bigger filesystem, or use smaller batches "
+        f"give the container more shared memory ({_fix(count * slot)}), set handoff.dir to a bigger "
+        f"filesystem, or use smaller batches "
         f"(handoff.slot_mb, --rows) or fewer in flight (--in-flight)")
 
 
@@ -302,7 +303,8 @@ def _ring_in(place: str, count: int, slot: int, least: int) -> tuple[SlotRing | 
             if e.errno not in NO_ROOM:
                 raise
         n = min(n - 1, max(0, _free(place) - _reserve(place)) // slot)  # someone else took space
-    return None, f"has {_size(_free(place))} free"
+    free, keep = _free(place), _reserve(place)
+    return None, f"has {_size(free)} free" + (f" (keeping {_size(keep)} for others)" if keep else "")
 
 
 def _free(place: str) -> int:
