@@ -328,3 +328,18 @@ def test_no_room_anywhere_exits_2_with_one_line(tmp_path):
         assert fragment in errors[0], (fragment, errors[0])
     assert "Traceback" not in r["stderr"]
     assert r["left"] == []
+
+
+@needs_unshare
+@pytest.mark.timeout(150)
+def test_ray_backend_on_a_64mb_shm(tmp_path):
+    """--backend ray with a 64 MB /dev/shm: Ray moves its object store to /tmp, the run gives the serial
+    checksum."""
+    pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
+    r = in_namespace(tmp_path, {"/dev/shm": "64m"},
+                     ["--backend", "ray", "--workers", "2", "--batches", "4", "--rows", "64", "--cols", "8"],
+                     serial=True)
+    assert r["rc"] == 0, r["stderr"]
+    s = r["summary"]
+    assert s["completed"] == 4 and s["handoff"]["transport"] == "ray object store"
+    assert s["checksum"] == r["serial"]
