@@ -336,9 +336,15 @@ def test_ray_backend_on_a_64mb_shm(tmp_path):
     """--backend ray with a 64 MB /dev/shm: Ray moves its object store to /tmp, the run gives the serial
     checksum."""
     pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
-    r = in_namespace(tmp_path, {"/dev/shm": "64m"},
-                     ["--backend", "ray", "--workers", "2", "--batches", "4", "--rows", "64", "--cols", "8"],
-                     serial=True)
+    # A Ray temp dir of its own: ray.init() would join a cluster that another `ray start` on this machine
+    # left in /tmp/ray/ray_current_cluster (short: Ray's socket paths must fit in 107 bytes)
+    ray_tmp = tempfile.mkdtemp(prefix="pray", dir="/tmp")
+    try:
+        r = in_namespace(tmp_path, {"/dev/shm": "64m"},
+                         ["--backend", "ray", "--workers", "2", "--batches", "4", "--rows", "64", "--cols", "8"],
+                         env={"RAY_TMPDIR": ray_tmp}, serial=True)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     assert r["rc"] == 0, r["stderr"]
     s = r["summary"]
     assert s["completed"] == 4 and s["handoff"]["transport"] == "ray object store"
