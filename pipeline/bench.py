@@ -81,7 +81,7 @@ def _counts(args, overrides: dict) -> list[int]:
     elif "workers" in overrides:
         counts = [overrides.pop("workers")]
     else:
-        counts = [1, 2] if args.quick else [1, 2, 4, os.cpu_count() or 1]
+        counts = [1, 2] if args.quick else [1, 2, 4, devices.usable_cpus()]
     overrides.pop("workers", None)
     if any(c < 1 for c in counts):
         raise ConfigError(f"worker counts must be >= 1, got {counts}")
@@ -139,7 +139,7 @@ def _timed(fn, repeat: int):
 
 def _serial(cfg: Config, spec, src, repeat):
     device = devices.choose(cfg.workers.device, 0)
-    threads = cfg.workers.threads or (os.cpu_count() or 1)
+    threads = cfg.workers.threads or devices.usable_cpus()
     with devices.torch_threads(threads):
         computer = Computer(spec, device, cfg.handoff.pinned)
         batches = list(src)
@@ -254,7 +254,7 @@ def _dataloader_run(cfg, spec, src, repeat):
         loader = torch.utils.data.DataLoader(
             _Batches(src), batch_size=None, num_workers=cfg.workers.count, persistent_workers=True,
             multiprocessing_context="spawn", pin_memory=device.type == "cuda")
-    threads = cfg.workers.threads or (os.cpu_count() or 1)
+    threads = cfg.workers.threads or devices.usable_cpus()
     with devices.torch_threads(threads):
         computer = Computer(spec, device, False)  # DataLoader already pinned the batch
         it = iter(loader)
@@ -308,7 +308,7 @@ def calibrate(cfg: Config, spec, src, k: int = 4) -> dict:
         h2d = (time.perf_counter() - t0) / k
     return {"batch_bytes": b0.nbytes, "build_s": build, "memcpy_s": memcpy,
             "kernel_s_by_threads": per_worker, "h2d_s": h2d, "device": str(device),
-            "cores": os.cpu_count(), "gpus": devices.gpu_count()}
+            "cores": devices.usable_cpus(), "gpus": devices.gpu_count()}
 
 
 def roofline(cal: dict, cfg: Config, counts: list[int], n: int) -> dict:

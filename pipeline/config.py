@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from . import devices
 from .errors import ConfigError
 
 DTYPES = ("float32", "float16", "float64", "int8", "int16", "int32", "int64", "uint8")
@@ -22,6 +24,8 @@ FORK_REFUSED = (
     "(\"Cannot re-initialize CUDA in forked subprocess\") and a stdlib pool then hangs; "
     "use 'spawn' (default) or 'forkserver'"
 )
+# Where the slot ring lives: shared memory, or the temp dir on systems without /dev/shm (macOS).
+RING_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,7 @@ class WorkersConfig:
     count: int = 2
     device: str = "auto"
     start_method: str = "spawn"
-    threads: int = 0  # 0: max(1, cores // count)
+    threads: int = 0  # 0: max(1, usable CPUs // count) (devices.usable_cpus: affinity, cgroup quota)
     build_threads: int = 0  # 0: auto (Config.build_threads)
 
 
@@ -56,6 +60,7 @@ class HandoffConfig:
     in_flight: int = 0  # 0: build threads + 2 x workers
     slot_mb: float = 0.0  # 0: the largest batch
     pinned: bool = True
+    dir: str = RING_DIR  # the slot ring's directory (a tmpfs); see README "Running in containers"
 
 
 @dataclass(frozen=True)
@@ -94,7 +99,7 @@ class Config:
     def threads_per_worker(self) -> int:
         if self.workers.threads:
             return self.workers.threads
-        return max(1, usable_cpus() // max(1, self.workers.count))
+        return max(1, devices.usable_cpus() // max(1, self.workers.count))
 
     def build_threads(self, cuda: bool) -> int:
         """Threads that build batches in the main. Auto: on CUDA every usable CPU but one per worker (a
@@ -103,9 +108,9 @@ class Config:
         if self.workers.build_threads:
             n = self.workers.build_threads
         elif cuda:
-            n = max(1, usable_cpus() - self.workers.count)
+            n = max(1, devices.usable_cpus() - self.workers.count)
         else:
-            n = max(1, usable_cpus() // 2)
+            n = max(1, devices.usable_cpus() // 2)
         return min(n, self.handoff.in_flight) if self.handoff.in_flight else n
 
     def in_flight(self, cuda: bool = False) -> int:
@@ -134,14 +139,6 @@ CHOICES = {
     "run.backend": ("local", "ray"),
 }
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def parse_value(text: str) -> Any:
@@ -239,4 +236,7 @@ def _check(key: str, value: Any, where: str) -> Any:
         raise ConfigError(f"{bad}: must be one of {', '.join(CHOICES[key])}")
     if key == "workers.device" and not _DEVICE.match(value):
         raise ConfigError(f"{bad}: must be auto, cpu, cuda or cuda:N")
+    if key == "handoff.dir" and not os.path.isdir(value):
+        what = "is not a directory" if os.path.exists(value) else "does not exist"
+        raise ConfigError(f"{bad}: {what}; give an existing directory, ideally a tmpfs such as /dev/shm")
     return value

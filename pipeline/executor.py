@@ -46,7 +46,7 @@ from . import devices, worker
 from .builders import Builders, Built
 from .config import Config
 from .errors import RemoteTraceback, WorkerError
-from .handoff import SlotRing, remove_stale
+from .handoff import SlotRing, open_ring, remove_stale
 from .kernels import KernelSpec
 from .worker import Task
 
@@ -125,7 +125,7 @@ class LocalExecutor:
         if self.workers:
             return
         self._t_start = time.perf_counter()
-        remove_stale()
+        remove_stale(self.cfg.handoff.dir)
         for rank in range(self.cfg.workers.count):
             self.workers.append(self._spawn(rank))
 
@@ -143,7 +143,7 @@ class LocalExecutor:
         p = self.ctx.Process(
             target=worker.main, name=f"pipeline-worker-{rank}", daemon=True,
             args=(rank, child, self.spec, self.cfg.workers.device, self.threads,
-                  self.cfg.handoff.pinned, os.getpid()),
+                  self.cfg.handoff.pinned, os.getpid(), self.cfg.handoff.dir),
         )
         with devices.thread_env(self.threads), _no_phantom_main_file(), _sigint_blocked():
             p.start()
@@ -211,11 +211,17 @@ class LocalExecutor:
         return self.figures
 
     def _ring_for(self, count: int, slot_bytes: int) -> SlotRing:
-        """The run's ring: the previous one when it fits (its pages stay mapped, workers keep it)."""
-        if self.ring is None or self.ring.count != count or self.ring.slot_bytes < slot_bytes:
+        """The run's ring: the previous one when it fits (its pages stay mapped, workers keep it). A small
+        /dev/shm may give fewer slots, or a ring on disk, with a note (NOTE [ Small /dev/shm ])."""
+        if self.ring is None or self.ring.requested != count or self.ring.slot_bytes < slot_bytes:
             if self.ring is not None:
                 self.ring.close()
-            self.ring = SlotRing(count, slot_bytes)
+                self.ring = None
+            self.ring, notes = open_ring(count, slot_bytes, self.cfg.handoff.dir)
+            for note in notes:
+                if note not in self.notes:
+                    self.notes.append(note)
+                    print(f"pipeline: note: {note}", file=sys.stderr)
         return self.ring
 
     def _pump_idle(self, timeout: float) -> None:

@@ -11,29 +11,50 @@ NOTE [ Slot ring ]
 One shared-memory file of ``count`` slots, allocated once and reused for every batch (and every run on
 the same workers). Build threads write a batch straight into a free slot and the main sends a small
 descriptor; the worker views the slot without copying. Which slots are free is the run's business
-(executor.py, NOTE [ Slot release ]). The file lives in /dev/shm under a name that carries
-the main's pid (``pipeline-<pid>-<token>``): it is unlinked when the run ends by any path; workers unlink
-it when they notice that the main died (SIGKILL); and ``remove_stale`` clears files of dead mains.
+(executor.py, NOTE [ Slot release ]). The file lives in ``handoff.dir`` (/dev/shm) under a name that
+carries the main's pid (``pipeline-<pid>-<token>``): it is unlinked when the run ends by any path; workers
+unlink it when they notice that the main died (SIGKILL); and ``remove_stale`` clears files of dead mains.
 We use a plain file rather than ``multiprocessing.shared_memory`` because on Python 3.11/3.12 attaching
 to a segment registers it with the resource tracker, which then warns about "leaked" segments or unlinks
 them early.
+
+NOTE [ Small /dev/shm ]
+Docker gives a container 64 MB of /dev/shm. A sparse ring file bigger than that is created without
+complaint, and the first write past the free space kills the main with SIGBUS (exit 135). So
+``open_ring`` reserves the ring's space when it creates it (``posix_fallocate``): a shortage is an
+error there, and it is handled there. First the memory check: a ring that would take more than half of
+the memory this process may use (cgroup limit, or MemAvailable) gets fewer slots, or is refused. Then
+the ring goes to ``handoff.dir`` with all its slots; if they don't fit, with as many as fit there (at
+least 2; fewer batches in flight); else to a file in the temp dir on disk (the page cache holds it, and
+workers still map it without a copy); else ConfigError, one line with the sizes and the fix. The
+free-space estimate keeps 1/16 of the filesystem (at most 64 MiB) for others (NCCL, Ray, semaphores).
+Each choice other than the first adds a note to the run's summary.
 """
 from __future__ import annotations
 
+import errno
 import mmap
 import os
+import re
 import secrets
+import stat
 import tempfile
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .errors import HandoffError
+from . import devices
+from .config import RING_DIR
+from .errors import ConfigError, HandoffError
 
-SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+SHM_DIR = RING_DIR  # the default handoff.dir
 PREFIX = "pipeline-"
+RING_NAME = re.compile(r"^pipeline-(\d+)-[0-9a-f]{8}$")
 ALIGN = 4096
+MIB = 1 << 20
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOMEM)
+NOT_HERE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EOPNOTSUPP)
 
 
 def to_host(obj: Any, where: str) -> Any:
@@ -92,16 +113,22 @@ class Descriptor:
 
 
 class SlotRing:
-    """``count`` reusable slots of ``slot_bytes`` each in one shared-memory file (main side)."""
+    """``count`` reusable slots of ``slot_bytes`` each in one file in ``directory`` (main side).
 
-    def __init__(self, count: int, slot_bytes: int):
-        self.count = count
-        self.slot_bytes = max(ALIGN, -(-slot_bytes // ALIGN) * ALIGN)
+    The file's space is reserved at once (``posix_fallocate``): OSError(ENOSPC) here, never SIGBUS on a
+    later write. ``open_ring`` picks the directory and the count.
+    """
+
+    def __init__(self, count: int, slot_bytes: int, directory: str = SHM_DIR):
+        self.count = self.requested = count
+        self.slot_bytes = aligned(slot_bytes)
+        self.directory = os.path.abspath(directory)
         self.name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
-        self.path = os.path.join(SHM_DIR, self.name)
+        self.path = os.path.join(self.directory, self.name)
+        self._mm = None
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
-            os.ftruncate(fd, self.count * self.slot_bytes)
+            os.posix_fallocate(fd, 0, self.count * self.slot_bytes)
             self._mm = mmap.mmap(fd, self.count * self.slot_bytes)
         except BaseException:
             os.unlink(self.path)
@@ -184,40 +211,149 @@ class SlotReader:
             pass
 
 
-def remove_rings_of(pid: int) -> None:
-    """Unlink every ring file of main ``pid`` (a worker whose main died: mapped by it or not yet)."""
-    try:
-        names = [n for n in os.listdir(SHM_DIR) if n.startswith(f"{PREFIX}{pid}-")]
-    except OSError:
-        return
-    for name in names:
-        try:
-            os.unlink(os.path.join(SHM_DIR, name))
-        except OSError:
-            pass
-
-
-def remove_stale() -> list[str]:
-    """Unlink ring files left by mains that no longer run (a SIGKILLed main whose workers died too)."""
+def remove_stale(*directories: str) -> list[str]:
+    """Unlink ring files left by mains that no longer run (a SIGKILLed main whose workers died too), in
+    ``directories``, the default handoff.dir and the temp dir (where a ring goes when shared memory is
+    short). Only regular files named exactly like a ring are touched: the temp dir is everybody's."""
     removed = []
-    try:
-        names = os.listdir(SHM_DIR)
-    except OSError:
-        return removed
-    for name in names:
-        if not name.startswith(PREFIX):
+    seen = set()
+    for directory in (*directories, SHM_DIR, tempfile.gettempdir()):
+        directory = os.path.realpath(directory)
+        if directory in seen:
             continue
+        seen.add(directory)
         try:
-            pid = int(name[len(PREFIX):].split("-")[0])
-        except ValueError:
+            names = os.listdir(directory)
+        except OSError:
             continue
-        if not _alive(pid):
+        for name in names:
+            m = RING_NAME.match(name)
+            if m is None or _alive(int(m.group(1))):
+                continue
+            path = os.path.join(directory, name)
             try:
-                os.unlink(os.path.join(SHM_DIR, name))
-                removed.append(name)
+                if stat.S_ISREG(os.lstat(path).st_mode):
+                    os.unlink(path)
+                    removed.append(name)
             except OSError:
                 pass
     return removed
+
+
+def aligned(slot_bytes: int) -> int:
+    """A slot's size: ``slot_bytes`` rounded up to whole pages, one page at least."""
+    return max(ALIGN, -(-slot_bytes // ALIGN) * ALIGN)
+
+
+def open_ring(count: int, slot_bytes: int, directory: str) -> tuple[SlotRing, list[str]]:
+    """The slot ring for ``count`` batches in flight, and notes on what it had to give up: fewer slots,
+    or a file on disk instead of shared memory. ConfigError (one line: sizes and fix) when no place
+    holds even two slots. See NOTE [ Small /dev/shm ]."""
+    slot = aligned(slot_bytes)
+    wanted, least = count, min(2, count)
+    notes: list[str] = []
+    count = _within_memory(count, slot, least, notes)
+    places = [os.path.abspath(directory)]
+    tmp = os.path.abspath(tempfile.gettempdir())
+    if not _same_place(tmp, places[0]):
+        places.append(tmp)
+    tried = []
+    for place in places:
+        ring, why = _ring_in(place, count, slot, least)
+        if ring is None:
+            tried.append(f"{place} {why}")
+            continue
+        ring.requested = wanted  # the executor keeps the ring while it asks for this many
+        if ring.count < count:
+            notes.append(f"handoff: {place} has room for {ring.count} of {count} slots of {_size(slot)} "
+                         f"({_size(_free(place))} free after them): {ring.count} batches in flight; "
+                         f"{_fix(count * slot)} would hold all {count}")
+        if place != places[0]:
+            notes.append(f"handoff: {tried[0]}, {least} slots of {_size(slot)} need "
+                         f"{_size(least * slot)}; the slot ring is a file in {place} instead (the page "
+                         f"cache holds it, workers still map it without a copy, but it may be written "
+                         f"to disk); {_fix(count * slot)} keeps it in shared memory")
+        return ring, notes
+    raise ConfigError(
+        f"handoff: no room for the slot ring: it needs {count} x {_size(slot)} = {_size(count * slot)} "
+        f"(at least {least} x {_size(slot)} = {_size(least * slot)}), but {' and '.join(tried)}; "
+        f"give the container more shared memory ({_fix(count * slot)}), set handoff.dir to a bigger "
+        f"filesystem, or use smaller batches "
+        f"(handoff.slot_mb, --rows) or fewer in flight (--in-flight)")
+
+
+def _within_memory(count: int, slot: int, least: int, notes: list[str]) -> int:
+    """``count``, or fewer slots (``least`` at fewest) so that the ring takes at most half of the
+    memory this process may use; ConfigError when even ``least`` slots would take more."""
+    known = devices.memory_available()
+    if known is None:
+        return count
+    avail, source = known
+    fits = (avail // 2) // slot
+    if fits >= count:
+        return count
+    if fits >= least:
+        notes.append(f"handoff: {count} slots of {_size(slot)} would take more than half of the "
+                     f"{_size(avail)} this process may use ({source}): {fits} slots, {fits} batches "
+                     f"in flight")
+        return fits
+    raise ConfigError(
+        f"handoff: a slot ring of {least} x {_size(slot)} = {_size(least * slot)} would take more than "
+        f"half of the {_size(avail)} this process may use ({source}); use smaller batches "
+        f"(handoff.slot_mb, --rows) or give the container more memory (docker run --memory=...)")
+
+
+def _ring_in(place: str, count: int, slot: int, least: int) -> tuple[SlotRing | None, str]:
+    """A ring of ``count`` slots in ``place``, or of as many as fit (``least`` at fewest); else None
+    and why not, for the error message."""
+    n = min(count, max(0, _free(place) - _reserve(place)) // slot)
+    while n >= least:
+        try:
+            return SlotRing(n, slot, place), ""
+        except OSError as e:
+            if e.errno in NOT_HERE:
+                return None, f"cannot hold it ({os.strerror(e.errno)})"
+            if e.errno not in NO_ROOM:
+                raise
+        n = min(n - 1, max(0, _free(place) - _reserve(place)) // slot)  # someone else took space
+    free, keep = _free(place), _reserve(place)
+    return None, f"has {_size(free)} free" + (f" (keeping {_size(keep)} for others)" if keep else "")
+
+
+def _free(place: str) -> int:
+    try:
+        st = os.statvfs(place)
+    except OSError:
+        return 0
+    return st.f_bavail * st.f_frsize
+
+
+def _reserve(place: str) -> int:
+    """Space left to others sharing the filesystem: 1/16 of it, at most 64 MiB."""
+    try:
+        st = os.statvfs(place)
+    except OSError:
+        return 0
+    return min(st.f_blocks * st.f_frsize // 16, 64 * MIB)
+
+
+def _same_place(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a == b
+
+
+def _fix(ring_bytes: int) -> str:
+    """The docker flag that would hold a ring of ``ring_bytes`` with room to spare (a power of two)."""
+    mib = 64
+    while mib * MIB < ring_bytes * 5 // 4:
+        mib *= 2
+    return f"docker run --shm-size={mib // 1024}g" if mib >= 1024 else f"docker run --shm-size={mib}m"
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def _alive(pid: int) -> bool:

@@ -29,7 +29,7 @@ import torch
 
 from . import devices, kernels
 from .errors import WorkerError
-from .handoff import Descriptor, SlotReader, _alive, remove_rings_of
+from .handoff import Descriptor, SlotReader, _alive, remove_stale
 
 
 @dataclass
@@ -161,21 +161,21 @@ def pack_error(e: BaseException) -> tuple[Any, str, str]:
     return e, f"{type(e).__name__ if e else 'Exception'}: {e}", tb
 
 
-def _watchdog(main_pid: int) -> None:
+def _watchdog(main_pid: int, ring_dir: str) -> None:
     ppid = os.getppid()
     while True:
         time.sleep(0.5)
         if os.getppid() != ppid or not _alive(main_pid):
-            remove_rings_of(main_pid)
+            remove_stale(ring_dir)  # the rings of dead mains, ours among them
             os._exit(1)
 
 
 def main(rank: int, conn, spec: kernels.KernelSpec, device_spec: str, threads: int, pinned: bool,
-         main_pid: int) -> None:
+         main_pid: int, ring_dir: str) -> None:
     """Entry point of a worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # born with SIGINT blocked: see executor._sigint_blocked
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    threading.Thread(target=_watchdog, args=(main_pid,), daemon=True).start()
+    threading.Thread(target=_watchdog, args=(main_pid, ring_dir), daemon=True).start()
     try:
         try:
             torch.set_num_threads(threads)
@@ -190,7 +190,7 @@ def main(rank: int, conn, spec: kernels.KernelSpec, device_spec: str, threads: i
         _loop(rank, conn, computer)
     except (EOFError, OSError):  # the pipe broke: if the main is gone, leave nothing behind
         if not _alive(main_pid) or os.getppid() == 1:
-            remove_rings_of(main_pid)
+            remove_stale(ring_dir)
 
 
 def _loop(rank: int, conn, computer: Computer) -> None:

@@ -74,8 +74,8 @@ def test_parse_value_as_toml(text, value):
 
 
 def test_threads_default_caps_cores(monkeypatch):
-    """Threads per worker default to max(1, cores // workers)."""
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    """Threads per worker default to max(1, usable CPUs // workers)."""
+    monkeypatch.setattr("pipeline.devices.usable_cpus", lambda: 16)
     assert Config().replace(**{"workers.count": 4}).threads_per_worker() == 4
     assert Config().replace(**{"workers.count": 32}).threads_per_worker() == 1
     assert Config().replace(**{"workers.threads": 3}).threads_per_worker() == 3

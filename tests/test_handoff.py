@@ -72,16 +72,27 @@ def test_slot_ring_views_without_copy():
     assert not os.path.exists(ring.path)
 
 
-def test_remove_stale_clears_dead_mains_only():
-    """Segments named after a dead pid are removed; ours stay."""
-    dead = os.path.join(SHM_DIR, "pipeline-999999999-dead")
-    open(dead, "wb").close()
+def test_remove_stale_clears_dead_mains_only(tmp_path):
+    """Ring files named after a dead pid are removed, in the ring dir and the temp dir; ours and
+    look-alike names stay."""
+    import tempfile
+    dead = [os.path.join(SHM_DIR, "pipeline-999999999-0badc0de"),
+            os.path.join(tempfile.gettempdir(), "pipeline-999999998-0badc0de"),
+            str(tmp_path / "pipeline-999999997-0badc0de")]
+    alike = [tmp_path / "pipeline-999999996-notaring", tmp_path / "pipeline-999999995-0badc0de.npy"]
+    for p in dead + alike:
+        open(p, "wb").close()
     ring = SlotRing(1, 10)
     try:
-        removed = remove_stale()
-        assert "pipeline-999999999-dead" in removed and os.path.exists(ring.path)
+        removed = remove_stale(str(tmp_path))
+        assert sorted(removed) == sorted(os.path.basename(p) for p in dead)
+        assert not any(os.path.exists(p) for p in dead)
+        assert all(p.exists() for p in alike) and os.path.exists(ring.path)
     finally:
         ring.close()
+        for p in dead:
+            if os.path.exists(p):
+                os.unlink(p)
 
 
 @pytest.mark.timeout(120)
@@ -89,8 +100,8 @@ def test_slots_are_reused_and_pickled_fallback_is_bit_identical(monkeypatch):
     """100 batches use one ring of in_flight slots; batches too big for a slot are pickled, same bytes."""
     import pipeline.executor as ex
     rings = []
-    real = ex.SlotRing
-    monkeypatch.setattr(ex, "SlotRing", lambda *a: rings.append(real(*a)) or rings[-1])
+    real = ex.open_ring
+    monkeypatch.setattr(ex, "open_ring", lambda *a: rings.append(real(*a)) or rings[-1])
     kw = dict(TINY, batches=100, kernel="fft", workers=2, in_flight=3)
     slots = pipeline.run(**kw).summary
     assert len(rings) == 1 and slots["handoff"]["slots"] == 3 and slots["handoff"]["pickled_fallbacks"] == 0
