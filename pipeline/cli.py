@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_run(args) -> int:
     from .runner import run
     try:
-        result = run(args.config, **_overrides(args))
+        result = run(args.config, keep_results=False, **_overrides(args))  # streamed: memory stays bounded
     except Exception as e:
         if args.json and getattr(e, "summary", None):
             print(json.dumps(e.summary, default=str))

@@ -211,10 +211,11 @@ class SlotReader:
             pass
 
 
-def remove_stale(*directories: str) -> list[str]:
+def remove_stale(*directories: str, dead: int | None = None) -> list[str]:
     """Unlink ring files left by mains that no longer run (a SIGKILLed main whose workers died too), in
     ``directories``, the default handoff.dir and the temp dir (where a ring goes when shared memory is
-    short). Only regular files named exactly like a ring are touched: the temp dir is everybody's."""
+    short). Only regular files named exactly like a ring are touched: the temp dir is everybody's.
+    ``dead``: a main known to be gone (a worker's, even while it is an unreaped zombie)."""
     removed = []
     seen = set()
     for directory in (*directories, SHM_DIR, tempfile.gettempdir()):
@@ -228,7 +229,7 @@ def remove_stale(*directories: str) -> list[str]:
             continue
         for name in names:
             m = RING_NAME.match(name)
-            if m is None or _alive(int(m.group(1))):
+            if m is None or (int(m.group(1)) != dead and _alive(int(m.group(1)))):
                 continue
             path = os.path.join(directory, name)
             try:

@@ -166,7 +166,7 @@ def _watchdog(main_pid: int, ring_dir: str) -> None:
     while True:
         time.sleep(0.5)
         if os.getppid() != ppid or not _alive(main_pid):
-            remove_stale(ring_dir)  # the rings of dead mains, ours among them
+            remove_stale(ring_dir, dead=main_pid)  # ours, and any other dead main's
             os._exit(1)
 
 
@@ -190,7 +190,7 @@ def main(rank: int, conn, spec: kernels.KernelSpec, device_spec: str, threads: i
         _loop(rank, conn, computer)
     except (EOFError, OSError):  # the pipe broke: if the main is gone, leave nothing behind
         if not _alive(main_pid) or os.getppid() == 1:
-            remove_stale(ring_dir)
+            remove_stale(ring_dir, dead=main_pid)
 
 
 def _loop(rank: int, conn, computer: Computer) -> None:
