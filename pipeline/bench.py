@@ -10,8 +10,9 @@ Modes (each at every worker count, with the same kernel code and thread cap):
   ray                  this package's Ray backend (one actor per worker, the object store), if installed
 
 Worker start-up is timed apart and excluded: every mode is warmed up before its timed run. A calibration
-measures the stages one at a time (build in the main, one memcpy, the kernel on one worker's threads,
-host-to-device) and gives the roofline: the best throughput the slowest stage allows.
+measures the stages one at a time (the main's build on the build threads it would use, the kernel on one
+worker's threads, host-to-device) and gives the roofline: the best throughput the slowest stage allows.
+A mode measured above it means the calibration is off, and the table says so.
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def bench(args, overrides: dict) -> int:
     counts = _counts(args, overrides)
     cfg = resolve(args.config, overrides)
     devices.check(cfg.workers.device)
-    report = run_bench(cfg, modes, counts, args.repeat)
+    build_lists = _build_lists(args)
+    report = run_bench(cfg, modes, counts, args.repeat, build_lists)
     print(table(report))
     if args.json_path:
         with open(args.json_path, "w") as f:
@@ -88,12 +90,26 @@ def _counts(args, overrides: dict) -> list[int]:
     return sorted(set(counts))
 
 
-def run_bench(cfg: Config, modes: list[str], counts: list[int], repeat: int) -> dict:
+def _build_lists(args) -> list[int] | None:
+    text = getattr(args, "build_threads_list", None)
+    if not text:
+        return None
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--build-threads-list {text!r}: expected numbers like 1,2") from None
+    if any(c < 1 for c in counts):
+        raise ConfigError(f"--build-threads-list: counts must be >= 1, got {counts}")
+    return counts
+
+
+def run_bench(cfg: Config, modes: list[str], counts: list[int], repeat: int,
+              build_lists: list[int] | None = None) -> dict:
     spec = kernels.spec_for(cfg.kernel.name, dict(cfg.kernel.params))
     src = make_source(cfg.source)
     n = len(src)
     batch_bytes = sum(b.nbytes for b in src)
-    cal = calibrate(cfg, spec, src)  # first, on a quiet machine: peers' processes may linger after
+    cal = calibrate(cfg, spec, src, counts, build_lists)  # first, on a quiet machine: peers' processes may linger
     ref, serial_time = _serial(cfg, spec, src, repeat)
     rows = []
     tol = 5e-2 if cfg.source.dtype == "float16" else 1e-3
@@ -116,13 +132,19 @@ def run_bench(cfg: Config, modes: list[str], counts: list[int], repeat: int) -> 
         runner = {"pipeline": _pipeline, "mp.Pool": _pool, "ProcessPoolExecutor": _executor,
                   "DataLoader": _dataloader, "ray": _ray}[mode]
         for workers in counts:
-            c = cfg.replace(**{"workers.count": workers})
-            results, seconds, startup, extra = runner(c, spec, src, repeat)
-            record(mode, workers, results, seconds, startup, extra)
-    roof = roofline(cal, cfg, counts, n)
+            for bt in (build_lists or [0]) if mode == "pipeline" else [0]:
+                c = cfg.replace(**{"workers.count": workers, "workers.build_threads": bt})
+                results, seconds, startup, extra = runner(c, spec, src, repeat)
+                record(mode, workers, results, seconds, startup, extra)
+    roof = roofline(cal, cfg, counts)
     for r in rows:
-        bound = roof["bound_batches_per_s"].get(str(r["workers"]))
-        r["roofline_efficiency"] = round(r["batches_per_s"] / bound, 3) if bound else None
+        if r["workers"]:
+            b, stage = bound(cal, cfg, r["workers"], r.get("build_threads_asked", 0))
+            r["roofline_batches_per_s"], r["limiting_stage"] = b, stage
+            r["roofline_efficiency"] = round(r["batches_per_s"] / b, 3)
+            r["calibration_off"] = r["roofline_efficiency"] > 1.05
+        else:
+            r["roofline_efficiency"] = None
     return {"machine": machine(), "config": cfg.to_dict(), "tolerance": tol, "calibration": cal,
             "roofline": roof, "results": rows}
 
@@ -174,6 +196,8 @@ def _pipeline(cfg, spec, src, repeat):
                                             for k, v in ex.breakdown.items()},
                  "threads_per_worker": ex.threads, "h2d_gbps": figures.get("h2d_gbps"),
                  "pickled_fallbacks": figures.get("pickled_fallbacks")}
+        extra.update(build_threads=figures.get("build_threads"), build_threads_asked=cfg.workers.build_threads,
+                     slots=figures.get("slots"), h2d_from_slot=figures.get("h2d_from_slot"))
         return results, seconds, ex.startup_s, extra
 
 
@@ -270,31 +294,28 @@ def _dataloader_run(cfg, spec, src, repeat):
 
 
 # -- calibration and roofline ----------------------------------------------------------------------------
-def calibrate(cfg: Config, spec, src, k: int = 4) -> dict:
-    """Per-batch seconds of each stage alone, measured here: build, memcpy, kernel on 1 worker, H2D."""
+def calibrate(cfg: Config, spec, src, counts: list[int], build_lists: list[int] | None = None, k: int = 4) -> dict:
+    """Per-batch seconds of each stage alone, measured here: the main's build on the build threads each
+    worker count gets (in parallel, into buffers already faulted in, as slots are), the kernel on one
+    worker's threads (on CUDA: on a device-resident batch), and host-to-device from pinned memory."""
+    cuda = _cuda(cfg)
+    threads_needed = {_build_threads(cfg, w, cuda, b) for w in counts for b in (build_lists or [0])}
+    build = {t: _build_rate(src, t) for t in sorted(threads_needed)}
     batches = list(src)[:k]
-    b0 = batches[0]
-    out = np.empty(b0.shape, b0.dtype)
-    b0.fill(out)  # fault the pages in first, as in a slot that is reused
-    t0 = time.perf_counter()
-    for b in batches:
-        b.fill(out)
-    build = (time.perf_counter() - t0) / len(batches)
-    dst = np.empty_like(out)
-    np.copyto(dst, out)  # fault the pages in first: a slot is written many times
-    t0 = time.perf_counter()
-    for _ in range(k):
-        np.copyto(dst, out)
-    memcpy = (time.perf_counter() - t0) / k
+    out = batches[0].array()
     device = devices.choose(cfg.workers.device, 0)
     per_worker = {}
-    for threads in sorted({cfg.replace(**{"workers.count": w}).threads_per_worker() for w in (1, 2, 4, 8, 16)}):
+    for threads in sorted({cfg.replace(**{"workers.count": w}).threads_per_worker() for w in counts}):
         with devices.torch_threads(threads):
             computer = Computer(spec, device, cfg.handoff.pinned)
-            computer(out)
+            x = torch.from_numpy(out).to(device)
+            computer.kernel(x)  # warm-up: lazy weights, allocator
+            _sync(device)
             t0 = time.perf_counter()
             for b in batches:
-                computer(out, b.index)
+                kernels.current.update(index=b.index, attempt=1)
+                computer.kernel(x)
+            _sync(device)
             per_worker[threads] = (time.perf_counter() - t0) / len(batches)
     h2d = None
     if device.type == "cuda":
@@ -306,28 +327,70 @@ def calibrate(cfg: Config, spec, src, k: int = 4) -> dict:
             x.to(device, non_blocking=True)
         torch.cuda.synchronize()
         h2d = (time.perf_counter() - t0) / k
-    return {"batch_bytes": b0.nbytes, "build_s": build, "memcpy_s": memcpy,
+    return {"batch_bytes": batches[0].nbytes, "build_s_by_threads": build, "build_s": build[min(build)],
             "kernel_s_by_threads": per_worker, "h2d_s": h2d, "device": str(device),
             "cores": devices.usable_cpus(), "gpus": devices.gpu_count()}
 
 
-def roofline(cal: dict, cfg: Config, counts: list[int], n: int) -> dict:
-    """For each worker count: the slowest of main build+handoff, kernel x usable workers, and H2D."""
-    bounds, limits = {}, {}
-    main_rate = 1 / (cal["build_s"] + cal["memcpy_s"] * (0 if cfg.source.kind == "synthetic" else 1))
-    for w in counts:
-        threads = cfg.replace(**{"workers.count": w}).threads_per_worker()
-        if cal["device"].startswith("cuda"):
-            usable = min(w, max(1, cal["gpus"]))
-        else:
-            usable = min(w, max(1, cal["cores"] // threads))
-        stages = {"main build+handoff": main_rate,
-                  "kernel x usable workers": usable / cal["kernel_s_by_threads"][threads]}
-        if cal["h2d_s"]:
-            stages["host-to-device"] = max(1, cal["gpus"]) / cal["h2d_s"]
-        stage = min(stages, key=stages.get)
-        bounds[str(w)], limits[str(w)] = round(stages[stage], 3), stage
-    return {"bound_batches_per_s": bounds, "limiting_stage": limits}
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cuda(cfg: Config) -> bool:
+    return cfg.workers.device.startswith("cuda") or (cfg.workers.device == "auto" and devices.gpu_count() > 0)
+
+
+def _build_threads(cfg: Config, workers: int, cuda: bool, build_threads: int = 0) -> int:
+    """The build threads a run at ``workers`` gets (``build_threads``: asked for; 0: the config's)."""
+    c = cfg.replace(**{"workers.count": workers, **({"workers.build_threads": build_threads} if build_threads else {})})
+    return min(c.build_threads(cuda), c.in_flight(cuda))
+
+
+def _build_rate(src, threads: int, per: int = 3) -> float:
+    """Seconds per batch of the main's build on ``threads`` threads at once (each into its own buffer,
+    faulted in first, as a slot that is reused): the build stage's cost per batch at that parallelism."""
+    import threading
+    n = len(src)
+    bufs = [src.batch(i % n).array() for i in range(threads)]
+
+    def fill(t):
+        for j in range(per):
+            src.batch((t * per + j) % n).fill(bufs[t])
+    workers = [threading.Thread(target=fill, args=(t,)) for t in range(threads)]
+    t0 = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return (time.perf_counter() - t0) / (threads * per)
+
+
+def bound(cal: dict, cfg: Config, workers: int, build_threads: int = 0) -> tuple[float, str]:
+    """The best throughput the slowest stage allows, and that stage's name: the main's build on its build
+    threads (the fill into the slot is the only copy the main makes); the kernel on the usable workers
+    (CPU: cores // threads; CUDA: the GPUs, whose copy engines overlap the kernel, so the slower of the
+    kernel and the host-to-device copy)."""
+    cuda = cal["device"].startswith("cuda")
+    bt = _build_threads(cfg, workers, cuda, build_threads)
+    threads = cfg.replace(**{"workers.count": workers}).threads_per_worker()
+    stages = {f"main build ({bt} thread{'s' if bt > 1 else ''})": 1 / cal["build_s_by_threads"][bt]}
+    if cuda:
+        gpus = max(1, cal["gpus"])
+        stages["kernel on the GPU"] = min(workers, gpus) / cal["kernel_s_by_threads"][threads]
+        stages["host-to-device"] = gpus / cal["h2d_s"]
+    else:
+        usable = min(workers, max(1, cal["cores"] // threads))
+        stages["kernel x usable workers"] = usable / cal["kernel_s_by_threads"][threads]
+    stage = min(stages, key=stages.get)
+    return round(stages[stage], 3), stage
+
+
+def roofline(cal: dict, cfg: Config, counts: list[int], n: int = 0) -> dict:
+    """``bound`` for each worker count, with the automatic build threads."""
+    out = {str(w): bound(cal, cfg, w) for w in counts}
+    return {"bound_batches_per_s": {w: b for w, (b, _) in out.items()},
+            "limiting_stage": {w: s for w, (_, s) in out.items()}}
 
 
 def max_rel_diff(results: list, ref: list) -> float:
@@ -351,27 +414,50 @@ def machine() -> dict:
 
 
 def table(report: dict) -> str:
-    cal, roof = report["calibration"], report["roofline"]
+    cal = report["calibration"]
     m = report["machine"]
+    builds = ", ".join(f"{1 / v:.1f}/s on {t} thread{'s' if t > 1 else ''}"
+                       for t, v in sorted(cal["build_s_by_threads"].items(), key=lambda kv: int(kv[0])))
     lines = [f"machine: {m['cpus']} cpus, {', '.join(m['devices'])}, torch {m['torch']}, "
              f"python {m['python']}",
-             f"batch {cal['batch_bytes'] / 1e6:.2f} MB; main builds one in {cal['build_s'] * 1e3:.2f} ms; "
-             f"one memcpy {cal['memcpy_s'] * 1e3:.2f} ms",
-             f"{'mode':<20}{'workers':>8}{'batch/s':>10}{'MB/s':>10}{'speedup':>9}{'startup s':>10}"
+             f"batch {cal['batch_bytes'] / 1e6:.2f} MB; the main builds {builds}",
+             f"{'mode':<20}{'workers':>8}{'build':>6}{'batch/s':>10}{'MB/s':>10}{'speedup':>9}{'startup s':>10}"
              f"{'roofline':>10}{'rel diff':>10}"]
     for r in report["results"]:
         eff = f"{r['roofline_efficiency']:.0%}" if r.get("roofline_efficiency") else "-"
-        lines.append(f"{r['mode']:<20}{r['workers']:>8}{r['batches_per_s']:>10.2f}{r['mb_per_s']:>10.1f}"
+        lines.append(f"{r['mode']:<20}{r['workers']:>8}{r.get('build_threads') or '-':>6}"
+                     f"{r['batches_per_s']:>10.2f}{r['mb_per_s']:>10.1f}"
                      f"{r['speedup_vs_serial']:>8.2f}x{r['startup_s']:>10.2f}{eff:>10}"
                      f"{r['max_rel_diff_vs_serial']:>10.1e}")
-    for w, bound in roof["bound_batches_per_s"].items():
-        lines.append(f"roofline at {w} worker(s): {bound} batches/s, limited by {roof['limiting_stage'][w]}")
+    seen = set()
+    for r in report["results"]:
+        key = (r["workers"], r.get("roofline_batches_per_s"), r.get("limiting_stage"))
+        if r["workers"] and key not in seen:
+            seen.add(key)
+            lines.append(f"roofline at {r['workers']} worker(s): {r['roofline_batches_per_s']} batches/s, "
+                         f"limited by {r['limiting_stage']}")
     for r in report["results"]:
         if r["mode"] == "pipeline" and r.get("breakdown_ms_per_batch"):
-            b = r["breakdown_ms_per_batch"]
-            lines.append(f"pipeline x{r['workers']} ms/batch: " + ", ".join(f"{k[:-3]} {v}" for k, v in b.items())
-                         + (f"; host-to-device {r['h2d_gbps']} GB/s" if r.get("h2d_gbps") else ""))
+            lines.append(f"pipeline x{r['workers']} (build {r.get('build_threads')}) ms/batch: "
+                         + breakdown_text(r["breakdown_ms_per_batch"])
+                         + (f"; host-to-device {r['h2d_gbps']} GB/s"
+                            f"{' from the slots' if r.get('h2d_from_slot') else ''}" if r.get("h2d_gbps") else ""))
+    off = [r for r in report["results"] if r.get("calibration_off")]
+    for r in off:
+        lines.append(f"warning: {r['mode']} x{r['workers']} ran at {r['roofline_efficiency']:.0%} of the roofline: "
+                     f"the calibration is off (a stage measured alone ran slower than in the pipeline)")
     return "\n".join(lines)
+
+
+def breakdown_text(b: dict) -> str:
+    """The per-batch breakdown in three groups: the main's own work, the worker's, and waits."""
+    main = ("build", "dispatch", "receive")
+    work = ("stage", "h2d", "compute", "d2h")
+    waits = ("slot_wait", "worker_wait", "idle", "return", "order_wait")
+
+    def part(keys):
+        return ", ".join(f"{k} {b[k + '_ms']}" for k in keys if k + "_ms" in b)
+    return f"main [{part(main)}] worker [{part(work)}] waits [{part(waits)}]"
 
 
 def plot(report: dict, path: str) -> None:

@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list: serial, pipeline, mp.Pool, ProcessPoolExecutor, DataLoader, or all")
     b.add_argument("--workers-list", default=None, metavar="N,N",
                    help="worker counts for the parallel modes (default 1,2,4 and the core count)")
+    b.add_argument("--build-threads-list", default=None, metavar="N,N",
+                   help="run the pipeline mode with each of these build-thread counts (default: auto)")
     b.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of agreement")
     b.add_argument("--repeat", type=int, default=1, metavar="N", help="median of N timed runs")
     b.add_argument("--json", metavar="PATH", dest="json_path", help="write the results as JSON")

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.bench import _has_ray, max_rel_diff, roofline
+from pipeline.bench import _has_ray, bound, max_rel_diff, roofline
 from pipeline.cli import main
 
 
@@ -29,7 +29,7 @@ def test_quick_all_modes_agree(tmp_path, capsys):
     assert set(pipe["breakdown_ms_per_batch"]) == {
         "build_ms", "dispatch_ms", "receive_ms", "stage_ms", "h2d_ms", "compute_ms", "d2h_ms",
         "slot_wait_ms", "worker_wait_ms", "idle_ms", "return_ms", "order_wait_ms"}
-    assert report["roofline"]["limiting_stage"]["1"] in ("main build+handoff", "kernel x usable workers")
+    assert report["roofline"]["limiting_stage"]["1"] in ("main build (1 thread)", "kernel x usable workers")
     assert "roofline" in out and "pipeline" in out
 
 
@@ -48,14 +48,39 @@ def test_max_rel_diff_detects_disagreement():
 
 
 def test_roofline_names_the_slowest_stage():
-    """The bound is the slowest stage: a slow main build limits, then the kernel on usable cores."""
+    """The bound is the slowest stage: the kernel on the usable cores, then a slow main build."""
     from pipeline import Config
-    cfg = Config().replace(**{"workers.threads": 1})
-    cal = {"build_s": 0.05, "memcpy_s": 0.0, "kernel_s_by_threads": {1: 0.1}, "h2d_s": None,
+    cfg = Config().replace(**{"workers.threads": 1, "workers.build_threads": 1})
+    cal = {"build_s_by_threads": {1: 0.05}, "kernel_s_by_threads": {1: 0.1}, "h2d_s": None,
            "device": "cpu", "cores": 4, "gpus": 0}
-    r = roofline(cal, cfg, [1, 8], 10)
-    assert r["limiting_stage"] == {"1": "kernel x usable workers", "8": "main build+handoff"}
+    r = roofline(cal, cfg, [1, 8])
+    assert r["limiting_stage"] == {"1": "kernel x usable workers", "8": "main build (1 thread)"}
     assert r["bound_batches_per_s"] == {"1": 10.0, "8": 20.0}
+
+
+def test_roofline_on_cuda_overlaps_copy_and_kernel():
+    """On CUDA the GPU stage is the slower of kernel and host-to-device (they overlap), per GPU."""
+    from pipeline import Config
+    cfg = Config().replace(**{"workers.threads": 2, "workers.build_threads": 4, "handoff.in_flight": 16})
+    cal = {"build_s_by_threads": {4: 0.001}, "kernel_s_by_threads": {2: 0.004}, "h2d_s": 0.002,
+           "device": "cuda:0", "cores": 16, "gpus": 1}
+    assert bound(cal, cfg, 4) == (250.0, "kernel on the GPU")
+    cal["h2d_s"] = 0.01
+    assert bound(cal, cfg, 4) == (100.0, "host-to-device")
+
+
+def test_build_threads_rows_and_calibration_warning(tmp_path, capsys):
+    """--build-threads-list gives a pipeline row per build-thread count; a row above the roofline is flagged."""
+    path = tmp_path / "b.json"
+    assert main(["bench", "--quick", "--modes", "pipeline", "--workers-list", "1", "--build-threads-list", "1,2",
+                 "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["results"]
+    assert [(r["mode"], r["build_threads"]) for r in rows] == [("pipeline", 1), ("pipeline", 2)]
+    assert all("roofline_batches_per_s" in r and "calibration_off" in r for r in rows)
+    from pipeline.bench import table
+    report = json.loads(path.read_text())
+    report["results"][0].update(roofline_efficiency=1.5, calibration_off=True)
+    assert "calibration is off" in table(report)
 
 
 def test_disagreeing_mode_exits_1(monkeypatch, capsys):
