@@ -29,6 +29,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from . import devices, worker
+from .outputs import Relay
 from .config import Config
 from .errors import RemoteTraceback, WorkerError
 from .handoff import SlotRing, remove_stale
@@ -81,6 +82,7 @@ class LocalExecutor:
         self.startup_s = 0.0
         self.breakdown: dict = {}
         self.ring: SlotRing | None = None
+        self.relay = Relay()  # workers' stdout and stderr -> our stderr; the runner sets relay.bar
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def __enter__(self):
@@ -93,6 +95,7 @@ class LocalExecutor:
     def start(self) -> None:
         t0 = time.perf_counter()
         remove_stale()
+        self.relay.start()
         for rank in range(self.cfg.workers.count):
             self.workers.append(self._spawn(rank))
         while not all(w.ready for w in self.workers):
@@ -104,7 +107,7 @@ class LocalExecutor:
         p = self.ctx.Process(
             target=worker.main, name=f"pipeline-worker-{rank}", daemon=True,
             args=(rank, child, self.spec, self.cfg.workers.device, self.threads,
-                  self.cfg.handoff.pinned, os.getpid()),
+                  self.cfg.handoff.pinned, os.getpid(), self.relay.writer),
         )
         with devices.thread_env(self.threads), _no_phantom_main_file(), _born_ignoring_sigint():
             p.start()
@@ -134,6 +137,7 @@ class LocalExecutor:
                 w.process.join()
             w.conn.close()
         self.workers = []
+        self.relay.close()  # after the last join: prints what the workers wrote, to the end
         if self.ring is not None:
             self.ring.close()
             self.ring = None

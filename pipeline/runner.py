@@ -1,7 +1,6 @@
 """``run``: config + source + kernel -> ordered results and a summary, on the chosen backend."""
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 import time
@@ -12,6 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import devices, kernels
+from .outputs import checksum  # noqa: F401 - pipeline.runner.checksum, as before
 from .config import Config, load_config
 from .errors import ConfigError
 from .handoff import to_host
@@ -35,18 +35,20 @@ OVERRIDES = {
 @dataclass
 class RunResult:
     summary: dict
-    results: list = field(default_factory=list)  # numpy arrays in batch order (None for failed batches)
+    # in batch order: numpy arrays, or tuples or dicts of them for kernels with several outputs (None for a
+    # failed batch)
+    results: list = field(default_factory=list)
 
 
 class Collector:
     """Results in batch order, the checksum, per-worker counts, failures; the output directory if any.
 
-    With a sink (``--output``), batches it already holds are loaded back and skipped: ``counted`` drops
-    them before they reach a worker, and every new result is written to it as it arrives.
+    With a sink (``--output``), batches it already holds are loaded back (``sink.load``) and skipped:
+    ``counted`` drops them before they reach a worker, and every new result is written to it as it arrives.
     """
 
     def __init__(self, total: int | None, progress: bool, sink=None):
-        self.results: dict[int, np.ndarray] = dict(sink.restored) if sink else {}
+        self.results: dict[int, Any] = {i: sink.load(i) for i in sink.restored} if sink else {}
         self.skipped = len(self.results)
         self.sink = sink
         self.failed: list[dict] = []
@@ -75,19 +77,6 @@ class Collector:
     def ordered(self) -> list:
         n = max(list(self.results) + [f["batch"] for f in self.failed], default=-1) + 1
         return [self.results.get(i) for i in range(n)]
-
-
-def checksum(results: Iterable[np.ndarray | None]) -> str:
-    """sha256 over every result's dtype, shape and bytes, in batch order (a failed batch: its index)."""
-    h = hashlib.sha256()
-    for i, r in enumerate(results):
-        if r is None:
-            h.update(f"failed:{i};".encode())
-            continue
-        r = np.ascontiguousarray(r)
-        h.update(f"{r.dtype.str}{r.shape};".encode())
-        h.update(r.tobytes())
-    return h.hexdigest()
 
 
 def resolve(config: Config | str | os.PathLike | None, overrides: dict[str, Any]) -> Config:
@@ -137,6 +126,8 @@ def run(config: Config | str | os.PathLike | None = None, *, source: Iterable | 
             run_serial(cfg, spec, src, col, info)
         else:
             ex, ok = make_executor(cfg, spec, max_nbytes), False
+            if getattr(ex, "relay", None) is not None:
+                ex.relay.bar = col.bar  # workers' prints go above the progress bar
             try:
                 ex.start()
                 info["startup_s"] = ex.startup_s
