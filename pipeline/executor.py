@@ -95,7 +95,6 @@ class LocalExecutor:
     def start(self) -> None:
         t0 = time.perf_counter()
         remove_stale()
-        self.relay.start()
         for rank in range(self.cfg.workers.count):
             self.workers.append(self._spawn(rank))
         while not all(w.ready for w in self.workers):
@@ -104,13 +103,17 @@ class LocalExecutor:
 
     def _spawn(self, rank: int) -> Handle:
         parent, child = self.ctx.Pipe(duplex=True)
+        out = self.relay.pipe()  # the worker's stdout and stderr
         p = self.ctx.Process(
             target=worker.main, name=f"pipeline-worker-{rank}", daemon=True,
             args=(rank, child, self.spec, self.cfg.workers.device, self.threads,
-                  self.cfg.handoff.pinned, os.getpid(), self.relay.writer),
+                  self.cfg.handoff.pinned, os.getpid(), out),
         )
-        with devices.thread_env(self.threads), _no_phantom_main_file(), _born_ignoring_sigint():
-            p.start()
+        try:
+            with devices.thread_env(self.threads), _no_phantom_main_file(), _born_ignoring_sigint():
+                p.start()
+        finally:
+            out.close()  # the child holds its own copy: the relay sees EOF when the child exits
         child.close()
         h = Handle(rank, p, parent)
         self.history.append(h)
@@ -137,7 +140,7 @@ class LocalExecutor:
                 w.process.join()
             w.conn.close()
         self.workers = []
-        self.relay.close()  # after the last join: prints what the workers wrote, to the end
+        self.relay.close()  # after the last join: prints what the workers wrote, to the end of each pipe
         if self.ring is not None:
             self.ring.close()
             self.ring = None

@@ -16,11 +16,13 @@ bench's peers all agree); ``checksum``, ``max_rel_diff`` and ``nbytes`` work on 
 
 NOTE [ Worker output ]
 stdout belongs to the summary (``run --json`` prints one JSON object there). Each local worker's fd 1 and
-fd 2 are a pipe (``worker_stdio``), whose read end a ``Relay`` thread in the main owns: it copies lines to
-the main's stderr, through ``tqdm.write`` while a progress bar is shown so that the bar stays whole. Native
-code and libraries writing to fd 1 are caught too, since the redirection is at the file-descriptor level.
-The main's copy of the write end is closed once the last worker has been joined, and the relay drains the
-pipe before the executor's ``close`` returns, so a dying worker's last words are printed. In the main,
+fd 2 are a pipe of its own (``worker_stdio``; one per worker, so lines never mix mid-line), whose read end
+a ``Relay`` thread in the main owns: it copies whole lines to the main's stderr, through ``tqdm.write``
+while a progress bar is shown so that the bar stays whole. Native code and libraries writing to fd 1 are
+caught too, since the redirection is at the file-descriptor level. The main closes its copy of a write end
+as soon as the worker has started, so the pipe ends (EOF) when the worker does; the executor's ``close``
+joins the workers and then the relay, which reads every pipe to its end first, so a dying worker's last
+words are printed before ``close`` returns. In the main,
 ``stdout_to_stderr`` does the same for the serial baseline and anything else (the CLI's ``run``).
 Warnings: ``warnings_once`` shows each (category, file, line) once, whatever its text, so a warning a
 kernel raises on every batch is shown once per worker.
@@ -221,59 +223,72 @@ def max_rel_diff(results: list, ref: list) -> float:
 
 # -- worker output -------------------------------------------------------------------------------------------
 class Relay:
-    """The main's end of the workers' output pipe: a thread copies their lines to the main's stderr.
+    """The main's ends of the workers' output pipes: a thread copies their lines to the main's stderr.
 
-    ``writer`` (a write-only Connection) goes to each worker as a Process argument; ``bar`` is the active
-    progress bar (set by the runner), written around with ``tqdm.write``. See NOTE [ Worker output ].
+    ``pipe()`` gives the write end for one worker (a write-only Connection, a Process argument); close it
+    in the main once the worker has started. One pipe per worker, so lines from different workers never
+    mix mid-line. ``bar`` is the active progress bar (set by the runner), written around with
+    ``tqdm.write``. See NOTE [ Worker output ].
     """
 
     def __init__(self):
         self.bar = None
-        self.writer = None
-        self._read_fd: int | None = None
+        self._fds: dict[int, bytes] = {}  # read end -> the unterminated tail of what it sent
+        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
 
-    def start(self) -> None:
+    def pipe(self):
+        """A new pipe whose read end the relay watches; returns its write end (one worker's fd 1 and 2)."""
         from multiprocessing.connection import Connection
-        if self._thread is not None:
-            return
         r, w = os.pipe()
-        self._read_fd, self.writer = r, Connection(w, readable=False)
-        self._closing.clear()
-        self._thread = threading.Thread(target=self._pump, name="pipeline-relay", daemon=True)
-        self._thread.start()
+        with self._lock:
+            self._fds[r] = b""
+            if self._thread is None:
+                self._closing.clear()
+                self._thread = threading.Thread(target=self._pump, name="pipeline-relay", daemon=True)
+                self._thread.start()
+        return Connection(w, readable=False)
 
     def close(self, timeout: float = 5.0) -> None:
-        """Close the main's write end and print whatever the workers wrote; call after joining them."""
+        """Print whatever the workers wrote, to the end; call after joining them."""
         if self._thread is None:
             return
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
         self._closing.set()
         self._thread.join(timeout)
         self._thread = None
 
     def _pump(self) -> None:
-        fd, pending = self._read_fd, b""
-        try:
-            while True:
-                ready, _, _ = select.select([fd], [], [], 0.1 if self._closing.is_set() else 0.5)
-                if not ready:
-                    if self._closing.is_set():
-                        break  # drained; a stray holder of the write end cannot keep us here
-                    continue
+        while True:
+            closing = self._closing.is_set()
+            with self._lock:
+                fds = list(self._fds)
+            if not fds and closing:
+                return
+            ready = select.select(fds, [], [], 0.1)[0] if fds else []
+            if not fds:
+                self._closing.wait(0.1)
+            elif not ready and closing:
+                break  # drained; a stray holder of a write end cannot keep us here
+            for fd in ready:
                 data = os.read(fd, 65536)
-                if not data:
-                    break  # EOF: every writer is gone
-                *lines, pending = (pending + data).split(b"\n")
+                with self._lock:
+                    *lines, self._fds[fd] = (self._fds[fd] + data).split(b"\n")
                 for line in lines:
                     self._emit(line)
-        finally:
-            if pending:
-                self._emit(pending)
-            os.close(fd)
+                if not data:  # EOF: the worker is gone
+                    self._drop(fd)
+        with self._lock:
+            left = list(self._fds)
+        for fd in left:
+            self._drop(fd)
+
+    def _drop(self, fd: int) -> None:
+        with self._lock:
+            tail = self._fds.pop(fd, b"")
+        if tail:
+            self._emit(tail)
+        os.close(fd)
 
     def _emit(self, line: bytes) -> None:
         text = line.decode("utf-8", "replace").rstrip("\r")
