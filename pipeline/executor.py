@@ -29,11 +29,11 @@ from typing import Callable, Iterable
 import numpy as np
 
 from . import devices, worker
-from .outputs import Relay
 from .config import Config
 from .errors import RemoteTraceback, WorkerError
 from .handoff import SlotRing, remove_stale
 from .kernels import KernelSpec
+from .outputs import Relay
 from .sources import Batch
 from .worker import Task
 

@@ -11,10 +11,10 @@ import numpy as np
 from tqdm import tqdm
 
 from . import devices, kernels
-from .outputs import checksum  # noqa: F401 - pipeline.runner.checksum, as before
 from .config import Config, load_config
 from .errors import ConfigError
 from .handoff import to_host
+from .outputs import checksum  # noqa: F401 - pipeline.runner.checksum, as before
 from .sinks import open_output
 from .sources import length, make_source
 from .worker import Computer
