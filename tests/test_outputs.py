@@ -26,11 +26,13 @@ WHERE = "kernel 'k', batch 3"
 class Dicty:
     """Several outputs: a dict of arrays of different shapes and dtypes (or a tuple, with as_tuple)."""
 
-    def setup(self, device, as_tuple=False):
-        self.as_tuple = as_tuple
+    def setup(self, device, as_tuple=False, bf16=False):
+        self.as_tuple, self.bf16 = as_tuple, bf16
 
     def __call__(self, x):
         out = {"logits": x * 2 + 1, "emb": x.sum(1), "pos": (x > 0).sum(1) > 2, "n": kernels.current["index"]}
+        if self.bf16:
+            out["bf16"] = (x * 2).to(torch.bfloat16)
         return tuple(out.values()) if self.as_tuple else out
 
 
@@ -221,6 +223,18 @@ def test_several_outputs_two_workers_equal_serial(as_tuple):
     if not as_tuple:
         assert list(first) == ["logits", "emb", "pos", "n"] and first["n"].item() == 2
         assert first["pos"].dtype == bool and first["logits"].shape == (16, 8)
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(180)
+def test_gpu_several_outputs_and_bfloat16_match_cpu():
+    """On CUDA workers a dict kernel with a bfloat16 output comes back as on the CPU (bf16 as float32)."""
+    kw = dict(TINY, rows=256, cols=64, **{"kernel.params.bf16": True})
+    cpu = pipeline.run(kernel="test_outputs:Dicty", workers=0, device="cpu", **kw)
+    gpu = pipeline.run(kernel="test_outputs:Dicty", workers=2, device="cuda", **kw)
+    assert all(w["device"].startswith("cuda") for w in gpu.summary["workers"])
+    assert outputs.max_rel_diff(gpu.results, cpu.results) < 1e-5
+    assert gpu.results[0]["bf16"].dtype == np.float32 and gpu.results[0]["pos"].dtype == bool
 
 
 @pytest.mark.timeout(90)
