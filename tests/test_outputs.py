@@ -332,6 +332,41 @@ def test_prints_and_warnings_leave_stdout_to_the_json(workers):
     assert p.stderr.count("UserWarning: chatty warning batch") == len(busy) >= 1
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs a Linux pty for the progress bar")
+def test_worker_prints_go_above_the_progress_bar():
+    """With the bar on (stderr a terminal), each worker line clears the bar first and the bar is redrawn."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
+    p = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "run", "--kernel", "test_outputs:Chatty", "--workers", "2",
+         "--batches", "4", "--rows", "4", "--cols", "4", "--threads-per-worker", "1", "--json"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 65536)
+        except OSError:  # EIO: every writer of the terminal is gone
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert p.wait(timeout=100) == 0 and json.loads(p.stdout.read())["completed"] == 4
+    p.stdout.close()
+    err = b"".join(chunks).decode()
+    assert "batch/s]" in err and "4/4" in err  # the bar was drawn, to the end
+    for i in range(4):
+        assert f"\rchatty print batch {i}\r\n" in err  # on a cleared line, not glued to the bar
+    assert "]chatty" not in err and "]/work" not in err
+
+
 def test_relay_copies_lines_and_drains_on_close(capsys, monkeypatch):
     """The relay prints whole lines per pipe (never mixed), unterminated last ones too, by close's return."""
     relay = outputs.Relay()
