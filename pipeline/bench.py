@@ -32,6 +32,7 @@ import torch
 from . import devices, kernels
 from .config import Config
 from .errors import ConfigError, ExitCode
+from .outputs import max_rel_diff  # noqa: F401 - pipeline.bench.max_rel_diff, as before; works on structures
 from .runner import checksum, make_executor, make_source, resolve
 from .sources import Work
 from .worker import Computer
@@ -391,19 +392,6 @@ def roofline(cal: dict, cfg: Config, counts: list[int], n: int = 0) -> dict:
     out = {str(w): bound(cal, cfg, w) for w in counts}
     return {"bound_batches_per_s": {w: b for w, (b, _) in out.items()},
             "limiting_stage": {w: s for w, (_, s) in out.items()}}
-
-
-def max_rel_diff(results: list, ref: list) -> float:
-    worst = 0.0
-    for a, b in zip(results, ref):
-        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        if a.shape != b.shape:
-            return float("inf")
-        scale = max(float(np.abs(b).max(initial=0.0)), 1e-12)
-        worst = max(worst, float(np.abs(a - b).max(initial=0.0)) / scale)
-    if len(results) != len(ref):
-        return float("inf")
-    return worst
 
 
 def machine() -> dict:

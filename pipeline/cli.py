@@ -30,9 +30,9 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--input-key", metavar="KEY",
                    help="the array to read from a .npz that holds several")
     g.add_argument("--output", metavar="DIR",
-                   help="write each result as DIR/batch-NNNNNN.npy (atomically), with DIR/manifest.jsonl "
-                        "and DIR/summary.json; running again with the same DIR and config resumes, "
-                        "skipping the batches already written")
+                   help="write each result as DIR/batch-NNNNNN.npy (.npz when the kernel returns a tuple or "
+                        "dict of arrays; atomically), with DIR/manifest.jsonl and DIR/summary.json; running "
+                        "again with the same DIR and config resumes, skipping the batches already written")
     g.add_argument("--overwrite", action="store_true",
                    help="with --output: delete the results of a DIR written by another config and start "
                         "afresh (without it such a DIR is refused)")
@@ -118,9 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args) -> int:
+    from .outputs import stdout_to_stderr, warnings_once
     from .runner import run
     try:
-        result = run(args.config, keep_results=False, **_overrides(args))  # streamed: memory stays bounded
+        # stdout belongs to the summary: whatever the run prints (a serial kernel, a library, native code)
+        # goes to stderr, and a warning raised on every batch is shown once; results are streamed, not kept
+        with stdout_to_stderr(), warnings_once():
+            result = run(args.config, keep_results=False, **_overrides(args))
     except Exception as e:
         if args.json and getattr(e, "summary", None):
             print(json.dumps(e.summary, default=str))
@@ -200,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         return ExitCode.TERMINATED
     except (ConfigError, KernelError, HandoffError) as e:
         _report(args, e)
-        return ExitCode.USAGE
+        # a kernel's bad return is a batch's failure (exit 1); a kernel that cannot load is a usage error
+        return ExitCode.FAILED if getattr(e, "bad_return", False) else ExitCode.USAGE
     except Exception as e:  # noqa: BLE001 - one line for the user, the traceback on request
         _report(args, e)
         return ExitCode.FAILED

@@ -48,6 +48,7 @@ from .config import Config
 from .errors import RemoteTraceback, WorkerError
 from .handoff import SlotRing, open_ring, remove_stale
 from .kernels import KernelSpec
+from .outputs import Relay
 from .worker import Task
 
 MB = 1 << 20
@@ -109,6 +110,7 @@ class LocalExecutor:
         self.figures: dict = {}
         self.ring: SlotRing | None = None
         self._t_start: float | None = None
+        self.relay = Relay()  # workers' stdout and stderr -> our stderr; the runner sets relay.bar
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def __enter__(self):
@@ -140,13 +142,17 @@ class LocalExecutor:
 
     def _spawn(self, rank: int) -> Handle:
         parent, child = self.ctx.Pipe(duplex=True)
+        out = self.relay.pipe()  # the worker's stdout and stderr
         p = self.ctx.Process(
             target=worker.main, name=f"pipeline-worker-{rank}", daemon=True,
             args=(rank, child, self.spec, self.cfg.workers.device, self.threads,
-                  self.cfg.handoff.pinned, os.getpid(), self.cfg.handoff.dir),
+                  self.cfg.handoff.pinned, os.getpid(), self.cfg.handoff.dir, out),
         )
-        with devices.thread_env(self.threads), _no_phantom_main_file(), _sigint_blocked():
-            p.start()
+        try:
+            with devices.thread_env(self.threads), _no_phantom_main_file(), _sigint_blocked():
+                p.start()
+        finally:
+            out.close()  # the child holds its own copy: the relay sees EOF when the child exits
         child.close()
         h = Handle(rank, p, parent)
         self.history.append(h)
@@ -173,6 +179,7 @@ class LocalExecutor:
                 w.process.join()
             w.conn.close()
         self.workers = []
+        self.relay.close()  # after the last join: prints what the workers wrote, to the end of each pipe
         if self.ring is not None:
             self.ring.close()
             self.ring = None

@@ -14,13 +14,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
-import numpy as np
 from tqdm import tqdm
 
 from . import devices, kernels
 from .config import Config, load_config
 from .errors import ConfigError
 from .handoff import to_host
+from .outputs import checksum, checksum_update  # noqa: F401 - pipeline.runner.checksum, as before
 from .sinks import open_output
 from .sources import FromIterable, Indexed, Synthetic, Work, length
 
@@ -43,7 +43,9 @@ FIXED = ("kernel.", "workers.count", "workers.device", "workers.start_method", "
 @dataclass
 class RunResult:
     summary: dict
-    results: list = field(default_factory=list)  # in batch order (None for failed batches); [] if not kept
+    # in batch order: numpy arrays, or tuples or dicts of them for kernels with several outputs (None for a
+    # failed batch); [] when not kept
+    results: list = field(default_factory=list)
 
 
 @dataclass
@@ -53,23 +55,6 @@ class Outcome:
     result: Any
     info: dict
     failure: dict | None = None
-
-
-def checksum(results: Iterable[np.ndarray | None]) -> str:
-    """sha256 over every result's dtype, shape and bytes, in batch order (a failed batch: its index)."""
-    h = hashlib.sha256()
-    for i, r in enumerate(results):
-        checksum_update(h, i, r)
-    return h.hexdigest()
-
-
-def checksum_update(h, index: int, r) -> None:
-    if r is None:
-        h.update(f"failed:{index};".encode())
-        return
-    r = np.ascontiguousarray(r)
-    h.update(f"{r.dtype.str}{r.shape};".encode())
-    h.update(r.tobytes())
 
 
 def resolve(config: Config | str | os.PathLike | None, overrides: dict[str, Any]) -> Config:
@@ -241,6 +226,8 @@ class Pipeline:
             return
         tally.fresh = self.executor is None or not self.executor.started
         tally.executor = ex = self._executor()
+        if getattr(ex, "relay", None) is not None:
+            ex.relay.bar = tally.bar if not tally.bar.disable else None  # workers' prints go above the bar
         work = Work(batches(), src.batch if isinstance(src, Indexed) else None, getattr(src, "max_nbytes", None))
         yield from ex.stream(work, ordered, settle=not self._one_shot)
 

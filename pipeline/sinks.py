@@ -3,20 +3,23 @@
  DIR/run.json          what the results depend on: the source's identity (synthetic settings, or the input
                        path, key, rows and a size+mtime fingerprint) and the kernel's name and params
  DIR/batch-000123.npy  batch 123's result: written to a hidden temp file in DIR, fsynced, then renamed
+ DIR/batch-000123.npz  the same for a kernel with several outputs (a tuple or dict of arrays): one .npz per
+                       batch (``np.savez``), members named by dict key, or "0", "1"... for a tuple
  DIR/manifest.jsonl    one line per finished batch, appended and fsynced once its file is in place:
-                       batch, file, shape, dtype, sha256 (of the file's bytes), bytes, pid, device, seconds
+                       batch, file, shape, dtype, sha256 (of the file's bytes), bytes, pid, device, seconds;
+                       for a .npz: "kind" (tuple or dict) and "arrays" ({name: {shape, dtype}}, in order)
  DIR/summary.json      the run's summary, written atomically when the run finishes (absent while it runs)
 
-Without an output directory results stay in memory (``RunResult.results``). With one they are returned as
-well, so memory still holds every result: the output directory is for durability and resume, not memory.
+Resume keeps nothing in memory: ``restored`` is the sorted list of verified batch indices (each file is
+streamed through sha256, not loaded), and ``load(index)`` reads one result back when it is wanted.
 
 NOTE [ Resume ]
 A batch is done when the manifest has its line AND its file's sha256 matches that line. The file is renamed
 into place before its line is appended, so a kill at any moment (SIGKILL, power loss) leaves at worst a file
 without a line (computed again and replaced), a torn last line (dropped), or a hidden temp file (removed).
 On open, the manifest is rewritten with the verified lines only, one per batch, so appends start on a clean
-line and no batch is listed twice; the verified batches are loaded back from disk (the results and checksum
-are those of an uninterrupted run) and never handed to a worker. A DIR written with a different run.json is
+line and no batch is listed twice; the verified batches are never handed to a worker, and read back one at
+a time with ``load`` (the results and checksum are those of an uninterrupted run). A DIR written with a different run.json is
 refused (ConfigError) unless ``overwrite``, which deletes its batch files, manifest and summary first. An
 exclusive lock (flock on DIR) keeps two runs out of one directory. Failures to write (not a directory,
 permissions, a full disk) raise OutputError naming the path, after removing the temp file.
@@ -25,13 +28,14 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import json
 import os
 import re
+import zipfile
 
 import numpy as np
 
+from . import outputs
 from .errors import ConfigError, OutputError
 
 try:
@@ -41,12 +45,13 @@ except ImportError:  # Windows: no lock
 
 RUN, MANIFEST, SUMMARY = "run.json", "manifest.jsonl", "summary.json"
 TMP = ".tmp-"  # hidden: a directory of .npy files read as input skips it
-_BATCH = re.compile(r"^batch-\d{6,}\.npy$")
+_BATCH = re.compile(r"^batch-\d{6,}\.np[yz]$")
 FORMAT = 1
 
 
-def batch_name(index: int) -> str:
-    return f"batch-{index:06d}.npy"
+def batch_name(index: int, several: bool = False) -> str:
+    """``batch-000123.npy``, or ``.npz`` for a result of several arrays (a tuple or dict)."""
+    return f"batch-{index:06d}.{'npz' if several else 'npy'}"
 
 
 def identity(source, spec) -> dict:
@@ -113,6 +118,18 @@ class _Hashing:
         self.n += len(data)
         return self.f.write(data)
 
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _savez(f, members) -> None:
+    """What ``np.savez`` writes (an uncompressed zip of ``NAME.npy`` members), to a stream, never pickling;
+    any key works (``np.savez(f, **d)`` would clash with its own ``file`` and ``allow_pickle`` arguments)."""
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+        for name, a in members:
+            with z.open(f"{name}.npy", "w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.asarray(a), allow_pickle=False)
+
 
 class OutputDir:
     """One run's output directory: verified resume state on open, then ``write`` per batch, ``finish``."""
@@ -121,7 +138,8 @@ class OutputDir:
         self.path = os.path.abspath(path)
         self._dir_fd: int | None = None
         self._manifest_fd: int | None = None
-        self.restored: dict[int, np.ndarray] = {}
+        self.restored: list[int] = []  # verified batch indices, sorted (``load`` reads one back)
+        self._records: dict[int, dict] = {}
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise OutputError(f"--output {self.path}: exists and is not a directory")
         try:
@@ -173,6 +191,7 @@ class OutputDir:
             self._atomic_write(RUN, json.dumps(ident, indent=1, sort_keys=True) + "\n")
         _remove(self._join(SUMMARY))  # summary.json is there only once a run has finished
         records = self._verified()
+        self._records, self.restored = records, sorted(records)
         self._atomic_write(MANIFEST, "".join(json.dumps(r) + "\n" for _, r in sorted(records.items())))
         try:
             self._manifest_fd = os.open(self._join(MANIFEST), os.O_WRONLY | os.O_APPEND)
@@ -203,19 +222,31 @@ class OutputDir:
                 continue  # a torn last line from a killed run, or blank
         good = {}
         for i, r in records.items():
+            name = r.get("file")
+            if name not in (batch_name(i), batch_name(i, True)):
+                continue
             try:
-                with open(self._join(batch_name(i)), "rb") as f:
-                    data = f.read()
+                with open(self._join(name), "rb") as f:
+                    digest = hashlib.file_digest(f, "sha256").hexdigest()  # streamed, never held whole
             except OSError:
                 continue
-            if hashlib.sha256(data).hexdigest() != r.get("sha256"):
-                continue
-            try:
-                self.restored[i] = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
-            except ValueError:
-                continue
-            good[i] = r
+            if digest == r.get("sha256"):
+                good[i] = r
         return good
+
+    def load(self, index: int):
+        """Batch ``index``'s result from DIR (an array, or the tuple or dict it was written from)."""
+        r = self._records[index]
+        path = self._join(r["file"])
+        try:
+            if not r["file"].endswith(".npz"):
+                return np.load(path, allow_pickle=False)
+            with np.load(path, allow_pickle=False) as z:
+                got = {name: z[name] for name in r["arrays"]}
+        except (OSError, ValueError, KeyError) as e:
+            raise OutputError(f"cannot read {path} back: {e}; rerun with --overwrite to compute it "
+                              f"again") from None
+        return tuple(got.values()) if r["kind"] == "tuple" else got
 
     def _atomic_write(self, name: str, text: str) -> None:
         final, tmp = self._join(name), self._join(f"{TMP}{os.getpid()}-{name}")
@@ -229,20 +260,21 @@ class OutputDir:
             _remove(tmp)
             raise _error(f"cannot write {final}", e) from None
 
-    def load(self, index: int) -> np.ndarray:
-        """A verified batch's result, read back."""
-        return self.restored[index]
-
     # -- per batch -------------------------------------------------------------------------------------
-    def write(self, index: int, arr: np.ndarray, info: dict) -> None:
-        """``DIR/batch-<index>.npy`` atomically, then its manifest line (both fsynced)."""
-        name = batch_name(index)
+    def write(self, index: int, result, info: dict) -> None:
+        """``DIR/batch-<index>.npy`` (or ``.npz`` for a tuple or dict) atomically, then its manifest line
+        (both fsynced)."""
+        several = isinstance(result, (tuple, dict))
+        name = batch_name(index, several)
         final, tmp = self._join(name), self._join(f"{TMP}{os.getpid()}-{name}")
-        arr = np.asanyarray(arr)
+        members = outputs.arrays(result) if several else []
         try:
             with open(tmp, "wb") as f:
                 out = _Hashing(f)
-                np.lib.format.write_array(out, arr, allow_pickle=False)
+                if several:
+                    _savez(out, members)
+                else:
+                    np.lib.format.write_array(out, np.asarray(result), allow_pickle=False)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)
@@ -252,9 +284,14 @@ class OutputDir:
                 raise _error(f"cannot write {final}", e) from None
             raise
         seconds = sum(info.get(k, 0.0) for k in ("stage_s", "compute_s", "d2h_s"))
-        record = {"batch": index, "file": name, "shape": list(arr.shape), "dtype": arr.dtype.str,
-                  "sha256": out.sha.hexdigest(), "bytes": out.n, "pid": info.get("pid"),
-                  "device": info.get("device"), "seconds": round(seconds, 6)}
+        if several:
+            shapes = {"kind": "dict" if isinstance(result, dict) else "tuple",
+                      "arrays": {k: {"shape": list(np.shape(a)), "dtype": np.asarray(a).dtype.str}
+                                 for k, a in members}}
+        else:
+            shapes = {"shape": list(np.shape(result)), "dtype": np.asarray(result).dtype.str}
+        record = {"batch": index, "file": name, **shapes, "sha256": out.sha.hexdigest(), "bytes": out.n,
+                  "pid": info.get("pid"), "device": info.get("device"), "seconds": round(seconds, 6)}
         line = (json.dumps(record) + "\n").encode()
         try:
             while line:

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import devices, kernels
+from . import devices, kernels, outputs
 from .errors import WorkerError
 from .handoff import Descriptor, SlotReader, _alive, remove_stale
 
@@ -112,14 +112,15 @@ class Computer:
     (workers, the serial baseline, Ray actors, the bench's peers)."""
 
     def __init__(self, spec: kernels.KernelSpec, device: torch.device, pinned: bool):
-        self.device = device
+        self.device, self.name = device, spec.name
         self.kernel = kernels.make(spec, device)
         self.stager = Stager(device, pinned)
 
     def __call__(self, arr: np.ndarray, index: int = -1, attempt: int = 1, staged: Staged | None = None,
                  meanwhile: Callable[[], None] | None = None,
-                 copied: Callable[[], None] | None = None, registered: bool = False) -> tuple[np.ndarray, dict]:
-        """One batch: host array -> device -> kernel -> host numpy, and the time of each step.
+                 copied: Callable[[], None] | None = None, registered: bool = False) -> tuple[Any, dict]:
+        """One batch: host array -> device -> kernel -> host numpy (an array, or a tuple or dict of arrays:
+        ``outputs.host_result``, which raises KernelError for anything else), and the time of each step.
 
         ``staged``: the batch's copy, if it was started earlier (see NOTE [ Overlap ]); ``meanwhile`` runs
         after the kernel is launched and before its result is awaited (starting the next batch's copy);
@@ -140,9 +141,8 @@ class Computer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t2 = time.perf_counter()
-        out = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
-        if np.may_share_memory(out, arr):  # never hand back a view of the slot: it is reused
-            out = out.copy()
+        # validated, on the host, never a view of the slot (it is reused): KernelError for a bad return
+        out = outputs.host_result(y, where=f"kernel {self.name!r}, batch {index}", avoid=arr)
         t3 = time.perf_counter()
         return out, {"h2d_s": self.stager.seconds(h), "h2d_bytes": arr.nbytes, "direct": h.direct,
                      "stage_s": (t1 - t0) if staged is None else 0.0, "compute_s": t2 - t1, "d2h_s": t3 - t2}
@@ -171,8 +171,10 @@ def _watchdog(main_pid: int, ring_dir: str) -> None:
 
 
 def main(rank: int, conn, spec: kernels.KernelSpec, device_spec: str, threads: int, pinned: bool,
-         main_pid: int, ring_dir: str) -> None:
-    """Entry point of a worker process."""
+         main_pid: int, ring_dir: str, out=None) -> None:
+    """Entry point of a worker process. ``out``: the write end of the main's relay (NOTE [ Worker output ])."""
+    outputs.worker_stdio(out)  # fd 1 and 2 -> the relay pipe: stdout belongs to the main's summary
+    outputs.warn_once()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # born with SIGINT blocked: see executor._sigint_blocked
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     threading.Thread(target=_watchdog, args=(main_pid, ring_dir), daemon=True).start()
