@@ -143,6 +143,7 @@ class RayExecutor:
         self.actors: list = []
         self.node_of: list[str] = []  # the node each rank's actor was last seen on
         self.seen: dict[tuple, int] = {}  # (rank, pid, device, node, ip) -> batches computed
+        self.unsure: list[tuple[dict, str]] = []  # restarts whose node may yet be declared dead
         self.owns_ray = False
         self._quiet = None
 
@@ -206,6 +207,8 @@ class RayExecutor:
         return ", ".join(f"{k} {self.opts.get(f'num_{k.lower()}s', 0):g}" for k in ("CPU", "GPU"))
 
     def close(self, graceful: bool = True) -> None:
+        if self.unsure and ray.is_initialized():
+            self.amend_node_losses()
         for a in self.actors:
             try:
                 ray.kill(a, no_restart=True)
@@ -256,12 +259,26 @@ class RayExecutor:
                 run.step()
         finally:
             run.abandon()  # after an early close or an error: nothing left running on the actors
+            self.amend_node_losses()
+
+    def amend_node_losses(self) -> None:
+        """Restarts recorded as a lost actor whose node Ray has since declared dead: say so.
+
+        A killed node is declared dead by GCS health checks (``health_check_period_ms`` x
+        ``health_check_failure_threshold``, 15 s by default), often after its actors' tasks have failed."""
+        still = []
+        for record, error in self.unsure:
+            if _node_alive(record["node"]):
+                still.append((record, error))
+            else:
+                record["cause"] = f"{_node_gone(record['node'], error)}; was: {record['cause']}"
+        self.unsure = still
 
     def _lost_cause(self, rank: int, e: Exception) -> tuple[str, bool]:
         """Why rank's actor went away, and whether its node did (NOTE [ Node loss ])."""
         node = self.node_of[rank] if rank < len(self.node_of) else None
         if node and not _node_alive(node):
-            return f"node {node[:12]} went away (its Ray actors were lost): {_cause(e)}", True
+            return _node_gone(node, type(e).__name__), True
         return _cause(e), False
 
 
@@ -274,7 +291,8 @@ class _Run:
         self.limit = ex.cfg.faults.batch_timeout_s
         self.queues: list[deque[_Task]] = [deque() for _ in ex.actors]
         self.since = [0.0] * len(ex.actors)  # when the head of each queue started computing
-        self.recovering: dict[int, list] = {}  # rank -> [ping ref, lost at, unhostable since]
+        # rank -> [ping ref, lost at, unhostable since]
+        self.recovering: dict[int, list] = {}
         self.todo: deque = deque()  # (index, attempt, obj, solo): resubmissions, before new batches
         self.timed_out: set[int] = set()
         self.opened: dict[int, None] = {}  # started and not yet yielded, in the order they started
@@ -378,6 +396,8 @@ class _Run:
         lost = [task] + list(q)
         q.clear()
         self.lost(rank, lost, task.solo or len(lost) == 1 or was_timeout, node_lost, cause)
+        if not (node_lost or was_timeout):  # Ray may declare the node dead later: amend the cause then
+            self.ex.unsure.append((self.ex.restarts[-1], type(e).__name__))
         self.recovering[rank] = [self.ex.actors[rank].info.remote(), time.monotonic(), None]
 
     def lost(self, rank: int, lost: list[_Task], known: bool, node_lost: bool, cause: str) -> None:
@@ -421,6 +441,7 @@ class _Run:
                 try:
                     who = ray.get(ping)
                     del self.recovering[rank]  # restarted: its kernel is set up again
+                    self.ex.amend_node_losses()
                     self.ex.seen.setdefault(who, 0)
                     self.ex.node_of[rank] = who[3]
                     continue
@@ -482,6 +503,10 @@ def _can_host(opts: dict) -> bool:
 
 def _node_alive(node_id: str) -> bool:
     return any(n.get("NodeID") == node_id and n.get("Alive") for n in ray.nodes())
+
+
+def _node_gone(node: str, error: str) -> str:
+    return f"node {node[:12]} went away: its Ray actor was lost ({error})"
 
 
 def _cause(e: Exception) -> str:
