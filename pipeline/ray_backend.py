@@ -109,8 +109,9 @@ def start_local_ray(num_cpus: int) -> str | None:
     did not bind to 127.0.0.1 (a Ray version without the switch ``_loopback_only`` uses)."""
     if ray is None:
         raise ConfigError("run.backend = 'ray' needs Ray: pip install -e '.[ray]'")
-    with _loopback_only():
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    with _loopback_only():  # "local": a new instance, even if this machine runs a cluster (ray start)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
     ip = ray.util.get_node_ip_address()
     return None if ip == "127.0.0.1" else f"the local Ray instance listens on {ip}, not 127.0.0.1 only"
 

@@ -57,9 +57,11 @@ def clean_checksum(**kw):
 
 
 @pytest.mark.timeout(120)
-def test_private_instance_listens_on_loopback_only():
-    """When the pipeline starts Ray itself, every Ray process listens on 127.0.0.1 only; no dashboard."""
+def test_private_instance_listens_on_loopback_only(monkeypatch):
+    """When the pipeline starts Ray itself, it starts its own (whatever RAY_ADDRESS says), every Ray
+    process listens on 127.0.0.1 only, and there is no dashboard."""
     assert not ray.is_initialized()
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")  # a cluster this machine "belongs to": not joined
     cfg = resolve(None, {"workers": 1, "threads_per_worker": 1, "progress": False, "backend": "ray"})
     ex = RayExecutor(cfg, kernels.spec_for("sum", {}))
     try:
