@@ -300,6 +300,7 @@ class _Run:
         self.ready: dict[int, Outcome] = {}
         self.exhausted = False
         self.finished = False
+        self.next_check = 0.0  # when check_recovering may next ask GCS which nodes can host an actor
 
     # -- handing out work ------------------------------------------------------------------------------
     def fill(self) -> None:
@@ -436,6 +437,9 @@ class _Run:
 
     def check_recovering(self, done: set) -> None:
         now = time.monotonic()
+        hostable = None  # asked of GCS (ray.nodes()) at most twice a second, not on every result
+        if now >= self.next_check and any(now - e[1] >= 1.0 for e in self.recovering.values()):
+            self.next_check, hostable = now + 0.5, _can_host(self.ex.opts)
         for rank, entry in list(self.recovering.items()):
             ping, lost_at, unhostable = entry
             if ping in done:
@@ -449,9 +453,9 @@ class _Run:
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
                     time.sleep(0.2)
                     entry[0] = self.ex.actors[rank].info.remote()
-            if now - lost_at < 1.0:
+            if hostable is None or now - lost_at < 1.0:
                 continue
-            if _can_host(self.ex.opts):
+            if hostable:
                 entry[2] = None
             elif unhostable is None:
                 entry[2] = now
