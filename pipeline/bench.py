@@ -8,6 +8,11 @@ Modes (each at every worker count, with the same kernel code and thread cap):
   DataLoader           ``torch.utils.data.DataLoader(num_workers=N)``: its workers build the batches,
                        the main process computes (``pin_memory`` on CUDA)
   ray                  this package's Ray backend (one actor per worker, the object store), if installed
+  ray.data             Ray Data: the driver's batches in with ``from_numpy_refs``, the kernel in
+                       ``map_batches`` on an actor pool of ``workers`` actors, one of our batches per call,
+                       results in order (``preserve_order``); if ``ray[data]`` is installed
+
+Both Ray modes run on one local Ray instance, started once per bench (its start-up is part of theirs).
 
 Worker start-up is timed apart and excluded: every mode is warmed up before its timed run. A calibration
 measures the stages one at a time (the main's build on the build threads it would use, the kernel on one
@@ -37,16 +42,22 @@ from .runner import checksum, make_executor, make_source, resolve
 from .sources import Work
 from .worker import Computer
 
-MODES = ("serial", "pipeline", "mp.Pool", "ProcessPoolExecutor", "DataLoader", "ray")
+MODES = ("serial", "pipeline", "mp.Pool", "ProcessPoolExecutor", "DataLoader", "ray", "ray.data")
+RAY_MODES = ("ray", "ray.data")
 QUICK = {"source.batches": 6, "source.rows": 64, "source.cols": 32}
 
 
 def bench(args, overrides: dict) -> int:
-    modes = ([m for m in MODES if m != "ray" or _has_ray()] if args.modes == "all"
+    present = {"ray": _has_ray(), "ray.data": _has_ray_data()}
+    modes = ([m for m in MODES if present.get(m, True)] if args.modes == "all"
              else [m.strip() for m in args.modes.split(",") if m.strip()])
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise ConfigError(f"--modes: unknown mode(s) {', '.join(unknown)}; known: {', '.join(MODES)}")
+    missing = [m for m in modes if m in present and not present[m]]
+    if missing:
+        raise ConfigError(f"--modes {','.join(missing)} needs Ray Data: pip install -e '.[ray]'"
+                          if "ray.data" in missing else "--modes ray needs Ray: pip install -e '.[ray]'")
     if args.repeat < 1:
         raise ConfigError(f"--repeat {args.repeat}: must be >= 1")
     if args.quick:
@@ -73,6 +84,11 @@ def bench(args, overrides: dict) -> int:
 def _has_ray() -> bool:
     import importlib.util
     return importlib.util.find_spec("ray") is not None
+
+
+def _has_ray_data() -> bool:
+    import importlib.util
+    return _has_ray() and all(importlib.util.find_spec(m) is not None for m in ("pyarrow", "pandas"))
 
 
 def _counts(args, overrides: dict) -> list[int]:
@@ -128,15 +144,25 @@ def run_bench(cfg: Config, modes: list[str], counts: list[int], repeat: int,
     if "serial" in modes:
         record("serial", 0, ref, serial_time, 0.0)
     # mode by mode, Ray last: its processes take a while to go after ray.shutdown() and would slow the
-    # next mode
-    for mode in sorted((m for m in modes if m != "serial"), key=lambda m: m == "ray"):
-        runner = {"pipeline": _pipeline, "mp.Pool": _pool, "ProcessPoolExecutor": _executor,
-                  "DataLoader": _dataloader, "ray": _ray}[mode]
-        for workers in counts:
-            for bt in (build_lists or [0]) if mode == "pipeline" else [0]:
-                c = cfg.replace(**{"workers.count": workers, "workers.build_threads": bt})
-                results, seconds, startup, extra = runner(c, spec, src, repeat)
-                record(mode, workers, results, seconds, startup, extra)
+    # next mode; both Ray modes share one local instance, started once
+    ray_init_s = None
+    try:
+        for mode in sorted((m for m in modes if m != "serial"), key=lambda m: m in RAY_MODES):
+            if mode in RAY_MODES and ray_init_s is None:
+                ray_init_s = _start_ray(cfg, counts)
+            runner = {"pipeline": _pipeline, "mp.Pool": _pool, "ProcessPoolExecutor": _executor,
+                      "DataLoader": _dataloader, "ray": _ray, "ray.data": _ray_data}[mode]
+            for workers in counts:
+                for bt in (build_lists or [0]) if mode == "pipeline" else [0]:
+                    c = cfg.replace(**{"workers.count": workers, "workers.build_threads": bt})
+                    results, seconds, startup, extra = runner(c, spec, src, repeat)
+                    if mode in RAY_MODES:  # the shared instance's start-up counts for each Ray mode
+                        startup, extra = startup + ray_init_s, {**extra, "ray_init_s": round(ray_init_s, 3)}
+                    record(mode, workers, results, seconds, startup, extra)
+    finally:
+        if ray_init_s is not None:
+            import ray
+            ray.shutdown()
     roof = roofline(cal, cfg, counts)
     for r in rows:
         if r["workers"]:
@@ -171,6 +197,81 @@ def _serial(cfg: Config, spec, src, repeat):
         def once():
             return [computer(b.array(), b.index)[0] for b in batches]
         return _timed(once, repeat)
+
+
+def _start_ray(cfg: Config, counts: list[int]) -> float:
+    """The local Ray instance both Ray modes use (private: loopback only, no dashboard); its start-up s."""
+    from .ray_backend import start_local_ray
+    t0 = time.perf_counter()
+    start_local_ray(max(os.cpu_count() or 1, max(counts)))
+    return time.perf_counter() - t0
+
+
+class _RayDataCompute:
+    """Ray Data's callable class: the same Computer, built once per actor, on the device our Ray backend
+    would give it; one call per block, and each block is one of our batches."""
+
+    def __init__(self, spec, device_spec: str, threads: int, pinned: bool):
+        torch.set_num_threads(threads)
+        use_cuda = device_spec.startswith("cuda") or (device_spec == "auto" and devices.gpu_count())
+        self.computer = Computer(spec, devices.choose("cuda" if use_cuda else "cpu", 0), pinned)
+
+    def __call__(self, batch: dict) -> dict:
+        out = self.computer(batch["data"])[0]
+        return {"out": np.expand_dims(out, 0)}  # one row per batch: our result, whatever its shape
+
+
+def _ray_data(cfg, spec, src, repeat):
+    """One Ray Data execution streams the warm-up batches, then ``repeat`` passes over the batches: its
+    actor pool starts once (start-up = until the warm-up's last result), as the other modes' workers do.
+    A pass's time = building and putting the batches in the driver (``from_numpy`` does that before it
+    executes) + the span between its last result and the previous pass's."""
+    import logging
+
+    import ray
+    import ray.data  # noqa: F401 - ray.data.from_numpy_refs below
+    log = logging.getLogger("ray.data")
+    level = log.level
+    log.setLevel(logging.ERROR)  # its per-execution INFO lines and the "progress bars disabled" note
+    try:
+        with warnings.catch_warnings():  # Ray Data's DataContext warns about its own deprecated fields
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            return _ray_data_run(cfg, spec, src, repeat)
+    finally:
+        log.setLevel(level)
+
+
+def _ray_data_run(cfg, spec, src, repeat):
+    import ray
+    import ray.data
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # results in batch order, for the checksum
+    ctx.enable_progress_bars = False
+    t0 = time.perf_counter()
+    batches = list(src)
+    refs = [ray.put(b.array()) for b in batches]  # the driver builds them, as for every mode
+    put_s = time.perf_counter() - t0
+    warm = refs[: 2 * cfg.workers.count]
+    opts = {"num_cpus": 1}
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if cfg.workers.device.startswith("cuda") or (cfg.workers.device == "auto" and gpus):
+        opts["num_gpus"] = min(1.0, gpus / cfg.workers.count)
+    ds = ray.data.from_numpy_refs(warm + refs * repeat).map_batches(
+        _RayDataCompute, fn_constructor_args=(spec, cfg.workers.device, cfg.threads_per_worker(),
+                                              cfg.handoff.pinned),
+        compute=ray.data.ActorPoolStrategy(size=cfg.workers.count), batch_size=None,
+        batch_format="numpy", zero_copy_batch=True, **opts)
+    t0 = time.perf_counter()
+    outs, stamps = [], []
+    for row in ds.iter_rows():
+        outs.append(row["out"])
+        stamps.append(time.perf_counter())
+    n, w = len(batches), len(warm)
+    startup = stamps[w - 1] - t0
+    ends = [stamps[w - 1]] + [stamps[w + (k + 1) * n - 1] for k in range(repeat)]
+    seconds = statistics.median(put_s + b - a for a, b in zip(ends, ends[1:]))
+    return outs[-n:], seconds, startup, {"threads_per_worker": cfg.threads_per_worker(),
+                                         "put_s": round(put_s, 4)}
 
 
 def _ray(cfg, spec, src, repeat):

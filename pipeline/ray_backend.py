@@ -1,14 +1,20 @@
 """The same contract on Ray: one actor per worker, batches through Ray's object store.
 
- main (this module)                                   Ray actors (one per worker), any node
- ------------------                                   -------------------------------------
+ main (this module)                                   Ray actors (one per worker), spread over nodes
+ ------------------                                   ----------------------------------------------
  source -> ray.put(batch) -> actor.compute.remote --> kernel set up once per actor on its device
- ray.wait over at most in_flight refs  <------------- ("result", i, array, timings) | ("error", i, ...)
+ ray.wait over the head task of each actor <--------- ("result", i, array, timings, who) | ("error", ...)
+   -> Outcome(index, result, info, failure), in batch order or as they complete (``stream``)
+
+Bounds (``stream``): at most ``cfg.in_flight()`` batches at the actors, and at most ``window`` batches
+started and not yet yielded (results held for reordering count), so a slow consumer slows the actors.
 
 Host-only rule: batches and params are checked (``handoff.to_host``) before anything is put in the object
 store. Faults: actors are created with ``max_restarts=-1`` so Ray restarts a lost actor (its setup runs
-again), and the lost batch is resubmitted by us with ``attempt + 1`` (``max_task_retries=0``): that keeps
-``faults.max_attempts``, quarantine and the ``restarts`` accounting identical to the local backend.
+again, on any node that can host it), and the lost batch is resubmitted by us with ``attempt + 1``
+(``max_task_retries=0``): that keeps ``faults.max_attempts``, quarantine and the ``restarts`` accounting
+identical to the local backend. A node that goes away costs its actors; their batches are resubmitted
+uncharged (NOTE [ Node loss ]).
 """
 from __future__ import annotations
 
@@ -17,13 +23,15 @@ import os
 import sys
 import time
 from collections import deque
+from dataclasses import dataclass
+from typing import Iterable, Iterator
 
 import numpy as np
 
 from . import devices
 from .config import Config
 from .errors import ConfigError, WorkerError
-from .executor import remote_error
+from .executor import Outcome, remote_error
 from .kernels import KernelSpec
 from .sources import Batch
 from .worker import Computer, pack_error
@@ -32,6 +40,10 @@ try:
     import ray
 except ImportError:  # the [ray] extra is optional
     ray = None
+
+START_WAIT_S = 120.0  # actors not up by then: the cluster is busy or short of resources
+RECOVER_WAIT_S = 60.0  # every actor lost and none back by then: give up
+NODE_GRACE_S = 5.0  # no alive node can host an actor for this long: give up (Ray would wait forever)
 
 
 class _Actor:
@@ -44,20 +56,69 @@ class _Actor:
         self.device = devices.choose("cuda" if device_spec.startswith("cuda") or
                                      (device_spec == "auto" and devices.gpu_count()) else "cpu", 0)
         self.computer = Computer(spec, self.device, pinned)
+        self.who = (rank, os.getpid(), str(self.device), ray.get_runtime_context().get_node_id(),
+                    ray.util.get_node_ip_address())
 
     def info(self):
-        return os.getpid(), str(self.device)
+        return self.who
 
     def compute(self, index: int, attempt: int, arr: np.ndarray):
         try:
             out, timings = self.computer(arr, index, attempt)
         except BaseException as e:  # noqa: BLE001 - as in the local worker: errors travel as data
-            return ("error", index, pack_error(e), (self.rank, os.getpid(), str(self.device)))
-        return ("result", index, out, timings, (self.rank, os.getpid(), str(self.device)))
+            return ("error", index, pack_error(e), self.who)
+        return ("result", index, out, timings, self.who)
+
+
+@dataclass
+class _Task:
+    ref: object  # the actor task's ObjectRef
+    index: int
+    attempt: int
+    obj: object  # the batch's ObjectRef (kept for resubmission)
+    solo: bool  # must run alone on its actor (NOTE [ Ray attribution ])
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """While Ray starts its own instance: take 127.0.0.1 as this node's address, so that GCS, raylet and
+    workers listen on the loopback interface only. Ray does so on its own only on macOS and Windows
+    (``ray_constants.ENABLE_RAY_CLUSTER``); a cluster is joined with ``ray_address`` instead."""
+    consts = getattr(getattr(ray, "_private", None), "ray_constants", None)
+    saved = getattr(consts, "ENABLE_RAY_CLUSTER", None)
+    if saved is not None:
+        consts.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if saved is not None:
+            consts.ENABLE_RAY_CLUSTER = saved
+
+
+def start_local_ray(num_cpus: int) -> str | None:
+    """Start a private Ray instance on this machine: loopback only, no dashboard. Returns a note if Ray
+    did not bind to 127.0.0.1 (a Ray version without the switch ``_loopback_only`` uses)."""
+    if ray is None:
+        raise ConfigError("run.backend = 'ray' needs Ray: pip install -e '.[ray]'")
+    with _loopback_only():  # "local": a new instance, even if this machine runs a cluster (ray start)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    ip = ray.util.get_node_ip_address()
+    return None if ip == "127.0.0.1" else f"the local Ray instance listens on {ip}, not 127.0.0.1 only"
+
+
+def describe_cluster() -> str:
+    """'2 alive nodes; CPU 3, GPU 0, memory 12.1 GB' for messages."""
+    res = ray.cluster_resources()
+    alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+    parts = [f"{k} {res.get(k, 0):g}" for k in ("CPU", "GPU")]
+    parts += [f"{k} {v:g}" for k, v in sorted(res.items())
+              if k not in ("CPU", "GPU", "memory", "object_store_memory") and not k.startswith("node:")]
+    return f"{alive} alive node(s); " + ", ".join(parts)
 
 
 class RayExecutor:
-    """Same interface as ``LocalExecutor``: start, map, close, restarts, breakdown, worker_info."""
+    """Same interface as ``LocalExecutor``: start, stream, map, close, restarts, breakdown, worker_info."""
 
     def __init__(self, cfg: Config, spec: KernelSpec):
         if ray is None:
@@ -67,10 +128,16 @@ class RayExecutor:
         self.restarts: list[dict] = []
         self.breakdown = {k: 0.0 for k in ("build_s", "slot_wait_s", "handoff_s", "h2d_s", "compute_s",
                                            "d2h_s", "return_s")}
+        self.figures = {"slots": 0, "slot_bytes": 0, "pickled_fallbacks": 0, "h2d_gbps": None,
+                        "transport": "ray object store"}
+        self.notes: list[str] = []
         self.startup_s = 0.0
         self.actors: list = []
-        self.counts: dict[tuple, int] = {}
+        self.node_of: list[str] = []  # the node each rank's actor was last seen on
+        self.seen: dict[tuple, int] = {}  # (rank, pid, device, node, ip) -> batches computed
+        self.unsure: list[tuple[dict, str]] = []  # restarts whose node may yet be declared dead
         self.owns_ray = False
+        self._quiet = None
 
     def __enter__(self):
         self.start()
@@ -79,31 +146,61 @@ class RayExecutor:
     def __exit__(self, *exc):
         self.close()
 
+    # -- lifecycle ---------------------------------------------------------------------------------------
     def start(self) -> None:
         t0 = time.perf_counter()
         # Ray's driver prints worker-death notices to stdout; keep stdout for results (--json)
         self._quiet = contextlib.redirect_stdout(sys.stderr)
         self._quiet.__enter__()
         if not ray.is_initialized():
-            address = self.cfg.run.ray_address or None
-            kw = {} if address else {"num_cpus": max(os.cpu_count() or 1, self.cfg.workers.count)}
-            ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False, **kw)
+            if self.cfg.run.ray_address:
+                ray.init(address=self.cfg.run.ray_address, include_dashboard=False, log_to_driver=False,
+                         configure_logging=False)
+            else:
+                note = start_local_ray(max(os.cpu_count() or 1, self.cfg.workers.count))
+                if note:
+                    self.notes.append(note)
             self.owns_ray = True
-        opts = {"max_restarts": -1, "max_task_retries": 0, "num_cpus": 1}
-        if self.cfg.workers.device.startswith("cuda") or (self.cfg.workers.device == "auto"
-                                                          and _cluster_gpus() > 0):
-            opts["num_gpus"] = min(1.0, max(_cluster_gpus(), 1) / self.cfg.workers.count)
-        remote = ray.remote(**opts)(_Actor)
+        self.opts = self._actor_options()
+        remote = ray.remote(**self.opts)(_Actor)
         self.actors = [remote.remote(r, self.spec, self.cfg.workers.device, self.threads,
                                      self.cfg.handoff.pinned) for r in range(self.cfg.workers.count)]
+        pings = [a.info.remote() for a in self.actors]
+        ready, _ = ray.wait(pings, num_returns=len(pings), timeout=START_WAIT_S)
+        if len(ready) < len(pings):
+            raise WorkerError(f"{len(pings) - len(ready)} of {len(pings)} Ray actors not started after "
+                              f"{START_WAIT_S:g} s (cluster: {describe_cluster()}); the cluster is busy "
+                              f"or short of what each asks for ({self._need()}): free it, or lower --workers")
         try:
-            self.infos = ray.get([a.info.remote() for a in self.actors])
+            infos = ray.get(pings)
         except Exception as e:  # setup failed: surface the kernel's own error
             raise _unwrap(e, f"a Ray actor failed to set up kernel '{self.spec.name}'") from None
+        self.node_of = [who[3] for who in infos]
+        for who in infos:
+            self.seen.setdefault(who, 0)
         self.startup_s = time.perf_counter() - t0
 
+    def _actor_options(self) -> dict:
+        """One CPU per actor, GPUs on CUDA; spread over nodes. Refuses what the cluster can never host."""
+        res, device, n = ray.cluster_resources(), self.cfg.workers.device, self.cfg.workers.count
+        opts = {"max_restarts": -1, "max_task_retries": 0, "num_cpus": 1, "scheduling_strategy": "SPREAD"}
+        gpus = res.get("GPU", 0)
+        if device.startswith("cuda") and not gpus:
+            raise ConfigError(f"workers.device = '{device}': the Ray cluster has no GPU ({describe_cluster()});"
+                              f" use --device cpu or auto, or add GPU nodes")
+        if device.startswith("cuda") or (device == "auto" and gpus > 0):
+            opts["num_gpus"] = min(1.0, gpus / n)
+        if res.get("CPU", 0) < n:
+            raise ConfigError(f"workers.count = {n}: each Ray actor needs 1 CPU and the cluster has "
+                              f"{describe_cluster()}; use --workers {int(res.get('CPU', 0))} or fewer, or add nodes")
+        return opts
+
+    def _need(self) -> str:
+        return ", ".join(f"{k} {self.opts.get(f'num_{k.lower()}s', 0):g}" for k in ("CPU", "GPU"))
+
     def close(self, graceful: bool = True) -> None:
+        if self.unsure and ray.is_initialized():
+            self.amend_node_losses()
         for a in self.actors:
             try:
                 ray.kill(a, no_restart=True)
@@ -113,100 +210,191 @@ class RayExecutor:
         if self.owns_ray:
             ray.shutdown()
             self.owns_ray = False
-        if getattr(self, "_quiet", None) is not None:
+        if self._quiet is not None:
             self._quiet.__exit__(None, None, None)
             self._quiet = None
 
     def worker_info(self) -> list[dict]:
-        return [{"rank": rank, "pid": pid, "device": dev, "batches": n}
-                for (rank, pid, dev), n in sorted(self.counts.items())]
+        """Every actor incarnation: rank, pid, device, the node it ran on (id and IP), batches computed."""
+        return [{"rank": rank, "pid": pid, "device": dev, "node": node, "ip": ip, "batches": n}
+                for (rank, pid, dev, node, ip), n in sorted(self.seen.items())]
 
-    def map(self, batches, on_result, on_failed) -> dict:
-        in_flight, limit = self.cfg.in_flight(), self.cfg.faults.batch_timeout_s
-        # per actor, in order: (ref, index, attempt, batch ref, solo); see NOTE [ Ray attribution ]
-        queues = [deque() for _ in self.actors]
-        since = [0.0] * len(self.actors)  # when the head of each queue started computing
-        recovering: dict[int, object] = {}  # rank -> ref of a ping to an actor Ray is restarting
-        todo: deque = deque()
-        it, exhausted = iter(batches), False
-        timed_out: set[int] = set()
-        while True:
-            usable = [r for r in range(len(queues)) if r not in recovering]
-            while usable and sum(map(len, queues)) < in_flight and (todo or not exhausted):
-                solo = bool(todo) and todo[0][3]
-                free = [r for r in usable if not queues[r] or (not solo and not queues[r][0][4])]
-                if not free:
+    # -- runs ----------------------------------------------------------------------------------------------
+    def map(self, batches: Iterable[Batch], on_result, on_failed) -> dict:
+        """Every batch through ``stream`` (as they complete): ``on_result(index, array, info)`` or
+        ``on_failed(record)``. Returns ``figures``."""
+        for o in self.stream(batches, ordered=False):
+            if o.failure is None:
+                on_result(o.index, o.result, o.info)
+            else:
+                on_failed(o.failure)
+        return self.figures
+
+    def stream(self, batches: Iterable[Batch], ordered: bool = True, window: int | None = None,
+               settle: bool = True) -> Iterator[Outcome]:
+        """Outcomes in batch order (``ordered``) or as they complete, at most ``in_flight`` batches at the
+        actors and ``window`` (default 2 x in_flight) started and not yet yielded. (An early end always
+        settles: queued tasks are cancelled, running ones awaited; ``settle`` is the local backend's.)"""
+        in_flight = self.cfg.in_flight()
+        window = 2 * in_flight if window is None else window
+        if window < 1:
+            raise ConfigError(f"window = {window}: must be >= 1")
+        run = _Run(self, iter(batches), ordered, min(in_flight, window), window)
+        try:
+            while True:
+                run.fill()
+                out = run.next_ready()
+                if out is not None:
+                    yield out
+                    continue
+                if run.idle():
                     break
-                if todo:
-                    index, attempt, obj, solo = todo.popleft()
-                else:
-                    t0 = time.perf_counter()
-                    batch: Batch | None = next(it, None)
-                    if batch is None:
-                        exhausted = True
-                        continue
-                    obj, index, attempt = ray.put(batch.array()), batch.index, 1
-                    self.breakdown["build_s"] += time.perf_counter() - t0
-                rank = min(free, key=lambda r: len(queues[r]))
-                if not queues[rank]:
-                    since[rank] = time.monotonic()
-                ref = self.actors[rank].compute.remote(index, attempt, obj)
-                queues[rank].append((ref, index, attempt, obj, solo))
-            heads = [q[0][0] for q in queues if q] + list(recovering.values())
-            if not heads:
-                break
-            done, _ = ray.wait(heads, num_returns=1, timeout=min(1.0, limit / 4) if limit else 1.0)
-            for rank, ping in list(recovering.items()):
-                if ping in done:
-                    try:
-                        ray.get(ping)
-                        del recovering[rank]  # restarted: its kernel is set up again
-                    except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                        time.sleep(0.2)
-                        recovering[rank] = self.actors[rank].info.remote()
-            for rank, q in enumerate(queues):
-                if not q or q[0][0] not in done:
-                    continue
-                ref, index, attempt, obj, solo = q.popleft()
-                since[rank] = time.monotonic()
-                try:
-                    msg = ray.get(ref)
-                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
-                    was_timeout = rank in timed_out
-                    timed_out.discard(rank)
-                    cause = (f"timeout: batch ran over {limit:g} s (faults.batch_timeout_s)"
-                             if was_timeout else _cause(e))
-                    lost = [(index, attempt, obj)] + [(i, a, o) for _, i, a, o, _ in q]
-                    q.clear()
-                    self._lost(rank, lost, solo or len(lost) == 1 or was_timeout, cause, todo, on_failed)
-                    recovering[rank] = self.actors[rank].info.remote()  # no work until Ray restarted it
-                    continue
-                self._on_message(msg, on_result, on_failed, attempt)
-            if limit:
-                for rank, q in enumerate(queues):
-                    if q and time.monotonic() - since[rank] > limit:
-                        ray.kill(self.actors[rank], no_restart=False)  # Ray restarts it; its head fails
-                        since[rank] = float("inf")
-                        timed_out.add(rank)
-        return {"slots": 0, "slot_bytes": 0, "pickled_fallbacks": 0, "h2d_gbps": None,
-                "transport": "ray object store"}
+                run.step()
+        finally:
+            run.abandon()  # after an early close or an error: nothing left running on the actors
+            self.amend_node_losses()
 
-    def _on_message(self, msg, on_result, on_failed, attempt) -> None:
+    def amend_node_losses(self) -> None:
+        """Restarts recorded as a lost actor whose node Ray has since declared dead: say so.
+
+        A killed node is declared dead by GCS health checks (``health_check_period_ms`` x
+        ``health_check_failure_threshold``, 15 s by default), often after its actors' tasks have failed."""
+        still = []
+        for record, error in self.unsure:
+            if _node_alive(record["node"]):
+                still.append((record, error))
+            else:
+                record["cause"] = f"{_node_gone(record['node'], error)}; was: {record['cause']}"
+        self.unsure = still
+
+    def _lost_cause(self, rank: int, e: Exception) -> tuple[str, bool]:
+        """Why rank's actor went away, and whether its node did (NOTE [ Node loss ])."""
+        node = self.node_of[rank] if rank < len(self.node_of) else None
+        if node and not _node_alive(node):
+            return _node_gone(node, type(e).__name__), True
+        return _cause(e), False
+
+
+class _Run:
+    """The state of one ``stream``: per-actor task queues, retries, reordering; short named steps."""
+
+    def __init__(self, ex: RayExecutor, it: Iterator[Batch], ordered: bool, in_flight: int, window: int):
+        self.ex, self.it, self.ordered = ex, it, ordered
+        self.in_flight, self.window = in_flight, window
+        self.limit = ex.cfg.faults.batch_timeout_s
+        self.queues: list[deque[_Task]] = [deque() for _ in ex.actors]
+        self.since = [0.0] * len(ex.actors)  # when the head of each queue started computing
+        # rank -> [ping ref, lost at, unhostable since]
+        self.recovering: dict[int, list] = {}
+        self.todo: deque = deque()  # (index, attempt, obj, solo): resubmissions, before new batches
+        self.timed_out: set[int] = set()
+        self.opened: dict[int, None] = {}  # started and not yet yielded, in the order they started
+        self.ready: dict[int, Outcome] = {}
+        self.exhausted = False
+        self.finished = False
+        self.next_check = 0.0  # when check_recovering may next ask GCS which nodes can host an actor
+
+    # -- handing out work ------------------------------------------------------------------------------
+    def fill(self) -> None:
+        usable = [r for r in range(len(self.queues)) if r not in self.recovering]
+        while usable and sum(map(len, self.queues)) < self.in_flight:
+            if not self.todo and (self.exhausted or len(self.opened) >= self.window):
+                return
+            solo = bool(self.todo) and self.todo[0][3]
+            free = [r for r in usable if not self.queues[r] or (not solo and not self.queues[r][0].solo)]
+            if not free:
+                return
+            if self.todo:
+                index, attempt, obj, solo = self.todo.popleft()
+            else:
+                t0 = time.perf_counter()
+                batch: Batch | None = next(self.it, None)
+                if batch is None:
+                    self.exhausted = True
+                    return
+                obj, index, attempt = ray.put(batch.array()), batch.index, 1
+                self.opened[index] = None
+                self.ex.breakdown["build_s"] += time.perf_counter() - t0
+            rank = min(free, key=lambda r: len(self.queues[r]))
+            if not self.queues[rank]:
+                self.since[rank] = time.monotonic()
+            ref = self.ex.actors[rank].compute.remote(index, attempt, obj)
+            self.queues[rank].append(_Task(ref, index, attempt, obj, solo))
+
+    def next_ready(self) -> Outcome | None:
+        if not self.ready:
+            return None
+        index = next(iter(self.opened)) if self.ordered else next(iter(self.ready))
+        if index not in self.ready:
+            return None
+        del self.opened[index]
+        return self.ready.pop(index)
+
+    def idle(self) -> bool:
+        done = self.exhausted and not self.todo and not any(self.queues) and not self.ready
+        self.finished = done
+        return done
+
+    # -- waiting for the actors --------------------------------------------------------------------------
+    def step(self) -> None:
+        heads = [q[0].ref for q in self.queues if q] + [p[0] for p in self.recovering.values()]
+        if not heads:
+            raise WorkerError("internal: batches outstanding but nothing to wait for")  # never expected
+        done, _ = ray.wait(heads, num_returns=1, timeout=min(1.0, self.limit / 4) if self.limit else 1.0)
+        done = set(done)
+        self.check_recovering(done)
+        for rank, q in enumerate(self.queues):
+            if q and q[0].ref in done:
+                self.collect(rank, q.popleft())
+        if self.limit:
+            self.check_deadlines()
+
+    def collect(self, rank: int, task: _Task) -> None:
+        self.since[rank] = time.monotonic()
+        try:
+            msg = ray.get(task.ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+            self.on_actor_lost(rank, task, e)
+            return
+        self.on_message(msg, task.attempt)
+
+    def on_message(self, msg: tuple, attempt: int) -> None:
+        ex = self.ex
         if msg[0] == "result":
             _, index, out, timings, who = msg
-            self.counts[who] = self.counts.get(who, 0) + 1
-            pid, device = who[1:]
+            ex.seen[who] = ex.seen.get(who, 0) + 1
+            ex.node_of[who[0]] = who[3]
             for k in ("h2d_s", "d2h_s", "compute_s"):
-                self.breakdown[k] += timings[k]
-            on_result(index, out, {"pid": pid, "device": device, **timings})
+                ex.breakdown[k] += timings[k]
+            self.ready[index] = Outcome(index, out, {"pid": who[1], "device": who[2], "node": who[3],
+                                                     **timings}, None)
             return
-        _, index, packed, (_, pid, device) = msg
-        if self.cfg.faults.on_error == "skip":
-            on_failed({"batch": index, "cause": packed[1], "attempts": attempt})
+        _, index, packed, who = msg
+        if ex.cfg.faults.on_error == "skip":
+            self.fail({"batch": index, "cause": packed[1], "attempts": attempt})
         else:
-            raise remote_error(packed, f"batch {index} (ray actor pid {pid}, device {device})")
+            raise remote_error(packed, f"batch {index} (ray actor pid {who[1]}, device {who[2]}, "
+                                       f"node {who[3][:12]})")
 
-    def _lost(self, rank, lost: list, known: bool, cause: str, todo: deque, on_failed) -> None:
+    def fail(self, record: dict) -> None:
+        self.ready[record["batch"]] = Outcome(record["batch"], None, {}, record)
+
+    def on_actor_lost(self, rank: int, task: _Task, e: Exception) -> None:
+        q = self.queues[rank]
+        was_timeout = rank in self.timed_out
+        self.timed_out.discard(rank)
+        if was_timeout:
+            cause, node_lost = f"timeout: batch ran over {self.limit:g} s (faults.batch_timeout_s)", False
+        else:
+            cause, node_lost = self.ex._lost_cause(rank, e)
+        lost = [task] + list(q)
+        q.clear()
+        self.lost(rank, lost, task.solo or len(lost) == 1 or was_timeout, node_lost, cause)
+        if not (node_lost or was_timeout):  # Ray may declare the node dead later: amend the cause then
+            self.ex.unsure.append((self.ex.restarts[-1], type(e).__name__))
+        self.recovering[rank] = [self.ex.actors[rank].info.remote(), time.monotonic(), None]
+
+    def lost(self, rank: int, lost: list[_Task], known: bool, node_lost: bool, cause: str) -> None:
         """An actor died holding ``lost`` (oldest first).
 
         NOTE [ Ray attribution ]
@@ -215,21 +403,107 @@ class RayExecutor:
         ``known`` to be the culprit: it was alone on the actor, or is a timed-out head. Otherwise nobody
         is charged and every lost batch is retried ``solo`` (alone on an actor), where a further death
         is attributed exactly. Quarantine and ``failed`` then match the local backend.
+
+        NOTE [ Node loss ]
+        When the actor's node is no longer alive, the node is the culprit: nobody is charged, every lost
+        batch is resubmitted as it was (same attempt, not solo), and Ray restarts the actor on a node
+        that can host it. If none can, Ray would keep it pending forever: ``check_recovering`` gives up
+        with a WorkerError after NODE_GRACE_S without a capable node, or RECOVER_WAIT_S without any actor.
         """
-        self.restarts.append({"rank": rank, "pid": None, "cause": cause, "batch": lost[0][0] if known else None})
-        (index, attempt, obj), rest = lost[0], lost[1:]
+        pids = [who[1] for who in self.ex.seen if who[0] == rank]  # in the order incarnations came up
+        pid = pids[-1] if pids else None
+        self.ex.restarts.append({"rank": rank, "pid": pid, "cause": cause, "node": self.ex.node_of[rank],
+                                 "batch": lost[0].index if known and not node_lost else None})
+        if node_lost:
+            self.todo.extend((t.index, t.attempt, t.obj, False) for t in lost)
+            return
         if not known:
-            todo.extend((i, a, o, True) for i, a, o in lost)
-        else:  # the head was running; the rest never started
-            if attempt + 1 > self.cfg.faults.max_attempts:
-                on_failed({"batch": index, "cause": cause, "attempts": attempt})
-            else:
-                todo.append((index, attempt + 1, obj, True))
-            todo.extend((i, a, o, False) for i, a, o in rest)
+            self.todo.extend((t.index, t.attempt, t.obj, True) for t in lost)
+            return
+        head, rest = lost[0], lost[1:]  # the head was running; the rest never started
+        if head.attempt + 1 > self.ex.cfg.faults.max_attempts:
+            self.fail({"batch": head.index, "cause": cause, "attempts": head.attempt})
+        else:
+            self.todo.append((head.index, head.attempt + 1, head.obj, True))
+        self.todo.extend((t.index, t.attempt, t.obj, False) for t in rest)
+
+    def check_recovering(self, done: set) -> None:
+        now = time.monotonic()
+        hostable = None  # asked of GCS (ray.nodes()) at most twice a second, not on every result
+        if now >= self.next_check and any(now - e[1] >= 1.0 for e in self.recovering.values()):
+            self.next_check, hostable = now + 0.5, _can_host(self.ex.opts)
+        for rank, entry in list(self.recovering.items()):
+            ping, lost_at, unhostable = entry
+            if ping in done:
+                try:
+                    who = ray.get(ping)
+                    del self.recovering[rank]  # restarted: its kernel is set up again
+                    self.ex.amend_node_losses()
+                    self.ex.seen.setdefault(who, 0)
+                    self.ex.node_of[rank] = who[3]
+                    continue
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                    time.sleep(0.2)
+                    entry[0] = self.ex.actors[rank].info.remote()
+            if hostable is None or now - lost_at < 1.0:
+                continue
+            if hostable:
+                entry[2] = None
+            elif unhostable is None:
+                entry[2] = now
+            elif now - unhostable > NODE_GRACE_S:
+                raise WorkerError(f"the Ray actor of worker {rank} cannot be restarted: no alive node "
+                                  f"has what it needs ({self.ex._need()}; cluster: {describe_cluster()}); "
+                                  f"add a node or restart the cluster")
+        outstanding = self.todo or any(self.queues)
+        if outstanding and len(self.recovering) == len(self.queues):
+            oldest = min(e[1] for e in self.recovering.values())
+            if now - oldest > RECOVER_WAIT_S:
+                raise WorkerError(f"no Ray actor came back within {RECOVER_WAIT_S:g} s of being lost "
+                                  f"(cluster: {describe_cluster()}); check the cluster (ray status)")
+
+    def check_deadlines(self) -> None:
+        for rank, q in enumerate(self.queues):
+            if q and time.monotonic() - self.since[rank] > self.limit:
+                ray.kill(self.ex.actors[rank], no_restart=False)  # Ray restarts it; its head fails
+                self.since[rank] = float("inf")
+                self.timed_out.add(rank)
+
+    def abandon(self) -> None:
+        """The consumer stopped early or an error ends the stream: cancel what is queued on the actors and
+        wait (bounded) for what is running, so that the next stream starts on idle actors."""
+        if self.finished:
+            return
+        refs = [t.ref for q in self.queues for t in q]
+        for ref in refs:
+            with contextlib.suppress(Exception):
+                ray.cancel(ref)
+        if refs:
+            with contextlib.suppress(Exception):
+                ray.wait(refs, num_returns=len(refs), timeout=self.limit or 10.0)
+        for q in self.queues:
+            q.clear()
+        self.todo.clear()
+        self.ready.clear()
+        self.opened.clear()
 
 
-def _cluster_gpus() -> float:
-    return ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+def _can_host(opts: dict) -> bool:
+    """Whether some alive node has, in total, what one actor asks for."""
+    need_cpu, need_gpu = opts.get("num_cpus", 0), opts.get("num_gpus", 0)
+    for n in ray.nodes():
+        res = n.get("Resources", {})
+        if n.get("Alive") and res.get("CPU", 0) >= need_cpu and res.get("GPU", 0) >= need_gpu:
+            return True
+    return False
+
+
+def _node_alive(node_id: str) -> bool:
+    return any(n.get("NodeID") == node_id and n.get("Alive") for n in ray.nodes())
+
+
+def _node_gone(node: str, error: str) -> str:
+    return f"node {node[:12]} went away: its Ray actor was lost ({error})"
 
 
 def _cause(e: Exception) -> str:

@@ -20,7 +20,8 @@ from . import devices, kernels
 from .config import Config, load_config
 from .errors import ConfigError
 from .handoff import to_host
-from .outputs import checksum, checksum_update  # noqa: F401 - pipeline.runner.checksum, as before
+from .executor import Outcome
+from .outputs import checksum, checksum_update  # noqa: F401 - checksum: pipeline.runner.checksum, as before
 from .sinks import open_output
 from .sources import FromIterable, Indexed, Synthetic, Work, length
 
@@ -46,15 +47,6 @@ class RunResult:
     # in batch order: numpy arrays, or tuples or dicts of them for kernels with several outputs (None for a
     # failed batch); [] when not kept
     results: list = field(default_factory=list)
-
-
-@dataclass
-class Outcome:
-    """One batch's end (the executors' own class has the same fields)."""
-    index: int
-    result: Any
-    info: dict
-    failure: dict | None = None
 
 
 def resolve(config: Config | str | os.PathLike | None, overrides: dict[str, Any]) -> Config:
@@ -119,7 +111,8 @@ class Pipeline:
         if isinstance(kernel, str):
             overrides["kernel"] = kernel
         self.cfg = resolve(config, overrides)
-        self.note = devices.check(self.cfg.workers.device)
+        # (on Ray the cluster's devices count, not this machine's: RayExecutor.start checks them)
+        self.note = devices.check(self.cfg.workers.device) if self.cfg.run.backend == "local" else None
         params = to_host(dict(self.cfg.kernel.params), "kernel param")
         self.spec = kernels.spec_for(kernel if callable(kernel) else self.cfg.kernel.name, params)
         self.executor = None

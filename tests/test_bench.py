@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.bench import _has_ray, bound, max_rel_diff, roofline
+from pipeline.bench import _has_ray, _has_ray_data, bound, max_rel_diff, roofline
 from pipeline.cli import main
 
 
@@ -19,7 +19,8 @@ def test_quick_all_modes_agree(tmp_path, capsys):
     report = json.loads(path.read_text())
     assert set(report["machine"]) >= {"cpus", "python", "torch", "numpy", "devices"}
     modes = {(r["mode"], r["workers"]) for r in report["results"]}
-    peers = ["pipeline", "mp.Pool", "ProcessPoolExecutor", "DataLoader"] + (["ray"] if _has_ray() else [])
+    peers = ["pipeline", "mp.Pool", "ProcessPoolExecutor", "DataLoader"] + (["ray"] if _has_ray() else []) \
+        + (["ray.data"] if _has_ray_data() else [])
     assert modes == {("serial", 0)} | {(m, w) for m in peers for w in (1, 2)}
     for r in report["results"]:
         assert r["agrees"] and r["max_rel_diff_vs_serial"] <= 1e-3
