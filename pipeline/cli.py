@@ -144,7 +144,8 @@ def human(s: dict) -> str:
         f"main pid     {s['main_pid']}",
     ]
     for w in s["workers"]:
-        lines.append(f"  worker {w['rank']}  pid {w['pid']}  {w['device']}  {w['batches']} batches")
+        where = f"  node {w['node'][:12]} ({w.get('ip')})" if w.get("node") else ""
+        lines.append(f"  worker {w['rank']}  pid {w['pid']}  {w['device']}  {w['batches']} batches{where}")
     if s.get("handoff") and s["handoff"].get("transport"):
         lines.append(f"handoff      {s['handoff']['transport']}")
     elif s.get("handoff"):
