@@ -122,7 +122,7 @@ def _build_lists(args) -> list[int] | None:
 
 def run_bench(cfg: Config, modes: list[str], counts: list[int], repeat: int,
               build_lists: list[int] | None = None) -> dict:
-    spec = kernels.spec_for(cfg.kernel.name, dict(cfg.kernel.params))
+    spec = kernels.spec_for(cfg.kernel.name, dict(cfg.kernel.params), cfg.kernel.precision)
     src = make_source(cfg.source)
     n = len(src)
     batch_bytes = sum(b.nbytes for b in src)

@@ -48,6 +48,8 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="any config key (TOML value), repeatable")
     g.add_argument("--device", metavar="D", help="auto (default), cpu, cuda, cuda:N")
+    g.add_argument("--precision", metavar="P",
+                   help="fp32 (default), tf32 (TF32 matmuls on CUDA), bf16 or fp16 (autocast): every kernel call")
     g.add_argument("--start-method", metavar="M", help="spawn (default) or forkserver; fork is refused")
     g.add_argument("--threads-per-worker", type=int, metavar="N",
                    help="torch threads per worker (default: max(1, cores // workers))")
@@ -68,7 +70,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    names = ("workers", "batches", "rows", "cols", "dtype", "seed", "kernel", "device", "start_method",
+    names = ("workers", "batches", "rows", "cols", "dtype", "seed", "kernel", "device", "precision", "start_method",
              "threads_per_worker", "build_threads", "in_flight", "batch_timeout_s", "max_attempts", "on_error",
              "input", "input_key", "output", "backend", "ray_address")
     out = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
@@ -140,7 +142,8 @@ def human(s: dict) -> str:
         f"wall         {s['wall_s']:.3f} s (worker start-up {s['startup_s']:.3f} s)",
         f"throughput   {s['batches_per_s']} batches/s, {s['mb_per_s']} MB/s"
         + (f" ({s['steady_batches_per_s']} batches/s after start-up)" if s.get("steady_batches_per_s") else ""),
-        f"kernel       {s['kernel']} on {s['device']}, {s['threads_per_worker']} thread(s) per worker",
+        f"kernel       {s['kernel']} ({s.get('precision', 'fp32')}) on {s['device']}, "
+        f"{s['threads_per_worker']} thread(s) per worker",
         f"main pid     {s['main_pid']}",
     ]
     for w in s["workers"]:

@@ -44,6 +44,7 @@ class SourceConfig:
 class KernelConfig:
     name: str = "matmul"
     params: dict = field(default_factory=dict)
+    precision: str = "fp32"  # fp32 | tf32 | bf16 | fp16
 
 
 @dataclass(frozen=True)
@@ -136,6 +137,7 @@ CHOICES = {
     "source.dtype": DTYPES,
     "workers.start_method": START_METHODS,
     "faults.on_error": ("fail", "skip"),
+    "kernel.precision": ("fp32", "tf32", "bf16", "fp16"),
     "run.backend": ("local", "ray"),
 }
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")

@@ -220,3 +220,47 @@ def describe() -> dict:
         "default_start_method": mp.get_start_method(allow_none=True) or mp.get_context().get_start_method(),
         "pipeline_start_method": "spawn",
     }
+
+
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+
+
+@contextmanager
+def precision(name: str, device):
+    """Run kernel calls under ``kernel.precision``: autocast to bf16/fp16 (on CUDA; bf16 and fp16 autocast on
+    the CPU too), TF32 matmuls and convolutions for ``tf32`` on CUDA (plain fp32 on the CPU)."""
+    import torch
+    if name in ("bf16", "fp16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16 if name == "bf16" else torch.float16):
+            yield
+    elif name == "tf32" and device.type == "cuda":
+        before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+    else:
+        yield
+
+
+def memory_note(device) -> str:
+    """'cuda:0: 1.2 GiB free of 79.1 GiB' (after the caching allocator gave back what it could)."""
+    import torch
+    torch.cuda.empty_cache()
+    free, total = torch.cuda.mem_get_info(device)
+    return f"{device}: {free / 2**30:.1f} GiB free of {total / 2**30:.1f} GiB"
+
+
+def sticky(e: BaseException) -> bool:
+    """A CUDA error after which the process's CUDA context is unusable (device-side assert, illegal
+    address, launch failure): the worker must be replaced. Out-of-memory is not one."""
+    import torch
+    if isinstance(e, torch.OutOfMemoryError):
+        return False
+    accel = getattr(torch, "AcceleratorError", None)
+    if accel is not None and isinstance(e, accel):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(s in text for s in (
+        "CUDA error", "device-side assert", "illegal memory access", "unspecified launch failure"))

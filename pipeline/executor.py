@@ -76,6 +76,8 @@ class Handle:
     batches: int = 0
     tasks: deque = field(default_factory=deque)
     head_since: float = 0.0  # when the task at the head of ``tasks`` started computing
+    retired: str | None = None  # why it is exiting on its own (a sticky CUDA error)
+    gpu_reserved_mb: float | None = None
 
 
 def signal_name(exitcode: int | None) -> str:
@@ -186,7 +188,8 @@ class LocalExecutor:
 
     def worker_info(self) -> list[dict]:
         """Every worker this executor started (device None: it never got ready, e.g. the run was over)."""
-        return [{"rank": w.rank, "pid": w.pid or w.process.pid, "device": w.device, "batches": w.batches}
+        return [{"rank": w.rank, "pid": w.pid or w.process.pid, "device": w.device, "batches": w.batches,
+                 **({"gpu_reserved_mb": round(w.gpu_reserved_mb, 1)} if w.gpu_reserved_mb is not None else {})}
                 for w in self.history]
 
     # -- runs ----------------------------------------------------------------------------------------
@@ -524,13 +527,16 @@ class _Run:
                 pass  # died mid-message; the sentinel follows
         for w in list(self.ex.workers):
             if not w.process.is_alive():
-                self._on_death(w, self.ex._cause(w))
+                self._on_death(w, w.retired or self.ex._cause(w))
         self._check_deadlines()
 
     def _on_message(self, w: Handle, msg: tuple) -> None:
         kind = msg[0]
         if kind in ("ready", "fatal", "note"):
             self.ex._on_setup_message(w, msg)
+            return
+        if kind == "retire":  # NOTE [ CUDA faults ] in worker.py: its sentinel follows
+            w.retired = f"{msg[2]} (sticky CUDA error: worker retired and replaced)"
             return
         if kind == "copied":  # NOTE [ Slot release ]: the device has its copy
             task = next((t for t in w.tasks if t.index == msg[1]), None)
@@ -545,6 +551,7 @@ class _Run:
         if kind == "result":
             w.batches += 1
             timings = msg[3]
+            w.gpu_reserved_mb = timings.get("gpu_reserved_mb", w.gpu_reserved_mb)
             self._account(timings)
             info = {"pid": w.pid, "device": w.device, **timings, "_done_at": time.perf_counter()}
             self._deliver(Outcome(task.index, msg[2], info))

@@ -103,11 +103,14 @@ class Faulty(Sum):
     """Computes exactly like ``sum``, except at the batch indices its params name (fault injection).
 
     ``crash_on`` (killed by ``signal``, default 9), ``exit_on`` (``os._exit(0)``), ``raise_on``
-    (RuntimeError), ``system_exit_on`` (SystemExit), ``hang_on`` (sleeps forever), ``sleep`` (seconds per
-    batch); faults strike only a batch's first attempt unless ``only_first_attempt = false``.
+    (RuntimeError), ``system_exit_on`` (SystemExit), ``hang_on`` (sleeps forever), ``oom_on`` (runs out
+    of device memory: on CUDA for real, on the CPU a ``torch.OutOfMemoryError``), ``sticky_on`` (a CUDA
+    error that leaves the context unusable: a device-side assert on CUDA, its message on the CPU),
+    ``sleep`` (seconds per batch); faults strike only a batch's first attempt unless
+    ``only_first_attempt = false``.
     """
 
-    FAULTS = ("crash_on", "exit_on", "raise_on", "system_exit_on", "hang_on")
+    FAULTS = ("crash_on", "exit_on", "raise_on", "system_exit_on", "hang_on", "oom_on", "sticky_on")
 
     def setup(self, device, signal=9, sleep=0.0, only_first_attempt=True, **faults):
         unknown = set(faults) - set(self.FAULTS)
@@ -136,6 +139,17 @@ class Faulty(Sum):
             if "hang_on" in hit:
                 while True:
                     time.sleep(3600)
+            if "oom_on" in hit:
+                if x.device.type == "cuda":
+                    total = torch.cuda.get_device_properties(x.device).total_memory
+                    torch.empty(2 * total, dtype=torch.uint8, device=x.device)  # more than the GPU has
+                raise torch.OutOfMemoryError(f"faulty kernel: oom_on batch {i} (simulated on {x.device})")
+            if "sticky_on" in hit:
+                if x.device.type == "cuda":
+                    bad = torch.tensor([x.shape[0] + 10], device=x.device)
+                    x[bad].sum().item()  # out of bounds on the GPU: a device-side assert, sticky
+                raise RuntimeError(f"CUDA error: an illegal memory access was encountered (faulty kernel: "
+                                   f"sticky_on batch {i}, simulated on {x.device})")
         return super().__call__(x)
 
 
@@ -152,10 +166,16 @@ class KernelSpec:
     name: str
     params: dict = field(default_factory=dict)
     payload: bytes | None = None
+    precision: str = "fp32"  # every call runs under it (devices.precision)
 
 
-def spec_for(kernel: str | Callable, params: dict) -> KernelSpec:
+def spec_for(kernel: str | Callable, params: dict, precision: str = "fp32") -> KernelSpec:
     """Check a kernel in the main process, so a bad one fails before any worker starts."""
+    spec = _spec_for(kernel, params)
+    return KernelSpec(spec.name, spec.params, spec.payload, precision)
+
+
+def _spec_for(kernel: str | Callable, params: dict) -> KernelSpec:
     if isinstance(kernel, str):
         if kernel not in BUILTINS:
             _import(kernel)

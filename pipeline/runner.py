@@ -33,7 +33,7 @@ OVERRIDES = {
     "threads_per_worker": "workers.threads", "build_threads": "workers.build_threads", "progress": "run.progress",
     "in_flight": "handoff.in_flight", "slot_mb": "handoff.slot_mb", "pinned": "handoff.pinned",
     "max_attempts": "faults.max_attempts", "batch_timeout_s": "faults.batch_timeout_s",
-    "on_error": "faults.on_error", "input": "source.path", "input_key": "source.key", "output": "run.output",
+    "on_error": "faults.on_error", "precision": "kernel.precision", "input": "source.path", "input_key": "source.key", "output": "run.output",
     "overwrite": "run.overwrite", "backend": "run.backend", "ray_address": "run.ray_address",
 }
 # What the workers were started with: a call on a running Pipeline can't change it.
@@ -114,7 +114,8 @@ class Pipeline:
         # (on Ray the cluster's devices count, not this machine's: RayExecutor.start checks them)
         self.note = devices.check(self.cfg.workers.device) if self.cfg.run.backend == "local" else None
         params = to_host(dict(self.cfg.kernel.params), "kernel param")
-        self.spec = kernels.spec_for(kernel if callable(kernel) else self.cfg.kernel.name, params)
+        self.spec = kernels.spec_for(kernel if callable(kernel) else self.cfg.kernel.name, params,
+                                     self.cfg.kernel.precision)
         self.executor = None
         self.serial = None  # the kernel in this process, for workers = 0
         self.closed = False
@@ -371,6 +372,7 @@ class Tally:
             "main_pid": os.getpid(),
             "device": ",".join(sorted({w["device"] for w in workers if w.get("device")})),
             "kernel": spec.name,
+            "precision": spec.precision,
             "threads_per_worker": cfg.threads_per_worker(),
             "workers": workers,
             "restarts": list(getattr(ex, "restarts", [])) if ex else [],

@@ -57,7 +57,9 @@ def batch_name(index: int, several: bool = False) -> str:
 def identity(source, spec) -> dict:
     """What every result depends on (never the worker count, backend or device: see DESIGN.md)."""
     src = source.identity() if hasattr(source, "identity") else {"kind": type(source).__name__}
-    return _plain({"format": FORMAT, "source": src, "kernel": {"name": spec.name, "params": spec.params}})
+    return _plain({"format": FORMAT, "source": src, "kernel": {"name": spec.name, "params": spec.params,
+                                                     **({"precision": spec.precision}
+                                                        if spec.precision != "fp32" else {})}})
 
 
 def _plain(obj):

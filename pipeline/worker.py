@@ -5,6 +5,7 @@ Module level, so that spawn can import the entry point by name. Messages are tin
   main -> worker   Task(index, attempt, ring, desc, array) | None (stop)
   worker -> main   ("ready", pid, device) | ("fatal", error) | ("note", text)
                    ("copied", index)   (CUDA: the batch is on the device, its slot may be reused)
+                   ("retire", index, cause)   (a sticky CUDA error: the worker exits, NOTE [ CUDA faults ])
                    ("result", index, array, timings) | ("error", index, error)
 
 NOTE [ Shutdown ]
@@ -112,7 +113,7 @@ class Computer:
     (workers, the serial baseline, Ray actors, the bench's peers)."""
 
     def __init__(self, spec: kernels.KernelSpec, device: torch.device, pinned: bool):
-        self.device, self.name = device, spec.name
+        self.device, self.name, self.precision = device, spec.name, spec.precision
         self.kernel = kernels.make(spec, device)
         self.stager = Stager(device, pinned)
 
@@ -132,7 +133,8 @@ class Computer:
         h = staged or self.stager.start(arr, registered)
         x = self.stager.ready(h)
         t1 = time.perf_counter()
-        y = self.kernel(x)
+        with devices.precision(self.precision, self.device):
+            y = self.kernel(x)
         if copied is not None and h.end is not None:
             h.end.synchronize()  # the copy, not the kernel: nothing reads the host memory any more
             copied()
@@ -144,8 +146,24 @@ class Computer:
         # validated, on the host, never a view of the slot (it is reused): KernelError for a bad return
         out = outputs.host_result(y, where=f"kernel {self.name!r}, batch {index}", avoid=arr)
         t3 = time.perf_counter()
-        return out, {"h2d_s": self.stager.seconds(h), "h2d_bytes": arr.nbytes, "direct": h.direct,
-                     "stage_s": (t1 - t0) if staged is None else 0.0, "compute_s": t2 - t1, "d2h_s": t3 - t2}
+        timings = {"h2d_s": self.stager.seconds(h), "h2d_bytes": arr.nbytes, "direct": h.direct,
+                   "stage_s": (t1 - t0) if staged is None else 0.0, "compute_s": t2 - t1, "d2h_s": t3 - t2}
+        if self.device.type == "cuda":
+            timings["gpu_reserved_mb"] = torch.cuda.memory_reserved(self.device) / 2**20
+        return out, timings
+
+
+def _cuda_fault(e: BaseException, device: torch.device) -> BaseException:
+    """NOTE [ CUDA faults ]
+    Out of device memory: the worker frees its cache, the error names the device and its free/total
+    memory, and ``on_error`` applies as for any kernel error; the worker carries on. A sticky CUDA error
+    (a device-side assert, an illegal address) leaves the process's CUDA context unusable: the worker says
+    so ("retire") and exits; the main replaces it and retries or quarantines the batch as for a crash."""
+    if isinstance(e, torch.OutOfMemoryError) and device.type == "cuda":
+        first = e.args[0] if e.args else ""
+        e.args = (f"out of memory on {devices.memory_note(device)} after freeing the cache; the worker "
+                  f"carries on (smaller batches, --rows, or fewer workers per GPU): {first}",) + e.args[1:]
+    return e
 
 
 def pack_error(e: BaseException) -> tuple[Any, str, str]:
@@ -245,7 +263,10 @@ def _loop(rank: int, conn, computer: Computer) -> None:
             out, timings = computer(arr, task.index, task.attempt, staged, prefetch if cuda else None, copied,
                                     registered)
         except BaseException as e:  # noqa: BLE001 - SystemExit and KeyboardInterrupt too: never hang
-            msg = ("error", task.index, pack_error(e))
+            msg = ("error", task.index, pack_error(_cuda_fault(e, computer.device)))
+            if devices.sticky(e):  # NOTE [ CUDA faults ]
+                conn.send(("retire", task.index, msg[2][1]))
+                os._exit(75)
         else:
             timings["idle_s"] = idle
             timings["sent"] = time.time()

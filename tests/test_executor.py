@@ -148,3 +148,30 @@ def test_ctrl_c_while_starting(delay):
     os.killpg(p.pid, signal.SIGINT)
     out, err = p.communicate(timeout=30)
     assert p.returncode == 130 and "Traceback" not in err and err.strip().count("\n") == 0, err
+
+
+@pytest.mark.timeout(120)
+def test_sticky_cuda_error_retires_and_replaces_the_worker():
+    """A sticky CUDA error (simulated on the CPU): the worker is replaced, the batch retried, checksum kept."""
+    s = pipeline.run(kernel="faulty", workers=2, device="cpu", **{"kernel.params.sticky_on": [2]}, **SIX).summary
+    assert s["checksum"] == clean_checksum() and s["failed"] == [] and s["completed"] == 6
+    assert len(s["restarts"]) == 1 and s["restarts"][0]["batch"] == 2
+    assert "CUDA error" in s["restarts"][0]["cause"] and "worker retired" in s["restarts"][0]["cause"]
+
+
+@pytest.mark.timeout(120)
+def test_sticky_cuda_error_every_attempt_is_quarantined():
+    """A batch whose sticky error recurs on every attempt is quarantined after max_attempts, like a crash."""
+    s = pipeline.run(kernel="faulty", workers=2, device="cpu", max_attempts=2,
+                     **{"kernel.params.sticky_on": [1], "kernel.params.only_first_attempt": False}, **SIX).summary
+    assert s["completed"] == 5 and len(s["restarts"]) == 2
+    assert [f["batch"] for f in s["failed"]] == [1] and "sticky CUDA error" in s["failed"][0]["cause"]
+
+
+@pytest.mark.timeout(120)
+def test_out_of_memory_follows_on_error_and_the_worker_carries_on():
+    """Out of memory (simulated on the CPU) fails only its batch under on_error=skip; no worker replaced."""
+    s = pipeline.run(kernel="faulty", workers=1, device="cpu", on_error="skip",
+                     **{"kernel.params.oom_on": [1, 3]}, **SIX).summary
+    assert [f["batch"] for f in s["failed"]] == [1, 3] and s["restarts"] == [] and s["completed"] == 4
+    assert s["failed"][0]["cause"].startswith("OutOfMemoryError")

@@ -12,7 +12,7 @@ from pipeline import kernels  # noqa: E402
 from pipeline.errors import ConfigError, WorkerError  # noqa: E402
 from pipeline.ray_backend import RayExecutor  # noqa: E402
 from pipeline.runner import checksum, resolve  # noqa: E402
-from pipeline.sources import make_source  # noqa: E402
+from pipeline.runner import make_source  # noqa: E402
 
 SLOW = {"batches": 16, "rows": 8, "cols": 4, "kernel": "faulty", "kernel.params.sleep": 0.2}
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}

@@ -80,7 +80,7 @@ def test_source_and_callable_kernel_with_workers():
 def test_kernel_exception_carries_type_batch_pid_device_and_traceback():
     """A worker's exception reaches the caller as its type, naming batch, pid, device; cause = traceback."""
     with pytest.raises(RuntimeError) as e:
-        pipeline.run(kernel="faulty", workers=2, **{"kernel.params.raise_on": [2]}, **TINY)
+        pipeline.run(kernel="faulty", workers=2, device="cpu", **{"kernel.params.raise_on": [2]}, **TINY)
     msg = str(e.value)
     assert "batch 2" in msg and "worker pid" in msg and "device cpu" in msg
     assert "raise_on batch 2" in msg
@@ -166,6 +166,28 @@ def test_gpu_cuda_tensor_in_source_refused():
     """A real CUDA tensor in source raises HandoffError."""
     with pytest.raises(pipeline.HandoffError, match="device 'cuda:0'"):
         pipeline.run(source=[torch.ones(2, 2, device="cuda")], kernel="sum", workers=1, progress=False)
+
+
+def test_device_auto_rule():
+    """device auto: worker rank r computes on GPU r % GPUs when there are GPUs, else on the CPU."""
+    from pipeline import devices
+    n = devices.gpu_count()
+    got = [str(devices.choose("auto", r)) for r in range(3)]
+    assert got == ([f"cuda:{r % n}" for r in range(3)] if n else ["cpu"] * 3)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "tf32", "bf16", "fp16"])
+def test_precision_runs_every_kernel_call_under_it(precision):
+    """kernel.precision: the summary says it; bf16/fp16 autocast changes matmul results within tolerance."""
+    kw = dict(TINY, kernel="matmul", workers=0, device="cpu")
+    ref = pipeline.run(**kw).results
+    r = pipeline.run(precision=precision, **kw)
+    assert r.summary["precision"] == precision
+    for a, b in zip(r.results, ref):
+        assert a.dtype == (np.float16 if precision == "fp16" else np.float32)  # numpy has no bfloat16
+        np.testing.assert_allclose(a, b, rtol=5e-2, atol=5e-2)
+    if precision in ("bf16", "fp16"):
+        assert any(not np.array_equal(a, b) for a, b in zip(r.results, ref))
 
 
 def test_unserialisable_kernel_fails_fast_naming_it():

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def out_run(out, **kw):
     """A serial sum run of TINY batches into ``out``."""
-    return pipeline.run(kernel="sum", output=str(out), **{"workers": 0, **TINY, **kw})
+    return pipeline.run(kernel="sum", output=str(out), **{"workers": 0, "device": "cpu", **TINY, **kw})
 
 
 def manifest(out) -> list[dict]:
