@@ -1,29 +1,82 @@
 #!/usr/bin/env bash
-# One device check: the gpu-marked tests, then the GPU bench workload (serial vs pipeline vs DataLoader),
-# printed as a short table. On a machine without CUDA it says so and exits 0.
-# Usage: bash scripts/gpu_check.sh [OUTDIR]    (OUTDIR gets bench-gpu.json and gpu-check.log)
+# Everything that needs a GPU, in one go (about 6-8 minutes on one H100 with 16 cores):
+#   1. the whole test suite (gpu-marked tests included), with pytest-xdist when it is installed
+#   2. lesson 09's facts about tensors crossing processes (docs/gpu-facts/)
+#   3. the default job (`run --workers 4`) against serial
+#   4. bench-gpu: serial, pipeline, DataLoader, mp.Pool at 1, 2, 4, 8 workers
+#   5. bench-handoff at 2, 8, 16 workers (when there are 16 cores)
+#   6. file input: 64 x 64 MB .npy on the GPU, serial vs pipeline vs DataLoader at 4 workers
+# then a short table (scripts/gpu_summary.py). Each step writes its JSON/log to OUTDIR as it finishes,
+# so a step that runs out of time leaves the others' results. The bench's ray and ray.data modes run
+# too when Ray (pip install -e '.[ray]', which brings Ray Data) is installed: add ,ray,ray.data to --modes.
+# On a machine without CUDA it says so and exits 0. Works without network: when `pipeline` is not
+# installed and `pip install -e .` can't reach an index, it runs from the checkout with PYTHONPATH.
+# Usage: bash scripts/gpu_check.sh [OUTDIR]
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${1:-${OUT:-/tmp}}
+out=${1:-${OUT:-/tmp/gpu-check}}
 mkdir -p "$out"
 py=python3
 [ -x .venv/bin/python ] && py=.venv/bin/python
 if ! "$py" -c "import pipeline, torch" 2>/dev/null; then
-  "$py" -m pip install -q -e '.[test]' || { echo "gpu_check: cannot install the project"; exit 1; }
+  "$py" -m pip install -q -e '.[test]' 2>/dev/null || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+if ! "$py" -c "import pipeline, torch, numpy, tqdm, cloudpickle"; then
+  echo "gpu_check: pipeline's dependencies are missing (torch, numpy, tqdm, cloudpickle)"; exit 1
 fi
 if ! "$py" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   echo "gpu_check: no CUDA GPU on this machine (torch.cuda.is_available() is False): nothing to check."
   exit 0
 fi
 export PYTHONUNBUFFERED=1
-"$py" -m pipeline devices | tee "$out/gpu-check.log"
-echo "== gpu-marked tests"
-timeout 300 "$py" -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee -a "$out/gpu-check.log" | tail -n 15
+log="$out/gpu-check.log"
+step() { echo; echo "== $1 ($(date +%H:%M:%S))" | tee -a "$log"; }
+cores=$("$py" -c "from pipeline import devices; print(devices.usable_cpus())")
+"$py" -m pipeline devices | tee "$log"
+
+step "test suite"
+xdist=""
+"$py" -c "import xdist" 2>/dev/null && xdist="-n 8"
+timeout 240 "$py" -m pytest -q -p no:cacheprovider $xdist 2>&1 | tee "$out/tests.log" | tail -n 25
 tests_rc=${PIPESTATUS[0]}
-echo "== bench: configs/bench-gpu.toml (serial vs pipeline vs DataLoader)"
-timeout 240 "$py" -m pipeline bench --config configs/bench-gpu.toml --batches 48 \
-  --modes serial,pipeline,DataLoader --workers-list 1,2,4 --json "$out/bench-gpu.json" 2>&1 \
-  | tee -a "$out/gpu-check.log"
+
+step "lesson 09: tensors crossing processes"
+timeout 90 "$py" scripts/lessons/09_gpu_data.py --json "$out/gpu-facts.json" --markdown "$out/gpu-facts.md" \
+  > "$out/gpu-facts.log" 2>&1
+facts_rc=$?
+tail -n 3 "$out/gpu-facts.log"
+
+step "default job: run --workers 4 vs --workers 0"
+timeout 60 "$py" -m pipeline run --workers 0 --no-progress --json > "$out/default-serial.json" 2>>"$log"
+timeout 60 "$py" -m pipeline run --workers 4 --no-progress --json > "$out/default-w4.json" 2>>"$log"
+
+step "bench-gpu (serial, pipeline, DataLoader, mp.Pool at 1, 2, 4, 8 workers)"
+timeout 200 "$py" -m pipeline bench --config configs/bench-gpu.toml --batches 48 \
+  --modes serial,pipeline,DataLoader,mp.Pool --workers-list 1,2,4,8 --json "$out/bench-gpu.json" 2>&1 \
+  | tee -a "$log" | grep -v "^pipeline x"
 bench_rc=${PIPESTATUS[0]}
-echo "== summary: gpu tests exit $tests_rc, bench exit $bench_rc"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+
+if [ "$cores" -ge 16 ]; then
+  step "bench-handoff at 2, 8, 16 workers"
+  timeout 120 "$py" -m pipeline bench --config configs/bench-handoff.toml --modes serial,pipeline,DataLoader \
+    --workers-list 2,8,16 --json "$out/bench-handoff.json" 2>&1 | tee -a "$log" | grep -v "^pipeline x"
+fi
+
+step "file input: 64 x 64 MB .npy on the GPU, 4 workers"
+data=$(mktemp -d)
+"$py" - "$data/x.npy" <<'EOF'
+import sys, numpy as np
+x = np.lib.format.open_memmap(sys.argv[1], mode="w+", dtype=np.float32, shape=(64 * 16384, 1024))
+for i in range(64):
+    np.random.default_rng([7, i]).random(dtype=np.float32, out=x[i * 16384:(i + 1) * 16384])
+x.flush()
+EOF
+timeout 120 "$py" -m pipeline bench --config configs/bench-gpu.toml --input "$data/x.npy" --rows 16384 \
+  --modes serial,pipeline,DataLoader --workers-list 4 --json "$out/bench-file.json" 2>&1 \
+  | tee -a "$log" | grep -v "^pipeline x"
+rm -rf "$data"
+
+step "summary"
+"$py" scripts/gpu_summary.py "$out" | tee "$out/summary.md"
+echo "gpu_check: tests exit $tests_rc, lesson 09 exit $facts_rc, bench-gpu exit $bench_rc; files in $out"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$facts_rc" -eq 0 ]
