@@ -292,7 +292,7 @@ def fork_pool_cuda_arg():
         device, values = pool.apply_async(describe, (t,)).get(timeout=FORK_HANG_S)
         return fact("ok", f"the child got it on {device}: {values}")
     except multiprocessing.TimeoutError:
-        return fact("timeout", f"hung: no answer in {FORK_HANG_S} s (`Pool` never returns)")
+        return fact("timeout", f"hung: no answer in {FORK_HANG_S} s (the pool was then terminated)")
     finally:
         pool.terminate()
 
