@@ -26,12 +26,25 @@ tensor that requires grad, raises `pipeline.HandoffError`, a subclass of
 
 Without CUDA this lesson runs the CPU/meta set (a `meta` tensor is a non-CPU
 device that exists without a GPU); with CUDA it also runs the CUDA set.
+
+`--json PATH` (and/or `--markdown PATH`) measures the facts of the README table
+"what really happens to tensors crossing processes" instead of running the
+checks, and writes them with the machine they were measured on: one entry per
+row, each saying what happened (ok, the error, a timeout, a speed) or
+"skipped: no CUDA". It records, it does not judge: the exit code is 0 once the
+files are written. With CUDA it takes well under a minute.
 """
 
+import argparse
+import datetime
+import json
 import multiprocessing
 import os
 import pickle
+import platform
+import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMEOUT = 120  # seconds for any one pool call (children import torch)
@@ -183,7 +196,319 @@ def cuda_set(torch, pipeline, check):
               f"{type(err).__name__}: {str(err)[:90]}...")
 
 
-def main():
+# --- the README's facts, measured (--json / --markdown) -----------------------
+
+FORK_HANG_S = 10      # a fork pool that has not answered by then is reported as hung
+SUBPROCESS_S = 40     # hard limit for a fact run in a process of its own
+H2D_MB = 256          # host-to-device copy size for the bandwidth row
+
+# key -> the README row it measures (order = the table's order)
+FACTS = {
+    "pickle_cuda_tensor": "`pickle.dumps(cuda_tensor)`",
+    "spawn_pool_apply_cuda_tensor": "stdlib spawn `Pool.apply(f, (cuda_tensor,))`",
+    "child_returns_cuda_tensor": "the child returns that tensor",
+    "fork_after_cuda_init": "fork pool after CUDA init in the parent",
+    "fork_pool_cuda_arg": "fork pool, CUDA tensor as argument",
+    "nonleaf_requires_grad": "non-leaf tensor with requires_grad",
+    "parent_exits_while_child_holds": "parent exits while a child holds a shared CUDA tensor",
+    "h2d_pageable_vs_pinned_gbps": f"host-to-device copy, {H2D_MB} MB",
+    "pickled_pool_vs_serial": "batches through stdlib spawn `Pool.imap` (pickled) vs one process",
+}
+CUDA_FACTS = {"pickle_cuda_tensor", "spawn_pool_apply_cuda_tensor", "child_returns_cuda_tensor",
+              "fork_after_cuda_init", "fork_pool_cuda_arg", "parent_exits_while_child_holds",
+              "h2d_pageable_vs_pinned_gbps"}
+
+
+def error_text(exc):
+    return " ".join(f"{type(exc).__name__}: {exc}".split())[:400]
+
+
+def fact(status, result, **extra):
+    return {"status": status, "result": result, **extra}
+
+
+def measure(fn):
+    """Run one fact; an exception becomes status "error" with its type and message."""
+    import multiprocessing.context
+    t0 = time.perf_counter()
+    try:
+        row = fn()
+    except multiprocessing.context.TimeoutError:
+        row = fact("timeout", "timed out (no answer)")
+    except Exception as exc:  # noqa: BLE001 - a probe records everything
+        row = fact("error", error_text(exc))
+    row["seconds"] = round(time.perf_counter() - t0, 3)
+    return row
+
+
+def in_own_process(name, limit=SUBPROCESS_S):
+    """Run fact `name` in a fresh interpreter (`--fact NAME`); a hang there is killed, not waited on."""
+    def text(out):
+        return out.decode(errors="replace") if isinstance(out, bytes) else (out or "")
+    try:
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--fact", name],
+                              capture_output=True, text=True, timeout=limit)
+        stdout, stderr, ending = proc.stdout, proc.stderr, f"exited {proc.returncode}"
+    except subprocess.TimeoutExpired as exc:
+        stdout, stderr, ending = text(exc.stdout), text(exc.stderr), f"was killed after {limit} s"
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        status = "timeout" if "killed" in ending else "error"
+        return fact(status, f"the process running it {ending} without a result: "
+                            + " ".join(stderr.split())[-300:])
+    row = json.loads(lines[-1])
+    if "killed" in ending:
+        row["result"] += f" (then the process hung on exit and {ending})"
+    row["stderr"] = [line for line in stderr.splitlines() if line.strip()][-5:]
+    return row
+
+
+def hold(tensor, ready):
+    """Spawn child: receive a shared CUDA tensor, say so, keep it until killed."""
+    float(tensor.sum())
+    ready.set()
+    time.sleep(60)
+
+
+def producer_exits():
+    """--fact parent_exits_while_child_holds: hand a CUDA tensor to a daemon child, then exit."""
+    import torch
+    t = torch.ones(1024, device="cuda")
+    ctx = multiprocessing.get_context("spawn")
+    ready = ctx.Event()
+    child = ctx.Process(target=hold, args=(t, ready), daemon=True)
+    child.start()
+    if not ready.wait(SUBPROCESS_S / 2):
+        return fact("timeout", "the child never reported holding the tensor")
+    return fact("ok", "the parent exited while the child held the tensor")  # the warning, if any, follows
+
+
+def fork_pool_cuda_arg():
+    """--fact fork_pool_cuda_arg: a fork pool handed a CUDA tensor (hangs on an H100)."""
+    import torch
+    t = torch.arange(6, dtype=torch.float32, device="cuda")
+    pool = multiprocessing.get_context("fork").Pool(1)
+    try:
+        device, values = pool.apply_async(describe, (t,)).get(timeout=FORK_HANG_S)
+        return fact("ok", f"the child got it on {device}: {values}")
+    except multiprocessing.TimeoutError:
+        return fact("timeout", f"hung: no answer in {FORK_HANG_S} s (the pool was then terminated)")
+    finally:
+        pool.terminate()
+
+
+def one_fact(name):
+    """Child side of in_own_process: print the fact as one JSON line."""
+    fn = {"parent_exits_while_child_holds": producer_exits, "fork_pool_cuda_arg": fork_pool_cuda_arg}[name]
+    print(json.dumps(measure(fn)), flush=True)
+    return 0
+
+
+W = None
+
+
+def init_worker(dim, device):
+    global W
+    import torch
+    W = torch.randn(dim, 256, generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def batch_work(batch):
+    """A pipeline-shaped kernel: host batch in, to the device, small result back as host data."""
+    import torch
+    x = torch.from_numpy(batch).to(W.device)
+    return torch.relu(x @ W).sum(dim=1).cpu().numpy()
+
+
+def make_batch(seed, rows, dim):
+    import numpy as np
+    return np.random.default_rng(seed).standard_normal((rows, dim), dtype=np.float32)
+
+
+def wake(_):
+    return os.getpid()
+
+
+def pool_vs_serial(torch, cuda):
+    rows, dim, n = (8192, 1024, 16) if cuda else (1024, 1024, 8)
+    device = "cuda" if cuda else "cpu"
+    workers = sorted({1, min(4, os.cpu_count() or 1)})
+    mb = rows * dim * 4 / 2**20
+    init_worker(dim, device)
+    batch_work(make_batch(0, rows, dim))
+    t0 = time.perf_counter()
+    for s in range(n):
+        batch_work(make_batch(s, rows, dim))
+    serial = n / (time.perf_counter() - t0)
+    pooled = {}
+    ctx = multiprocessing.get_context("spawn")
+    for w in workers:
+        with ctx.Pool(w, initializer=init_worker, initargs=(dim, device)) as pool:
+            pool.map(wake, range(2 * w), chunksize=1)
+            t0 = time.perf_counter()
+            for _ in pool.imap(batch_work, (make_batch(s, rows, dim) for s in range(n)), chunksize=1):
+                pass
+            pooled[w] = n / (time.perf_counter() - t0)
+    text = ", ".join(f"{v:.1f}/s at {w}" for w, v in pooled.items())
+    return fact("ok", f"{n} x {mb:.0f} MB on {device}: pool {text} worker(s); one process {serial:.1f}/s",
+                value={"batches": n, "batch_mb": round(mb, 1), "device": device,
+                       "serial_batches_per_s": round(serial, 2),
+                       "pool_batches_per_s": {str(w): round(v, 2) for w, v in pooled.items()}})
+
+
+def h2d_bandwidth(torch):
+    n = H2D_MB * 2**20 // 4
+    pageable = torch.empty(n, dtype=torch.float32)
+    pinned = torch.empty(n, dtype=torch.float32).pin_memory()
+    dest = torch.empty(n, dtype=torch.float32, device="cuda")
+    out = {}
+    for name, src in (("pageable", pageable), ("pinned", pinned)):
+        dest.copy_(src, non_blocking=True)
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(5):
+            dest.copy_(src, non_blocking=True)
+        end.record()
+        torch.cuda.synchronize()
+        out[f"{name}_gbps"] = round(5 * n * 4 / (start.elapsed_time(end) / 1e3) / 1e9, 2)
+    return fact("ok", f"pageable {out['pageable_gbps']} GB/s, pinned {out['pinned_gbps']} GB/s", value=out)
+
+
+def measure_facts(torch):
+    from multiprocessing.reduction import ForkingPickler
+
+    cuda = torch.cuda.is_available()
+    facts = {}
+    t = torch.arange(6, dtype=torch.float32, device="cuda") if cuda else None
+
+    def pickle_cuda():
+        blob = pickle.dumps(t)
+        back = pickle.loads(blob)
+        return fact("ok", f"succeeds ({len(blob)} bytes); loads back on {back.device}",
+                    value={"bytes": len(blob), "device": str(back.device)})
+
+    def nonleaf():
+        results = []
+        for device in ["cpu"] + (["cuda"] if cuda else []):
+            x = torch.ones(3, device=device, requires_grad=True) * 2
+            try:
+                ForkingPickler.dumps(x)
+                results.append(f"{device}: ForkingPickler accepts it")
+            except Exception as exc:  # noqa: BLE001
+                results.append(f"{device}: ForkingPickler refuses it: {error_text(exc).split(',')[0]}")
+            plain = pickle.loads(pickle.dumps(x))
+            results.append(f"{device}: plain pickle {'drops' if plain.grad_fn is None else 'keeps'} the graph")
+        refused = all("refuses" in r for r in results if "ForkingPickler" in r)
+        return fact("error" if refused else "ok", "; ".join(results))
+
+    if cuda:
+        facts["pickle_cuda_tensor"] = measure(pickle_cuda)
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Pool(1) as pool:
+            def apply_cuda():
+                device, values = pool.apply_async(describe, (t,)).get(timeout=TIMEOUT)
+                return fact("ok", f"succeeds: the child sees the tensor on {device}: {values}",
+                            value={"child_device": device})
+
+            def returns_cuda():
+                back = pool.apply_async(give_back, (t,)).get(timeout=TIMEOUT)
+                return fact("ok", f"the child returned it, on {back.device}")
+            facts["spawn_pool_apply_cuda_tensor"] = measure(apply_cuda)
+            facts["child_returns_cuda_tensor"] = measure(returns_cuda)
+
+        def fork_after_init():
+            receiver, sender = multiprocessing.Pipe(duplex=False)
+            child = multiprocessing.get_context("fork").Process(target=use_cuda, args=(sender,))
+            child.start()
+            sender.close()
+            try:
+                if not receiver.poll(FORK_HANG_S):
+                    return fact("timeout", f"no answer from the forked child in {FORK_HANG_S} s")
+                message = receiver.recv()
+            finally:
+                child.join(FORK_HANG_S)
+                if child.is_alive():
+                    child.kill()
+            return fact("ok" if message == "no error" else "error", message[:400])
+        facts["fork_after_cuda_init"] = measure(fork_after_init)
+        facts["fork_pool_cuda_arg"] = measure(lambda: in_own_process("fork_pool_cuda_arg"))
+    facts["nonleaf_requires_grad"] = measure(nonleaf)
+    if cuda:
+        def parent_exits():
+            row = in_own_process("parent_exits_while_child_holds")
+            warned = [line for line in row.get("stderr", []) if "Producer process" in line]
+            if warned:
+                row["result"] = "warning: " + warned[-1].split("] ", 1)[-1]
+            elif row["status"] == "ok":
+                row["result"] += "; no warning"
+            return row
+        facts["parent_exits_while_child_holds"] = measure(parent_exits)
+        facts["h2d_pageable_vs_pinned_gbps"] = measure(lambda: h2d_bandwidth(torch))
+    facts["pickled_pool_vs_serial"] = measure(lambda: pool_vs_serial(torch, cuda))
+
+    out = {}
+    for key, what in FACTS.items():
+        row = facts[key] if cuda or key not in CUDA_FACTS else fact("skipped", "skipped: no CUDA", seconds=0.0)
+        out[key] = {"what": what, **row}
+    return out
+
+
+def machine(torch):
+    import numpy as np
+    cuda = torch.cuda.is_available()
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "cpus": os.cpu_count(), "cuda": cuda,
+            "cuda_version": torch.version.cuda, "gpu": torch.cuda.get_device_name(0) if cuda else None,
+            "gpus": torch.cuda.device_count() if cuda else 0}
+
+
+def markdown(report):
+    m = report["machine"]
+    lines = [f"Measured by `scripts/lessons/09_gpu_data.py` on {m['date']}: "
+             f"{m['gpu'] or 'no GPU (CUDA rows skipped)'}, {m['cpus']} CPUs, torch {m['torch']}, "
+             f"Python {m['python']}.", "", "| what | result |", "|---|---|"]
+    for key, row in report["facts"].items():
+        result = row["result"].replace("|", "\\|")
+        lines.append(f"| {row['what']} | {result} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_facts(json_path, markdown_path):
+    import torch
+    print(f"Lesson 9 facts: measuring the README table (torch {torch.__version__}, "
+          f"CUDA {'yes' if torch.cuda.is_available() else 'no'})")
+    t0 = time.perf_counter()
+    report = {"machine": machine(torch), "facts": measure_facts(torch)}
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    for key, row in report["facts"].items():
+        print(f"  [{row['status']}] {key}: {row['result'][:150]}")
+    for path, text in ((json_path, json.dumps(report, indent=1) + "\n"),
+                       (markdown_path, markdown(report) if markdown_path else None)):
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path, "w") as f:
+                f.write(text)
+            print(f"  wrote {path}")
+    print(f"OK: facts measured in {report['seconds']} s")
+    return 0
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Lesson 9: tensors crossing process boundaries")
+    parser.add_argument("--json", metavar="PATH", help="measure the README table's facts; write them as JSON")
+    parser.add_argument("--markdown", metavar="PATH", help="... and/or as a Markdown table")
+    parser.add_argument("--fact", help=argparse.SUPPRESS)  # internal: one fact in a process of its own
+    args = parser.parse_args(argv)
+    if args.fact:
+        return one_fact(args.fact)
+    if args.json or args.markdown:
+        return write_facts(args.json, args.markdown)
+    return lesson()
+
+
+def lesson():
     print("Lesson 9: tensors crossing process boundaries")
     import torch
     try:
