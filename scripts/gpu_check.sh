@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Everything that needs a GPU, in one go (about 6-8 minutes on one H100 with 16 cores):
-#   1. the whole test suite (gpu-marked tests included), with pytest-xdist when it is installed
-#   2. lesson 09's facts about tensors crossing processes (docs/gpu-facts/)
+# Everything that needs a GPU, in one go (about 8 minutes on one H100 with 16 cores):
+#   1. bench-gpu: serial, pipeline, DataLoader, mp.Pool at 1, 2, 4, 8 workers
+#   2. the whole test suite (gpu-marked tests included), with pytest-xdist when it is installed
 #   3. the default job (`run --workers 4`) against serial
-#   4. bench-gpu: serial, pipeline, DataLoader, mp.Pool at 1, 2, 4, 8 workers
+#   4. file input: 64 x 64 MB .npy on the GPU, serial vs pipeline vs DataLoader at 4 workers
 #   5. bench-handoff at 2, 8, 16 workers (when there are 16 cores)
-#   6. file input: 64 x 64 MB .npy on the GPU, serial vs pipeline vs DataLoader at 4 workers
+#   6. lesson 09's facts about tensors crossing processes (docs/gpu-facts/)
 # then a short table (scripts/gpu_summary.py). Each step writes its JSON/log to OUTDIR as it finishes,
 # so a step that runs out of time leaves the others' results. The bench's ray and ray.data modes run
 # too when Ray (pip install -e '.[ray]', which brings Ray Data) is installed: add ,ray,ray.data to --modes.
@@ -19,7 +19,7 @@ mkdir -p "$out"
 py=python3
 [ -x .venv/bin/python ] && py=.venv/bin/python
 if ! "$py" -c "import pipeline, torch" 2>/dev/null; then
-  "$py" -m pip install -q -e '.[test]' 2>/dev/null || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  "$py" -m pip install -q --timeout 5 --retries 0 -e '.[test]' 2>/dev/null || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 if ! "$py" -c "import pipeline, torch, numpy, tqdm, cloudpickle"; then
   echo "gpu_check: pipeline's dependencies are missing (torch, numpy, tqdm, cloudpickle)"; exit 1
@@ -34,33 +34,21 @@ step() { echo; echo "== $1 ($(date +%H:%M:%S))" | tee -a "$log"; }
 cores=$("$py" -c "from pipeline import devices; print(devices.usable_cpus())")
 "$py" -m pipeline devices | tee "$log"
 
-step "test suite"
-xdist=""
-"$py" -c "import xdist" 2>/dev/null && xdist="-n 8"
-timeout 240 "$py" -m pytest -q -p no:cacheprovider $xdist 2>&1 | tee "$out/tests.log" | tail -n 25
-tests_rc=${PIPESTATUS[0]}
-
-step "lesson 09: tensors crossing processes"
-timeout 90 "$py" scripts/lessons/09_gpu_data.py --json "$out/gpu-facts.json" --markdown "$out/gpu-facts.md" \
-  > "$out/gpu-facts.log" 2>&1
-facts_rc=$?
-tail -n 3 "$out/gpu-facts.log"
-
-step "default job: run --workers 4 vs --workers 0"
-timeout 60 "$py" -m pipeline run --workers 0 --no-progress --json > "$out/default-serial.json" 2>>"$log"
-timeout 60 "$py" -m pipeline run --workers 4 --no-progress --json > "$out/default-w4.json" 2>>"$log"
-
 step "bench-gpu (serial, pipeline, DataLoader, mp.Pool at 1, 2, 4, 8 workers)"
-timeout 200 "$py" -m pipeline bench --config configs/bench-gpu.toml --batches 48 \
+timeout 170 "$py" -m pipeline bench --config configs/bench-gpu.toml --batches 48 \
   --modes serial,pipeline,DataLoader,mp.Pool --workers-list 1,2,4,8 --json "$out/bench-gpu.json" 2>&1 \
   | tee -a "$log" | grep -v "^pipeline x"
 bench_rc=${PIPESTATUS[0]}
 
-if [ "$cores" -ge 16 ]; then
-  step "bench-handoff at 2, 8, 16 workers"
-  timeout 120 "$py" -m pipeline bench --config configs/bench-handoff.toml --modes serial,pipeline,DataLoader \
-    --workers-list 2,8,16 --json "$out/bench-handoff.json" 2>&1 | tee -a "$log" | grep -v "^pipeline x"
-fi
+step "test suite"
+xdist=""
+"$py" -c "import xdist" 2>/dev/null && xdist="-n 8"
+timeout 200 "$py" -m pytest -q -p no:cacheprovider $xdist 2>&1 | tee "$out/tests.log" | tail -n 25
+tests_rc=${PIPESTATUS[0]}
+
+step "default job: run --workers 4 vs --workers 0"
+timeout 45 "$py" -m pipeline run --workers 0 --no-progress --json > "$out/default-serial.json" 2>>"$log"
+timeout 45 "$py" -m pipeline run --workers 4 --no-progress --json > "$out/default-w4.json" 2>>"$log"
 
 step "file input: 64 x 64 MB .npy on the GPU, 4 workers"
 data=$(mktemp -d)
@@ -71,10 +59,22 @@ for i in range(64):
     np.random.default_rng([7, i]).random(dtype=np.float32, out=x[i * 16384:(i + 1) * 16384])
 x.flush()
 EOF
-timeout 120 "$py" -m pipeline bench --config configs/bench-gpu.toml --input "$data/x.npy" --rows 16384 \
+timeout 90 "$py" -m pipeline bench --config configs/bench-gpu.toml --input "$data/x.npy" --rows 16384 \
   --modes serial,pipeline,DataLoader --workers-list 4 --json "$out/bench-file.json" 2>&1 \
   | tee -a "$log" | grep -v "^pipeline x"
 rm -rf "$data"
+
+if [ "$cores" -ge 16 ]; then
+  step "bench-handoff at 2, 8, 16 workers"
+  timeout 90 "$py" -m pipeline bench --config configs/bench-handoff.toml --modes serial,pipeline,DataLoader \
+    --workers-list 2,8,16 --json "$out/bench-handoff.json" 2>&1 | tee -a "$log" | grep -v "^pipeline x"
+fi
+
+step "lesson 09: tensors crossing processes"
+timeout 75 "$py" scripts/lessons/09_gpu_data.py --json "$out/gpu-facts.json" --markdown "$out/gpu-facts.md" \
+  > "$out/gpu-facts.log" 2>&1
+facts_rc=$?
+tail -n 3 "$out/gpu-facts.log"
 
 step "summary"
 "$py" scripts/gpu_summary.py "$out" | tee "$out/summary.md"
