@@ -401,7 +401,7 @@ def calibrate(cfg: Config, spec, src, counts: list[int], build_lists: list[int] 
     worker count gets (in parallel, into buffers already faulted in, as slots are), the kernel on one
     worker's threads (on CUDA: on a device-resident batch), and host-to-device from pinned memory."""
     cuda = _cuda(cfg)
-    threads_needed = {_build_threads(cfg, w, cuda, b) for w in counts for b in (build_lists or [0])}
+    threads_needed = {_build_threads(cfg, w, cuda, b) for w in counts for b in {0, *(build_lists or [])}}
     build = {t: _build_rate(src, t) for t in sorted(threads_needed)}
     batches = list(src)[:k]
     out = batches[0].array()
@@ -505,7 +505,7 @@ def machine() -> dict:
 def table(report: dict) -> str:
     cal = report["calibration"]
     m = report["machine"]
-    builds = ", ".join(f"{1 / v:.1f}/s on {t} thread{'s' if t > 1 else ''}"
+    builds = ", ".join(f"{1 / v:.1f}/s on {t} thread{'s' if int(t) > 1 else ''}"
                        for t, v in sorted(cal["build_s_by_threads"].items(), key=lambda kv: int(kv[0])))
     lines = [f"machine: {m['cpus']} cpus, {', '.join(m['devices'])}, torch {m['torch']}, "
              f"python {m['python']}",

@@ -107,7 +107,8 @@ class LocalExecutor:
         self.history: list[Handle] = []
         self.restarts: list[dict] = []
         self.notes: list[str] = []
-        self.startup_s = 0.0
+        self.startup_s = 0.0  # until the first worker could compute (the first builds overlap it)
+        self.ready_s = 0.0  # until every worker was ready (0: not all were, the run was over before)
         self.breakdown: dict = {}
         self.figures: dict = {}
         self.ring: SlotRing | None = None
@@ -125,7 +126,7 @@ class LocalExecutor:
 
     def start(self) -> None:
         """Spawn the workers and return at once: they import torch and set up the kernel while the first
-        batches are built (``startup_s`` is measured when the last one says it is ready)."""
+        batches are built (``startup_s``: until the first one is ready; ``ready_s``: the last one)."""
         if self.workers:
             return
         self._t_start = time.perf_counter()
@@ -252,9 +253,12 @@ class LocalExecutor:
     def _on_setup_message(self, w: Handle, msg: tuple) -> None:
         if msg[0] == "ready":
             w.ready, w.pid, w.device = True, msg[1], msg[2]
-            if self._t_start is not None and all(h.ready for h in self.workers):
-                self.startup_s = time.perf_counter() - self._t_start
-                self._t_start = None
+            if self._t_start is not None:
+                if not self.startup_s:
+                    self.startup_s = time.perf_counter() - self._t_start
+                if all(h.ready for h in self.workers):
+                    self.ready_s = time.perf_counter() - self._t_start
+                    self._t_start = None
         elif msg[0] == "fatal":
             raise remote_error(msg[1], f"worker {w.rank} (pid {w.process.pid}) failed to set up kernel "
                                        f"'{self.spec.name}'")
@@ -643,13 +647,21 @@ def _cuda(cfg: Config) -> bool:
 
 @contextmanager
 def _sigint_blocked():
-    """Start children with SIGINT blocked (the mask survives fork and exec), so that a Ctrl-C while a worker
-    is still importing torch doesn't print its traceback: the main alone handles Ctrl-C (NOTE [ Shutdown ]
-    in worker.py); the worker ignores SIGINT, then unblocks it. Works from any thread."""
+    """Start children deaf to SIGINT, so that a Ctrl-C while a worker is still importing torch doesn't print
+    its traceback: the main alone handles Ctrl-C (NOTE [ Shutdown ] in worker.py). SIGINT is blocked (the
+    mask survives fork and exec; works from any thread) and, from the main thread, also ignored (an ignored
+    signal stays ignored across exec, and Python then installs no KeyboardInterrupt handler). The worker
+    ignores SIGINT itself, then unblocks it."""
+    import threading
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    handler = None
+    if threading.current_thread() is threading.main_thread():
+        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         yield
     finally:
+        if handler is not None:
+            signal.signal(signal.SIGINT, handler)
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 

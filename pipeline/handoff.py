@@ -186,14 +186,21 @@ class SlotReader:
         return np.frombuffer(self._mm, dtype=np.uint8).ctypes.data
 
     def register(self) -> str | None:
-        """Pin the mapping for DMA; None when it worked, else why not (the caller falls back to staging)."""
+        """Pin the mapping for DMA; None when it worked, else why not (the caller falls back to staging).
+        Only a ring in memory (tmpfs) is registered: one on disk (a small /dev/shm's fallback) is copied
+        through pinned staging buffers."""
         import torch
+        fs = _fs_type(self.path)
+        if fs not in ("tmpfs", "ramfs", "hugetlbfs"):
+            return f"the ring is on {fs or 'an unknown file system'}, not in memory"
+        cudart = torch.cuda.cudart()
         try:
-            rc = torch.cuda.cudart().cudaHostRegister(self._address(), len(self._mm), 0)
+            rc = cudart.cudaHostRegister(self._address(), len(self._mm), 0)
         except Exception as e:  # noqa: BLE001 - no cudart binding, or it refused the call
             return f"{type(e).__name__}: {e}"
         rc = int(getattr(rc, "value", rc))
         if rc != 0:
+            cudart.cudaGetLastError()  # clear it: torch would report it at the next kernel launch
             return f"cudaHostRegister returned error {rc}"
         self.registered = True
         return None
@@ -209,6 +216,24 @@ class SlotReader:
             self._mm.close()
         except BufferError:  # a view is still alive; the mapping goes with the process
             pass
+
+
+def _fs_type(path: str) -> str | None:
+    """The type of the file system ``path`` is on (from /proc/self/mounts: the longest mount point)."""
+    path = os.path.realpath(path)
+    best, kind = "", None
+    try:
+        with open("/proc/self/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                mount = parts[1].replace("\\040", " ")
+                if (path == mount or path.startswith(mount.rstrip("/") + "/")) and len(mount) > len(best):
+                    best, kind = mount, parts[2]
+    except OSError:
+        return None
+    return kind
 
 
 def remove_stale(*directories: str, dead: int | None = None) -> list[str]:

@@ -147,7 +147,13 @@ class RayExecutor:
         self.close()
 
     # -- lifecycle ---------------------------------------------------------------------------------------
+    @property
+    def started(self) -> bool:
+        return bool(self.actors)
+
     def start(self) -> None:
+        if self.actors:
+            return
         t0 = time.perf_counter()
         # Ray's driver prints worker-death notices to stdout; keep stdout for results (--json)
         self._quiet = contextlib.redirect_stdout(sys.stderr)

@@ -223,6 +223,7 @@ class Pipeline:
         if getattr(ex, "relay", None) is not None:
             ex.relay.bar = tally.bar if not tally.bar.disable else None  # workers' prints go above the bar
         work = Work(batches(), src.batch if isinstance(src, Indexed) else None, getattr(src, "max_nbytes", None))
+        ex.start()  # local: returns at once (start-up overlaps the first builds); Ray: actors up
         yield from ex.stream(work, ordered, settle=not self._one_shot)
 
     def _serial(self, cfg: Config, batches: Iterator, tally: "Tally") -> Iterator[Outcome]:
@@ -358,12 +359,14 @@ class Tally:
         if breakdown and done > 0:
             breakdown = {k.replace("_s", "_ms"): round(v / done * 1000, 3) for k, v in breakdown.items()}
         startup = ex.startup_s if ex is not None and self.fresh else 0.0
+        ready = getattr(ex, "ready_s", None) if ex is not None and self.fresh else 0.0
         return {
             "batches": self.n,
             "completed": self.completed,
             "bytes_in": self.bytes_in,
             "wall_s": round(wall, 4),
             "startup_s": round(startup, 4),
+            "workers_ready_s": round(ready, 4) if ready else None,
             "skipped": self.skipped,
             "batches_per_s": round(ran / wall, 3) if wall else None,
             "steady_batches_per_s": round(ran / (wall - startup), 3) if wall > startup else None,

@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SIX = dict(TINY, batches=6)
 
 
-def clean_checksum():
-    return pipeline.run(kernel="sum", workers=0, **SIX).summary["checksum"]
+def clean_checksum(device="auto"):
+    return pipeline.run(kernel="sum", workers=0, device=device, **SIX).summary["checksum"]
 
 
 @pytest.mark.timeout(120)
@@ -154,7 +154,7 @@ def test_ctrl_c_while_starting(delay):
 def test_sticky_cuda_error_retires_and_replaces_the_worker():
     """A sticky CUDA error (simulated on the CPU): the worker is replaced, the batch retried, checksum kept."""
     s = pipeline.run(kernel="faulty", workers=2, device="cpu", **{"kernel.params.sticky_on": [2]}, **SIX).summary
-    assert s["checksum"] == clean_checksum() and s["failed"] == [] and s["completed"] == 6
+    assert s["checksum"] == clean_checksum("cpu") and s["failed"] == [] and s["completed"] == 6
     assert len(s["restarts"]) == 1 and s["restarts"][0]["batch"] == 2
     assert "CUDA error" in s["restarts"][0]["cause"] and "worker retired" in s["restarts"][0]["cause"]
 

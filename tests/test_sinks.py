@@ -54,7 +54,7 @@ def test_output_files_manifest_and_summary(tmp_path):
     assert s["checksum"] == r.summary["checksum"] and s["skipped"] == 0 and s["output"] == str(out)
     run = json.loads((out / "run.json").read_text())
     assert run["kernel"]["name"] == "sum" and run["source"]["seed"] == 0 and run["source"]["rows"] == 16
-    assert r.summary["checksum"] == pipeline.run(kernel="sum", workers=0, **TINY).summary["checksum"]
+    assert r.summary["checksum"] == pipeline.run(kernel="sum", workers=0, device="cpu", **TINY).summary["checksum"]
 
 
 @pytest.mark.timeout(90)
