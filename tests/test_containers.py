@@ -299,11 +299,11 @@ def test_tiny_shm_falls_back_to_a_ring_on_disk(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
     r = in_namespace(tmp_path, {"/dev/shm": "8m"},
-                     ["--workers", "2", "--batches", "6", "--rows", "1024", "--kernel", "fft"],
+                     ["--workers", "2", "--batches", "6", "--rows", "1024", "--kernel", "fft", "--in-flight", "5"],
                      env={"TMPDIR": str(disk)}, serial=True)
     assert r["rc"] == 0, r["stderr"]
     s = r["summary"]
-    assert s["completed"] == 6 and s["handoff"]["slots"] == 4 + 1 and s["handoff"]["pickled_fallbacks"] == 0  # 2 x 2 workers + 1 build thread
+    assert s["completed"] == 6 and s["handoff"]["slots"] == 5 and s["handoff"]["pickled_fallbacks"] == 0
     notes = [n for n in s["notes"] if n.startswith("handoff:")]
     assert len(notes) == 1 and "/dev/shm has" in notes[0] and f"a file in {disk} instead" in notes[0]
     assert s["checksum"] == r["serial"]
