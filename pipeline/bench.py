@@ -284,13 +284,14 @@ def _pipeline(cfg, spec, src, repeat):
 
     with make_executor(cfg, spec) as ex:
         warm = list(src)[: 2 * cfg.workers.count]  # every worker sets its kernel up before timing
-        ex.map(work(warm), lambda *a: None, lambda f: None)
+        for _ in ex.stream(work(warm), ordered=False):
+            pass
 
         figures: dict = {}
 
         def once():
-            got = {}
-            figures.update(ex.map(work(src), lambda i, a, info: got.__setitem__(i, a), lambda f: None))
+            got = {o.index: o.result for o in ex.stream(work(src), ordered=False)}
+            figures.update(ex.figures)
             return [got[i] for i in range(len(got))]
         results, seconds = _timed(once, repeat)
         n = len(results)

@@ -211,16 +211,6 @@ class LocalExecutor:
             run.stop(settle)
             self.breakdown, self.figures = run.breakdown, run.figures()
 
-    def map(self, batches, on_result: Callable[[int, Any, dict], None],
-            on_failed: Callable[[dict], None]) -> dict:
-        """Every batch, results as they complete through callbacks (the bench). Returns handoff figures."""
-        for out in self.stream(batches, ordered=False):
-            if out.failure is None:
-                on_result(out.index, out.result, out.info)
-            else:
-                on_failed(out.failure)
-        return self.figures
-
     def _ring_for(self, count: int, slot_bytes: int) -> SlotRing:
         """The run's ring: the previous one when it fits (its pages stay mapped, workers keep it). A small
         /dev/shm may give fewer slots, or a ring on disk, with a note (NOTE [ Small /dev/shm ])."""

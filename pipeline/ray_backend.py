@@ -226,16 +226,6 @@ class RayExecutor:
                 for (rank, pid, dev, node, ip), n in sorted(self.seen.items())]
 
     # -- runs ----------------------------------------------------------------------------------------------
-    def map(self, batches: Iterable[Batch], on_result, on_failed) -> dict:
-        """Every batch through ``stream`` (as they complete): ``on_result(index, array, info)`` or
-        ``on_failed(record)``. Returns ``figures``."""
-        for o in self.stream(batches, ordered=False):
-            if o.failure is None:
-                on_result(o.index, o.result, o.info)
-            else:
-                on_failed(o.failure)
-        return self.figures
-
     def stream(self, batches: Iterable[Batch], ordered: bool = True, window: int | None = None,
                settle: bool = True) -> Iterator[Outcome]:
         """Outcomes in batch order (``ordered``) or as they complete, at most ``in_flight`` batches at the

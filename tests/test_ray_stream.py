@@ -100,8 +100,7 @@ def test_early_close_leaves_actors_clean(ex):
     stream.close()
     assert first == [0, 1] and pulled <= 2 + 3
     assert src.pulled == pulled
-    got = {}
-    ex.map(Counted(), lambda i, a, info: got.__setitem__(i, a), pytest.fail)
+    got = {o.index: o.result for o in ex.stream(Counted(), ordered=False)}
     assert sorted(got) == list(range(N))
 
 
