@@ -40,7 +40,7 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from . import devices, worker
 from .builders import Builders, Built

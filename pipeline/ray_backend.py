@@ -118,7 +118,7 @@ def describe_cluster() -> str:
 
 
 class RayExecutor:
-    """Same interface as ``LocalExecutor``: start, stream, map, close, restarts, breakdown, worker_info."""
+    """Same interface as ``LocalExecutor``: start, stream, close, restarts, breakdown, worker_info."""
 
     def __init__(self, cfg: Config, spec: KernelSpec):
         if ray is None:
