@@ -55,7 +55,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                    help="torch threads per worker (default: max(1, cores // workers))")
     g.add_argument("--build-threads", type=int, metavar="N",
                    help="threads building batches in the main (default 0 = auto: on CUDA the usable CPUs "
-                        "less one per worker, on the CPU half the usable CPUs)")
+                        "less one per worker, on the CPU the usable CPUs)")
     g.add_argument("--in-flight", type=int, metavar="N",
                    help="shared-memory slots = batches outstanding (default: build threads + 2 x workers)")
     g.add_argument("--batch-timeout", type=float, metavar="S", dest="batch_timeout_s",

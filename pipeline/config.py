@@ -104,14 +104,16 @@ class Config:
 
     def build_threads(self, cuda: bool) -> int:
         """Threads that build batches in the main. Auto: on CUDA every usable CPU but one per worker (a
-        GPU worker keeps about one core busy feeding its GPU); on the CPU half the usable CPUs, since the
-        workers' compute wants the cores too. Never more than the slots (``handoff.in_flight``)."""
+        GPU worker keeps about one core busy feeding its GPU); on the CPU every usable CPU: a build thread
+        runs only while a slot is free, so when the workers' compute is the bottleneck the slots are full
+        and the builders sleep, and when the build is, the workers wait and the cores build. Never more
+        than the slots (``handoff.in_flight``)."""
         if self.workers.build_threads:
             n = self.workers.build_threads
         elif cuda:
             n = max(1, devices.usable_cpus() - self.workers.count)
         else:
-            n = max(1, devices.usable_cpus() // 2)
+            n = devices.usable_cpus()
         return min(n, self.handoff.in_flight) if self.handoff.in_flight else n
 
     def in_flight(self, cuda: bool = False) -> int:
