@@ -356,9 +356,10 @@ class _Run:
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
         self.done_q: queue.SimpleQueue = queue.SimpleQueue()
-        threads = self.cfg.build_threads(self.cuda)
-        self.builders = Builders(self.batches, self.rebuild, self.ring, threads, self._built,
+        self.threads = self.cfg.build_threads(self.cuda)
+        self.builders = Builders(self.batches, self.rebuild, self.ring, self.threads, self._built,
                                  record_order=self.ordered)
+        self.slot_wait_since = self.worker_wait_since = 0.0  # when each wait began (0: not waiting)
         self.started = 0  # next-batch jobs issued and not answered 'exhausted'
         self.jobs = 0  # jobs the builders have not answered yet
         self.exhausted = False
@@ -458,36 +459,39 @@ class _Run:
         self.ready.append(task)
 
     def _issue_builds(self) -> None:
+        """Jobs for idle build threads only: a slot is taken when a thread can fill it, so 'no free slot
+        while a build thread is idle' (``slot_wait``) means the workers hold them all."""
         t0 = time.perf_counter()
-        while self.free and self.rebuilds:
+        idle = self.threads - self.jobs
+        while self.free and self.rebuilds and idle > 0:
             index, attempt = self.rebuilds.popleft()
             self.attempts[index] = attempt
             self.builders.submit(self.free.pop(), index)
-            self.jobs += 1
+            self.jobs, idle = self.jobs + 1, idle - 1
         with self.cond:
             room = self.window - (self.started - self.taken)
-        while not self.exhausted and room > 0 and self.free:
+        while not self.exhausted and room > 0 and self.free and idle > 0:
             self.builders.submit(self.free.pop())
-            self.jobs += 1
+            self.jobs, idle, room = self.jobs + 1, idle - 1, room - 1
             self.started += 1
-            room -= 1
-        if not self.exhausted and room > 0 and not self.free and self.ex._t_start is None:  # (after start-up)
-            self._slot_wait_since = getattr(self, "_slot_wait_since", None) or t0
-        elif getattr(self, "_slot_wait_since", None):
-            self.breakdown["slot_wait_s"] += t0 - self._slot_wait_since
-            self._slot_wait_since = None
+        starved = not self.exhausted and room > 0 and idle > 0 and not self.free
+        if starved and self.ex._t_start is None:  # (waits while workers still start are start-up)
+            self.slot_wait_since = self.slot_wait_since or t0
+        elif self.slot_wait_since:
+            self.breakdown["slot_wait_s"] += t0 - self.slot_wait_since
+            self.slot_wait_since = 0.0
 
     def _dispatch(self) -> None:
         while self.ready:
             room = [w for w in self.ex.workers if w.ready and len(w.tasks) < self.depth]
             if not room:
                 if self.ex._t_start is None:  # waits for workers still starting are start-up, not waits
-                    self._worker_wait_since = getattr(self, "_worker_wait_since", None) or time.perf_counter()
+                    self.worker_wait_since = self.worker_wait_since or time.perf_counter()
                 return
             self._send(min(room, key=lambda w: len(w.tasks)), self.ready.popleft())
-        if getattr(self, "_worker_wait_since", None):
-            self.breakdown["worker_wait_s"] += time.perf_counter() - self._worker_wait_since
-            self._worker_wait_since = None
+        if self.worker_wait_since:
+            self.breakdown["worker_wait_s"] += time.perf_counter() - self.worker_wait_since
+            self.worker_wait_since = 0.0
 
     def _send(self, w: Handle, task: Task) -> None:
         t0 = time.perf_counter()
