@@ -52,7 +52,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                    help="fp32 (default), tf32 (TF32 matmuls on CUDA), bf16 or fp16 (autocast): every kernel call")
     g.add_argument("--start-method", metavar="M", help="spawn (default) or forkserver; fork is refused")
     g.add_argument("--threads-per-worker", type=int, metavar="N",
-                   help="torch threads per worker (default: max(1, cores // workers))")
+                   help="torch threads per worker (default: max(1, usable CPUs // workers))")
     g.add_argument("--build-threads", type=int, metavar="N",
                    help="threads building batches in the main (default 0 = auto: on CUDA the usable CPUs "
                         "less one per worker, on the CPU the usable CPUs)")
