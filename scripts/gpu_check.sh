@@ -7,8 +7,8 @@
 #   5. bench-handoff at 2, 8, 16 workers (when there are 16 cores)
 #   6. lesson 09's facts about tensors crossing processes (docs/gpu-facts/)
 # then a short table (scripts/gpu_summary.py). Each step writes its JSON/log to OUTDIR as it finishes,
-# so a step that runs out of time leaves the others' results. The bench's ray and ray.data modes run
-# too when Ray (pip install -e '.[ray]', which brings Ray Data) is installed: add ,ray,ray.data to --modes.
+# so a step that runs out of time leaves the others' results. bench-gpu also runs the ray and ray.data
+# modes when Ray Data is installed (pip install -e '.[ray]').
 # On a machine without CUDA it says so and exits 0. Works without network: when `pipeline` is not
 # installed and `pip install -e .` can't reach an index, it runs from the checkout with PYTHONPATH.
 # Usage: bash scripts/gpu_check.sh [OUTDIR]
@@ -35,8 +35,10 @@ cores=$("$py" -c "from pipeline import devices; print(devices.usable_cpus())")
 "$py" -m pipeline devices | tee "$log"
 
 step "bench-gpu (serial, pipeline, DataLoader, mp.Pool at 1, 2, 4, 8 workers)"
+modes=serial,pipeline,DataLoader,mp.Pool
+"$py" -c "import ray.data" 2>/dev/null && modes="$modes,ray,ray.data"
 timeout 170 "$py" -m pipeline bench --config configs/bench-gpu.toml --batches 48 \
-  --modes serial,pipeline,DataLoader,mp.Pool --workers-list 1,2,4,8 --json "$out/bench-gpu.json" 2>&1 \
+  --modes "$modes" --workers-list 1,2,4,8 --json "$out/bench-gpu.json" 2>&1 \
   | tee -a "$log" | grep -v "^pipeline x"
 bench_rc=${PIPESTATUS[0]}
 
