@@ -77,3 +77,14 @@ def test_callable_kernel_on_ray():
     src = [np.full((2, 3), i, np.float32) for i in range(4)]
     r = pipeline.run(source=src, kernel=lambda x: x.sum(1) + 1, workers=2, backend="ray", progress=False)
     assert [x.tolist() for x in r.results] == [[1, 1], [4, 4], [7, 7], [10, 10]]
+
+
+@pytest.mark.timeout(180)
+def test_imap_and_streaming_run_on_ray():
+    """pipeline.imap with --backend ray yields every batch in order; run(keep_results=False) keeps none."""
+    local = pipeline.run(kernel="fft", workers=0, **dict(RAY, backend="local"))
+    got = list(pipeline.imap(kernel="fft", workers=2, **RAY))
+    assert [i for i, _ in got] == list(range(6))
+    assert [r.tobytes() for _, r in got] == [r.tobytes() for r in local.results]
+    r = pipeline.run(kernel="fft", workers=2, keep_results=False, **RAY)
+    assert r.results == [] and r.summary["checksum"] == local.summary["checksum"]
