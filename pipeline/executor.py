@@ -366,7 +366,6 @@ class _Run:
         self.ready: deque[Task] = deque()  # built (or to be sent again), waiting for a worker
         self.rebuilds: deque[tuple[int, int]] = deque()  # (index, attempt) to build again
         self.attempts: dict[int, int] = {}
-        self.outstanding = 0  # tasks at workers
         return True
 
     def stop(self, settle: bool) -> None:
@@ -377,8 +376,9 @@ class _Run:
             self.thread.join()
         if self.builders is not None:
             self.builders.close()
-            os.close(self.wake_r)
-            os.close(self.wake_w)
+            if not any(t.is_alive() for t in self.builders.threads):  # one stuck in the caller's iterator
+                os.close(self.wake_r)  # may still write: then the pipe stays open (a reused fd number
+                os.close(self.wake_w)  # would get its byte)
         if settle and self.thread is not None:
             self._settle()
 
@@ -414,7 +414,8 @@ class _Run:
                 self._take_builds()
                 self._issue_builds()
                 self._dispatch()
-                if self.exhausted and not (self.jobs or self.ready or self.rebuilds or self.outstanding):
+                at_workers = any(w.tasks for w in self.ex.workers)
+                if self.exhausted and not (self.jobs or self.ready or self.rebuilds or at_workers):
                     break
                 self._pump(self._tick())
         except BaseException as e:  # noqa: BLE001 - the consumer raises it
@@ -455,7 +456,6 @@ class _Run:
             task = Task(b.index, attempt, array=b.array)
         else:
             task = Task(b.index, attempt, self.ring.path, self.ring.slot_bytes, b.desc)
-        task.nbytes = b.nbytes
         self.ready.append(task)
 
     def _issue_builds(self) -> None:
@@ -498,7 +498,6 @@ class _Run:
         if not w.tasks:
             w.head_since = time.monotonic()
         w.tasks.append(task)
-        self.outstanding += 1
         try:
             w.conn.send(task)
         except OSError:
@@ -542,7 +541,6 @@ class _Run:
                 self._release(task)
             return
         task = w.tasks.popleft()
-        self.outstanding -= 1
         w.head_since = time.monotonic()
         assert task.index == msg[1], (task.index, msg[1])
         self._release(task)
@@ -584,7 +582,6 @@ class _Run:
             self.ex._died_unready(w)
         lost = list(w.tasks)
         batch = lost[0].index if lost else None
-        self.outstanding -= len(lost)
         if lost:
             head = lost[0]
             head.attempt += 1

@@ -41,11 +41,10 @@ class Task:
     slot_bytes: int = 0
     desc: Descriptor | None = None
     array: np.ndarray | None = None  # the pickled fallback, for a batch larger than a slot
-    nbytes: int = 0
     released: bool = False  # (main side) its slot went back to the ring (NOTE [ Slot release ])
 
     def __getstate__(self):  # what travels: no main-side bookkeeping
-        return {k: v for k, v in self.__dict__.items() if k not in ("nbytes", "released")}
+        return {k: v for k, v in self.__dict__.items() if k != "released"}
 
 
 @dataclass
