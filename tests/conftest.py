@@ -1,5 +1,6 @@
 """Shared fixtures: the gpu marker, and a check that no test leaves a worker or a shm segment behind."""
 import os
+from contextlib import contextmanager
 
 import psutil
 import pytest
@@ -39,9 +40,24 @@ def ours() -> set[str]:
     return {n for n in os.listdir(SHM_DIR) if n.startswith(f"{PREFIX}{os.getpid()}-")}
 
 
+@contextmanager
+def local_ray(num_cpus: int):
+    """A local Ray instance for a test module (its daemons are not workers of ours)."""
+    import ray
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
 @pytest.fixture(autouse=True)
-def nothing_left_behind():
-    """Every test: no child process of this process and no shm segment of ours remain afterwards."""
+def nothing_left_behind(request):
+    """Every test: no child process of this process and no shm segment of ours remain afterwards (tests
+    marked ``ray_daemons`` are exempt: Ray's own processes live for their module, or go slowly)."""
+    if request.node.get_closest_marker("ray_daemons"):
+        yield
+        return
     before = ours()
     yield
     for _ in range(40):  # a killed child may take a moment to be reaped

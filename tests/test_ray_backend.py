@@ -7,23 +7,19 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import pipeline  # noqa: E402
-from conftest import TINY  # noqa: E402
+from conftest import TINY, local_ray  # noqa: E402
 
 RAY = dict(TINY, backend="ray", batches=6)
 
 
+pytestmark = pytest.mark.ray_daemons
+
+
 @pytest.fixture(scope="module", autouse=True)
-def local_ray():
-    """One local Ray instance for the module (its own processes are not workers of ours)."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(autouse=True)
-def nothing_left_behind():
-    """Ray's own daemons live for the module; the conftest leak check does not apply here."""
-    yield
+def ray_instance():
+    """One local Ray instance for the module (2 CPUs)."""
+    with local_ray(2):
+        yield
 
 
 @pytest.mark.timeout(180)

@@ -18,10 +18,7 @@ SLOW = {"batches": 16, "rows": 8, "cols": 4, "kernel": "faulty", "kernel.params.
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
 
-@pytest.fixture(autouse=True)
-def nothing_left_behind():
-    """The cluster's daemons live for the module; each test checks what it must itself."""
-    yield
+pytestmark = pytest.mark.ray_daemons  # the cluster lives for the module; tests check what they must
 
 
 @pytest.fixture(scope="module")

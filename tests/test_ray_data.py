@@ -10,10 +10,7 @@ import ray  # noqa: E402
 from pipeline.cli import main  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def nothing_left_behind():
-    """The bench shuts its Ray instance down; Ray's daemons may take a moment to go, so no leak check."""
-    yield
+pytestmark = pytest.mark.ray_daemons  # Ray's daemons may take a moment to go after the bench
 
 
 @pytest.mark.timeout(240)

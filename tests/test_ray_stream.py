@@ -11,22 +11,19 @@ from pipeline import kernels  # noqa: E402
 from pipeline.ray_backend import Outcome, RayExecutor  # noqa: E402
 from pipeline.runner import resolve  # noqa: E402
 from pipeline.sources import FromIterable  # noqa: E402
+from conftest import local_ray  # noqa: E402
 
 N = 10
 
 
+pytestmark = pytest.mark.ray_daemons
+
+
 @pytest.fixture(scope="module", autouse=True)
-def local_ray():
+def ray_instance():
     """One local Ray instance for the module: 4 CPUs, room for the shared executor and one more."""
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(autouse=True)
-def nothing_left_behind():
-    """Ray's own daemons live for the module; the conftest leak check does not apply here."""
-    yield
+    with local_ray(4):
+        yield
 
 
 class Counted:
