@@ -22,7 +22,9 @@ while a progress bar is shown so that the bar stays whole. Native code and libra
 caught too, since the redirection is at the file-descriptor level. The main closes its copy of a write end
 as soon as the worker has started, so the pipe ends (EOF) when the worker does; the executor's ``close``
 joins the workers and then the relay, which reads every pipe to its end first, so a dying worker's last
-words are printed before ``close`` returns. In the main,
+words are printed before ``close`` returns. A worker writes a batch's lines before it sends the result, so
+the runner's ``Relay.drain()`` (a non-blocking read of every pipe, before the bar counts a result) puts
+them above that batch's tick, whichever thread gets there first. In the main,
 ``stdout_to_stderr`` does the same for the serial baseline and anything else (the CLI's ``run``).
 Warnings: ``warnings_once`` shows each (category, file, line) once, whatever its text, so a warning a
 kernel raises on every batch is shown once per worker.
@@ -234,7 +236,8 @@ class Relay:
     def __init__(self):
         self.bar = None
         self._fds: dict[int, bytes] = {}  # read end -> the unterminated tail of what it sent
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _fds and _thread
+        self._io = threading.Lock()  # one reader at a time: the pump thread or drain()
         self._thread: threading.Thread | None = None
         self._closing = threading.Event()
 
@@ -242,6 +245,7 @@ class Relay:
         """A new pipe whose read end the relay watches; returns its write end (one worker's fd 1 and 2)."""
         from multiprocessing.connection import Connection
         r, w = os.pipe()
+        os.set_blocking(r, False)  # the pump and drain() both read: whoever comes second finds it empty
         with self._lock:
             self._fds[r] = b""
             if self._thread is None:
@@ -249,6 +253,18 @@ class Relay:
                 self._thread = threading.Thread(target=self._pump, name="pipeline-relay", daemon=True)
                 self._thread.start()
         return Connection(w, readable=False)
+
+    def drain(self) -> None:
+        """Copy what the workers have written so far, now. A worker writes its prints before it sends the
+        batch's result, so the runner calls this before the bar counts a result: a batch's lines come
+        above its tick, and all of them above the finished bar."""
+        if self._thread is None:
+            return
+        with self._io:
+            with self._lock:
+                fds = list(self._fds)
+            if fds:
+                self._copy(select.select(fds, [], [], 0)[0])
 
     def close(self, timeout: float = 5.0) -> None:
         """Print whatever the workers wrote, to the end; call after joining them."""
@@ -262,26 +278,39 @@ class Relay:
         while True:
             closing = self._closing.is_set()
             with self._lock:
-                fds = list(self._fds)
-            if not fds and closing:
-                return
-            ready = select.select(fds, [], [], 0.1)[0] if fds else []
+                fds = list(self._fds)  # only this thread closes them
             if not fds:
+                if closing:
+                    return
                 self._closing.wait(0.1)
-            elif not ready and closing:
+                continue
+            ready = select.select(fds, [], [], 0.1)[0]
+            if not ready and closing:
                 break  # drained; a stray holder of a write end cannot keep us here
-            for fd in ready:
-                data = os.read(fd, 65536)
-                with self._lock:
-                    *lines, self._fds[fd] = (self._fds[fd] + data).split(b"\n")
-                for line in lines:
-                    self._emit(line)
-                if not data:  # EOF: the worker is gone
+            with self._io:
+                for fd in self._copy(ready):
                     self._drop(fd)
-        with self._lock:
-            left = list(self._fds)
-        for fd in left:
-            self._drop(fd)
+        with self._io:
+            with self._lock:
+                left = list(self._fds)
+            for fd in left:
+                self._drop(fd)
+
+    def _copy(self, ready: list[int]) -> list[int]:
+        """Read and print the whole lines of each ready pipe (caller holds ``_io``); returns those at EOF."""
+        eof = []
+        for fd in ready:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:  # the other reader took it
+                continue
+            with self._lock:
+                *lines, self._fds[fd] = (self._fds[fd] + data).split(b"\n")
+            for line in lines:
+                self._emit(line)
+            if not data:  # EOF: the worker is gone
+                eof.append(fd)
+        return eof
 
     def _drop(self, fd: int) -> None:
         with self._lock:

@@ -222,6 +222,7 @@ class Pipeline:
         tally.executor = ex = self._executor()
         if getattr(ex, "relay", None) is not None:
             ex.relay.bar = tally.bar if not tally.bar.disable else None  # workers' prints go above the bar
+            tally.relay = ex.relay
         work = Work(batches(), src.batch if isinstance(src, Indexed) else None, getattr(src, "max_nbytes", None))
         ex.start()  # local: returns at once (start-up overlaps the first builds); Ray: actors up
         yield from ex.stream(work, ordered, settle=not self._one_shot)
@@ -318,6 +319,7 @@ class Tally:
         self.per_pid: dict[int, int] = {}
         self.workers: list[dict] = []
         self.executor = None
+        self.relay = None  # the local executor's Relay: drained before the bar moves
         self.fresh = False  # the workers started with this run: their start-up is part of it
         self.t0 = time.perf_counter()
         self.bar = tqdm(total=total, unit="batch", file=sys.stderr, dynamic_ncols=True,
@@ -343,9 +345,13 @@ class Tally:
             self.results.extend([None] * (out.index + 1 - len(self.results)))
             self.results[out.index] = out.result
         if not out.info.get("restored"):
+            if self.relay is not None:
+                self.relay.drain()  # what the worker printed for this batch, above its tick
             self.bar.update(1)
 
     def close(self) -> None:
+        if self.relay is not None:
+            self.relay.drain()
         self.bar.close()
 
     def summary(self, spec, notes: list[str], error: str | None) -> dict:

@@ -5,6 +5,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -391,6 +393,34 @@ def test_relay_copies_lines_and_drains_on_close(capsys, monkeypatch):
     relay.close()
     relay.bar.close()
     assert shown == ["above the bar"] and "above the bar" not in capsys.readouterr().err
+
+
+def test_relay_drain_copies_what_is_written_so_far(capsys, monkeypatch):
+    """drain() prints every whole line already in the pipes before it returns, without the pump thread (the
+    runner drains before the bar counts a batch: a worker's lines for it come above its tick)."""
+    import select as select_module
+    real = select_module.select
+
+    def pump_sees_nothing(r, w, x, timeout=None):
+        if threading.current_thread().name == "pipeline-relay":
+            time.sleep(0.01)
+            return [], [], []
+        return real(r, w, x, timeout)
+    monkeypatch.setattr(outputs.select, "select", pump_sees_nothing)
+    relay = outputs.Relay()
+    w = relay.pipe()
+    os.write(w.fileno(), b"batch 0 says hi\nbatch 1 says")
+    relay.drain()
+    assert capsys.readouterr().err == "batch 0 says hi\n"  # the unterminated rest waits for its newline
+    relay.drain()  # nothing new: no output, no blocking read
+    assert capsys.readouterr().err == ""
+    os.write(w.fileno(), b" bye\n")
+    relay.drain()
+    assert capsys.readouterr().err == "batch 1 says bye\n"
+    w.close()
+    monkeypatch.setattr(outputs.select, "select", real)
+    relay.close()
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.timeout(90)
