@@ -34,7 +34,7 @@ from .errors import ConfigError, WorkerError
 from .executor import Outcome, remote_error
 from .kernels import KernelSpec
 from .sources import Batch
-from .worker import Computer, pack_error
+from .worker import Computer, cuda_fault, pack_error
 
 try:
     import ray
@@ -66,7 +66,10 @@ class _Actor:
         try:
             out, timings = self.computer(arr, index, attempt)
         except BaseException as e:  # noqa: BLE001 - as in the local worker: errors travel as data
-            return ("error", index, pack_error(e), self.who)
+            packed = pack_error(cuda_fault(e, self.device))
+            if devices.sticky(e):  # NOTE [ CUDA faults ] in worker.py: the main kills and Ray restarts us
+                return ("retire", index, packed[1], self.who)
+            return ("error", index, packed, self.who)
         return ("result", index, out, timings, self.who)
 
 
@@ -352,6 +355,9 @@ class _Run:
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
             self.on_actor_lost(rank, task, e)
             return
+        if msg[0] == "retire":
+            self.on_retire(rank, task, msg)
+            return
         self.on_message(msg, task.attempt)
 
     def on_message(self, msg: tuple, attempt: int) -> None:
@@ -388,6 +394,16 @@ class _Run:
         self.lost(rank, lost, task.solo or len(lost) == 1 or was_timeout, node_lost, cause)
         if not (node_lost or was_timeout):  # Ray may declare the node dead later: amend the cause then
             self.ex.unsure.append((self.ex.restarts[-1], type(e).__name__))
+        self.recovering[rank] = [self.ex.actors[rank].info.remote(), time.monotonic(), None]
+
+    def on_retire(self, rank: int, task: _Task, msg: tuple) -> None:
+        """A sticky CUDA error left the actor's CUDA context unusable: kill it (Ray restarts it, its kernel
+        set up again) and treat its batch as a crash's, charged to that batch (it was the one running)."""
+        ray.kill(self.ex.actors[rank], no_restart=False)
+        q = self.queues[rank]
+        lost = [task] + list(q)
+        q.clear()
+        self.lost(rank, lost, True, False, f"{msg[2]} (sticky CUDA error: worker retired and replaced)")
         self.recovering[rank] = [self.ex.actors[rank].info.remote(), time.monotonic(), None]
 
     def lost(self, rank: int, lost: list[_Task], known: bool, node_lost: bool, cause: str) -> None:

@@ -152,12 +152,13 @@ class Computer:
         return out, timings
 
 
-def _cuda_fault(e: BaseException, device: torch.device) -> BaseException:
+def cuda_fault(e: BaseException, device: torch.device) -> BaseException:
     """NOTE [ CUDA faults ]
     Out of device memory: the worker frees its cache, the error names the device and its free/total
     memory, and ``on_error`` applies as for any kernel error; the worker carries on. A sticky CUDA error
     (a device-side assert, an illegal address) leaves the process's CUDA context unusable: the worker says
-    so ("retire") and exits; the main replaces it and retries or quarantines the batch as for a crash."""
+    so ("retire") and exits; the main replaces it and retries or quarantines the batch as for a crash. A Ray
+actor replies "retire" instead of a result, and the main kills it so that Ray restarts it."""
     if isinstance(e, torch.OutOfMemoryError) and device.type == "cuda":
         first = e.args[0] if e.args else ""
         e.args = (f"out of memory on {devices.memory_note(device)} after freeing the cache; the worker "
@@ -262,7 +263,7 @@ def _loop(rank: int, conn, computer: Computer) -> None:
             out, timings = computer(arr, task.index, task.attempt, staged, prefetch if cuda else None, copied,
                                     registered)
         except BaseException as e:  # noqa: BLE001 - SystemExit and KeyboardInterrupt too: never hang
-            msg = ("error", task.index, pack_error(_cuda_fault(e, computer.device)))
+            msg = ("error", task.index, pack_error(cuda_fault(e, computer.device)))
             if devices.sticky(e):  # NOTE [ CUDA faults ]
                 conn.send(("retire", task.index, msg[2][1]))
                 os._exit(75)

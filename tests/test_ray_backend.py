@@ -54,6 +54,20 @@ def test_quarantine_after_max_attempts():
 
 
 @pytest.mark.timeout(180)
+def test_sticky_cuda_error_replaces_the_actor():
+    """A sticky CUDA error (simulated on the CPU) on an actor: it is killed and restarted by Ray, the batch
+    retried; every attempt sticky -> quarantined after max_attempts, as on the local backend."""
+    s = pipeline.run(kernel="faulty", workers=2, device="cpu", **{"kernel.params.sticky_on": [2]}, **RAY).summary
+    clean = pipeline.run(kernel="sum", workers=0, **dict(RAY, backend="local")).summary["checksum"]
+    assert s["checksum"] == clean and s["failed"] == [] and s["completed"] == 6
+    assert [r["batch"] for r in s["restarts"]] == [2] and "worker retired" in s["restarts"][0]["cause"]
+    s = pipeline.run(kernel="faulty", workers=2, device="cpu", max_attempts=2, **{
+        "kernel.params.sticky_on": [1], "kernel.params.only_first_attempt": False}, **RAY).summary
+    assert s["completed"] == 5 and len(s["restarts"]) == 2
+    assert [f["batch"] for f in s["failed"]] == [1] and "sticky CUDA error" in s["failed"][0]["cause"]
+
+
+@pytest.mark.timeout(180)
 def test_kernel_error_keeps_type_and_batch():
     """A kernel exception on an actor reaches the caller as its type, naming the batch."""
     with pytest.raises(RuntimeError, match="batch 3 .*raise_on batch 3"):
