@@ -52,6 +52,7 @@ from .outputs import Relay
 from .worker import Task
 
 MB = 1 << 20
+STUCK_SEND_S = 10.0  # a run's stop waits this long for the supervisor, then ends the workers it may be sending to
 BREAKDOWN = ("build_s", "dispatch_s", "receive_s", "stage_s", "h2d_s", "compute_s", "d2h_s",
              "slot_wait_s", "worker_wait_s", "idle_s", "return_s", "order_wait_s")
 
@@ -195,30 +196,34 @@ class LocalExecutor:
 
     # -- runs ----------------------------------------------------------------------------------------
     def stream(self, batches, ordered: bool = True, window: int | None = None,
-               settle: bool = True) -> Iterator[Outcome]:
+               settle: bool = True, cfg: Config | None = None) -> Iterator[Outcome]:
         """Compute every batch of ``batches`` (an iterator of ``Batch``; see ``sources.Work``); yield an
         ``Outcome`` per batch, in batch order when ``ordered``, else as they complete.
 
         ``settle``: when the stream ends early (closed, or an error), let the workers finish what they
         hold (or replace the ones that don't within a few seconds), so that the next run starts clean;
         without it, the caller is expected to ``close()`` the executor.
+
+        ``cfg``: this run's configuration (a warm ``Pipeline``'s per-call overrides: slots, build threads,
+        faults); what the workers were started with (kernel, count, device) is the executor's.
         """
         self.start()
-        run = _Run(self, batches, ordered, window)
+        run = _Run(self, batches, ordered, window, cfg or self.cfg)
         try:
             yield from run.outcomes()
         finally:
             run.stop(settle)
             self.breakdown, self.figures = run.breakdown, run.figures()
 
-    def _ring_for(self, count: int, slot_bytes: int) -> SlotRing:
+    def _ring_for(self, count: int, slot_bytes: int, where: str) -> SlotRing:
         """The run's ring: the previous one when it fits (its pages stay mapped, workers keep it). A small
         /dev/shm may give fewer slots, or a ring on disk, with a note (NOTE [ Small /dev/shm ])."""
-        if self.ring is None or self.ring.requested != count or self.ring.slot_bytes < slot_bytes:
+        if (self.ring is None or self.ring.requested != count or self.ring.slot_bytes < slot_bytes
+                or self.ring.asked_dir != where):
             if self.ring is not None:
                 self.ring.close()
                 self.ring = None
-            self.ring, notes = open_ring(count, slot_bytes, self.cfg.handoff.dir)
+            self.ring, notes = open_ring(count, slot_bytes, where)
             for note in notes:
                 if note not in self.notes:
                     self.notes.append(note)
@@ -286,8 +291,8 @@ class LocalExecutor:
 class _Run:
     """One stream: the supervisor thread's state and loop (NOTE [ Supervisor ])."""
 
-    def __init__(self, ex: LocalExecutor, batches, ordered: bool, window: int | None):
-        self.ex, self.cfg = ex, ex.cfg
+    def __init__(self, ex: LocalExecutor, batches, ordered: bool, window: int | None, cfg: Config):
+        self.ex, self.cfg = ex, cfg
         self.batches = iter(batches)
         self.rebuild = getattr(batches, "rebuild", None)
         self.max_nbytes = getattr(batches, "max_nbytes", None)
@@ -351,7 +356,7 @@ class _Run:
             slot_bytes = first.nbytes
             rest = self.batches
             self.batches = (b for it in ([first], rest) for b in it)
-        self.ring = self.ex._ring_for(self.in_flight, max(1, slot_bytes))
+        self.ring = self.ex._ring_for(self.in_flight, max(1, slot_bytes), self.cfg.handoff.dir)
         self.free = list(range(self.ring.count - 1, -1, -1))
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
@@ -373,7 +378,12 @@ class _Run:
         if self.thread is not None:
             self.stopping = True
             self._wake()
-            self.thread.join()
+            self.thread.join(STUCK_SEND_S)
+            if self.thread.is_alive():  # stuck sending to a worker that does not read (stopped, wedged):
+                for w in self.ex.workers:  # end the workers, and the send fails with a broken pipe
+                    if w.process.is_alive():
+                        w.process.kill()
+                self.thread.join()
         if self.builders is not None:
             self.builders.close()
             if not any(t.is_alive() for t in self.builders.threads):  # one stuck in the caller's iterator
@@ -483,7 +493,10 @@ class _Run:
 
     def _dispatch(self) -> None:
         while self.ready:
-            room = [w for w in self.ex.workers if w.ready and len(w.tasks) < self.depth]
+            # A pickled batch goes only to an idle worker: one that is computing would not read it while
+            # it sends its own result, and both sends would block for ever once they exceed a pipe's buffer.
+            depth = 1 if self.ready[0].array is not None else self.depth
+            room = [w for w in self.ex.workers if w.ready and len(w.tasks) < depth]
             if not room:
                 if self.ex._t_start is None:  # waits for workers still starting are start-up, not waits
                     self.worker_wait_since = self.worker_wait_since or time.perf_counter()

@@ -121,6 +121,7 @@ class SlotRing:
 
     def __init__(self, count: int, slot_bytes: int, directory: str = SHM_DIR):
         self.count = self.requested = count
+        self.asked_dir = directory
         self.slot_bytes = aligned(slot_bytes)
         self.directory = os.path.abspath(directory)
         self.name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
@@ -289,7 +290,7 @@ def open_ring(count: int, slot_bytes: int, directory: str) -> tuple[SlotRing, li
         if ring is None:
             tried.append(f"{place} {why}")
             continue
-        ring.requested = wanted  # the executor keeps the ring while it asks for this many
+        ring.requested, ring.asked_dir = wanted, directory  # the executor keeps it while it asks for these
         if ring.count < count:
             notes.append(f"handoff: {place} has room for {ring.count} of {count} slots of {_size(slot)} "
                          f"({_size(_free(place))} free after them): {ring.count} batches in flight; "

@@ -230,15 +230,17 @@ class RayExecutor:
 
     # -- runs ----------------------------------------------------------------------------------------------
     def stream(self, batches: Iterable[Batch], ordered: bool = True, window: int | None = None,
-               settle: bool = True) -> Iterator[Outcome]:
+               settle: bool = True, cfg: Config | None = None) -> Iterator[Outcome]:
         """Outcomes in batch order (``ordered``) or as they complete, at most ``in_flight`` batches at the
         actors and ``window`` (default 2 x in_flight) started and not yet yielded. (An early end always
-        settles: queued tasks are cancelled, running ones awaited; ``settle`` is the local backend's.)"""
-        in_flight = self.cfg.in_flight()
+        settles: queued tasks are cancelled, running ones awaited; ``settle`` is the local backend's.)
+        ``cfg``: this run's configuration (faults, in_flight), as for the local backend."""
+        cfg = cfg or self.cfg
+        in_flight = cfg.in_flight()
         window = 2 * in_flight if window is None else window
         if window < 1:
             raise ConfigError(f"window = {window}: must be >= 1")
-        run = _Run(self, iter(batches), ordered, min(in_flight, window), window)
+        run = _Run(self, iter(batches), ordered, min(in_flight, window), window, cfg.faults)
         try:
             while True:
                 run.fill()
@@ -277,10 +279,11 @@ class RayExecutor:
 class _Run:
     """The state of one ``stream``: per-actor task queues, retries, reordering; short named steps."""
 
-    def __init__(self, ex: RayExecutor, it: Iterator[Batch], ordered: bool, in_flight: int, window: int):
-        self.ex, self.it, self.ordered = ex, it, ordered
+    def __init__(self, ex: RayExecutor, it: Iterator[Batch], ordered: bool, in_flight: int, window: int,
+                 faults):
+        self.ex, self.it, self.ordered, self.faults = ex, it, ordered, faults
         self.in_flight, self.window = in_flight, window
-        self.limit = ex.cfg.faults.batch_timeout_s
+        self.limit = faults.batch_timeout_s
         self.queues: list[deque[_Task]] = [deque() for _ in ex.actors]
         self.since = [0.0] * len(ex.actors)  # when the head of each queue started computing
         # rank -> [ping ref, lost at, unhostable since]
@@ -372,7 +375,7 @@ class _Run:
                                                      **timings}, None)
             return
         _, index, packed, who = msg
-        if ex.cfg.faults.on_error == "skip":
+        if self.faults.on_error == "skip":
             self.fail({"batch": index, "cause": packed[1], "attempts": attempt})
         else:
             raise remote_error(packed, f"batch {index} (ray actor pid {who[1]}, device {who[2]}, "
@@ -433,7 +436,7 @@ class _Run:
             self.todo.extend((t.index, t.attempt, t.obj, True) for t in lost)
             return
         head, rest = lost[0], lost[1:]  # the head was running; the rest never started
-        if head.attempt + 1 > self.ex.cfg.faults.max_attempts:
+        if head.attempt + 1 > self.faults.max_attempts:
             self.fail({"batch": head.index, "cause": cause, "attempts": head.attempt})
         else:
             self.todo.append((head.index, head.attempt + 1, head.obj, True))

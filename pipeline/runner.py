@@ -225,7 +225,7 @@ class Pipeline:
             tally.relay = ex.relay
         work = Work(batches(), src.batch if isinstance(src, Indexed) else None, getattr(src, "max_nbytes", None))
         ex.start()  # local: returns at once (start-up overlaps the first builds); Ray: actors up
-        yield from ex.stream(work, ordered, settle=not self._one_shot)
+        yield from ex.stream(work, ordered, settle=not self._one_shot, cfg=cfg)
 
     def _serial(self, cfg: Config, batches: Iterator, tally: "Tally") -> Iterator[Outcome]:
         """``workers = 0``: the same kernel code in this process, under the same thread cap."""

@@ -112,6 +112,58 @@ def test_slots_are_reused_and_pickled_fallback_is_bit_identical(monkeypatch):
     assert slots["checksum"] == pipeline.run(**dict(kw, workers=0)).summary["checksum"]
 
 
+def doubled(x):
+    return x * 2
+
+
+@pytest.mark.timeout(90)
+def test_pickled_batches_with_big_results_do_not_deadlock():
+    """Batches larger than a slot travel pickled through the worker's pipe; with results larger than a pipe's
+    buffer too, sending the next batch to a worker that is computing would block both ends for ever. They go
+    to idle workers only: the run completes, same checksum as serial."""
+    kw = dict(kernel=doubled, workers=1, batches=6, rows=512, cols=512, slot_mb=0.001, device="cpu",
+              threads_per_worker=1)  # 1 MiB batches and results, 4 KiB slots
+    s = pipeline.run(**kw).summary
+    assert s["completed"] == 6 and s["handoff"]["pickled_fallbacks"] == 6
+    assert s["checksum"] == pipeline.run(**dict(kw, workers=0)).summary["checksum"]
+
+
+@pytest.mark.timeout(120)
+def test_closing_a_stream_while_a_send_is_stuck_ends_the_workers(monkeypatch):
+    """A send to a worker that does not read (stopped, wedged) must not hang the end of a run: stop() waits
+    STUCK_SEND_S for the supervisor, kills the workers (the send then fails), and the warm pipeline runs on."""
+    import threading
+    import time
+    from multiprocessing.connection import Connection
+
+    import pipeline.executor as executor
+    from pipeline.worker import Task
+    monkeypatch.setattr(executor, "STUCK_SEND_S", 1.0)
+    real = Connection.send
+    with pipeline.Pipeline(kernel="sum", workers=1, **TINY) as p:
+        p.run(batches=1)
+        worker = p.executor.workers[0].process
+
+        stuck = threading.Event()
+
+        def send(conn, obj):
+            if isinstance(obj, Task) and obj.index == 1:  # one slot: sent after batch 0 came back
+                stuck.set()
+                while worker.is_alive():  # blocks as a full pipe would, until the reader is gone
+                    time.sleep(0.05)
+                raise BrokenPipeError
+            return real(conn, obj)
+        monkeypatch.setattr(Connection, "send", send)
+        stream = p.imap(batches=6, in_flight=1)
+        assert next(iter(stream))[0] == 0
+        assert stuck.wait(30)
+        t0 = time.monotonic()
+        stream.close()
+        assert time.monotonic() - t0 < 8 and not worker.is_alive()
+        monkeypatch.setattr(Connection, "send", real)
+        assert p.run(batches=3).summary["completed"] == 3  # a fresh worker took its place
+
+
 RSS_SCRIPT = """
 import resource, sys, pipeline
 if __name__ == "__main__":

@@ -149,7 +149,8 @@ def test_warm_pipeline_reuses_its_workers():
 
 @pytest.mark.timeout(180)
 def test_warm_pipeline_after_an_early_break_and_an_error():
-    """A run broken off early, then a kernel error: the same Pipeline still computes the next run right."""
+    """A run broken off early, a kernel error, a call with its own on_error and in_flight: the same Pipeline
+    still computes the next run right."""
     with pipeline.Pipeline(kernel="faulty", workers=2, threads_per_worker=1, progress=False,
                            **{"kernel.params.raise_on": [7], "kernel.params.sleep": 0.01}) as p:
         it = p.imap(batches=40, rows=16, cols=8)
@@ -157,6 +158,9 @@ def test_warm_pipeline_after_an_early_break_and_an_error():
         it.close()
         with pytest.raises(RuntimeError, match="batch 7"):
             p.run(batches=20, rows=16, cols=8)
+        # a call's own faults and handoff settings apply to its run (the workers stay as they are)
+        s = p.run(batches=10, rows=16, cols=8, on_error="skip", in_flight=2).summary
+        assert [f["batch"] for f in s["failed"]] == [7] and s["handoff"]["slots"] == 2
         r = p.run(batches=6, rows=16, cols=8)
     assert r.summary["checksum"] == pipeline.run(kernel="sum", workers=0, **dict(TINY, batches=6)).summary["checksum"]
 
