@@ -286,7 +286,7 @@ class _Run:
         self.limit = faults.batch_timeout_s
         self.queues: list[deque[_Task]] = [deque() for _ in ex.actors]
         self.since = [0.0] * len(ex.actors)  # when the head of each queue started computing
-        # rank -> [ping ref, lost at, unhostable since]
+        # rank -> [ping ref, lost at, unhostable since, pid of the incarnation we killed (or None)]
         self.recovering: dict[int, list] = {}
         self.todo: deque = deque()  # (index, attempt, obj, solo): resubmissions, before new batches
         self.timed_out: set[int] = set()
@@ -397,7 +397,7 @@ class _Run:
         self.lost(rank, lost, task.solo or len(lost) == 1 or was_timeout, node_lost, cause)
         if not (node_lost or was_timeout):  # Ray may declare the node dead later: amend the cause then
             self.ex.unsure.append((self.ex.restarts[-1], type(e).__name__))
-        self.recovering[rank] = [self.ex.actors[rank].info.remote(), time.monotonic(), None]
+        self.recovering[rank] = [self.ex.actors[rank].info.remote(), time.monotonic(), None, None]
 
     def on_retire(self, rank: int, task: _Task, msg: tuple) -> None:
         """A sticky CUDA error left the actor's CUDA context unusable: kill it (Ray restarts it, its kernel
@@ -407,7 +407,8 @@ class _Run:
         lost = [task] + list(q)
         q.clear()
         self.lost(rank, lost, True, False, f"{msg[2]} (sticky CUDA error: worker retired and replaced)")
-        self.recovering[rank] = [self.ex.actors[rank].info.remote(), time.monotonic(), None]
+        # ray.kill is asynchronous: until it lands, the old incarnation may answer the ping (its pid says so)
+        self.recovering[rank] = [self.ex.actors[rank].info.remote(), time.monotonic(), None, msg[3][1]]
 
     def lost(self, rank: int, lost: list[_Task], known: bool, node_lost: bool, cause: str) -> None:
         """An actor died holding ``lost`` (oldest first).
@@ -448,10 +449,14 @@ class _Run:
         if now >= self.next_check and any(now - e[1] >= 1.0 for e in self.recovering.values()):
             self.next_check, hostable = now + 0.5, _can_host(self.ex.opts)
         for rank, entry in list(self.recovering.items()):
-            ping, lost_at, unhostable = entry
+            ping, lost_at, unhostable, killed = entry
             if ping in done:
                 try:
                     who = ray.get(ping)
+                    if who[1] == killed:  # answered before the kill landed: ask the next incarnation
+                        time.sleep(0.05)
+                        entry[0] = self.ex.actors[rank].info.remote()
+                        continue
                     del self.recovering[rank]  # restarted: its kernel is set up again
                     self.ex.amend_node_losses()
                     self.ex.seen.setdefault(who, 0)

@@ -68,6 +68,18 @@ def test_sticky_cuda_error_replaces_the_actor():
 
 
 @pytest.mark.timeout(180)
+def test_sticky_retire_waits_for_the_new_incarnation(monkeypatch):
+    """ray.kill is asynchronous: when it lands late, the old actor still answers the first ping; the retried
+    batch must not be sent to it (it would die with it and be charged a second time)."""
+    import threading
+    real = ray.kill
+    monkeypatch.setattr(ray, "kill", lambda actor, **kw: threading.Timer(0.3, real, (actor,), kw).start())
+    s = pipeline.run(kernel="faulty", workers=2, device="cpu", **{"kernel.params.sticky_on": [2],
+                     "kernel.params.sleep": 0.2}, **RAY).summary  # the run outlasts the delay
+    assert s["completed"] == 6 and [r["batch"] for r in s["restarts"]] == [2]
+
+
+@pytest.mark.timeout(180)
 def test_kernel_error_keeps_type_and_batch():
     """A kernel exception on an actor reaches the caller as its type, naming the batch."""
     with pytest.raises(RuntimeError, match="batch 3 .*raise_on batch 3"):
