@@ -345,7 +345,7 @@ class Tally:
             self.results.extend([None] * (out.index + 1 - len(self.results)))
             self.results[out.index] = out.result
         if not out.info.get("restored"):
-            if self.relay is not None:
+            if self.relay is not None and not self.bar.disable:
                 self.relay.drain()  # what the worker printed for this batch, above its tick
             self.bar.update(1)
 
