@@ -6,8 +6,13 @@ threads take them. A job without an index draws the next batch record from the s
 (a caller's iterator is not thread-safe, and the draw order is the batch order) and records its index in
 ``drawn``; the fill itself (an RNG fill, a copy out of a memory map or a caller's array) runs outside the
 lock, in parallel: numpy releases the GIL there. A rebuild builds batch ``i`` again from a source that can
-(``rebuild(i)``). Every outcome goes to ``report``: ("built", Built), ("exhausted", slot) or
-("error", slot, exception); the supervisor never waits for a build, it is told.
+(``rebuild(i)``). A batch of rows (a dataset's samples, NOTE [ Samples ] in sources.py) is cut into
+contiguous chunks, two per thread, and the thread that took it puts a hand-in token on the job queue for
+each other thread: an idle one joins in and claims chunks under the batch's own lock (so a tiny sample
+costs a loop iteration, not a queue round-trip); a busy one finds the token later and drops it. The thread
+that finishes the last chunk reports the batch. Every outcome goes to ``report``: ("built", Built),
+("exhausted", slot) or ("error", slot, exception, batch index or None); the supervisor never waits for a
+build, it is told. The same class runs in build processes (buildproc.py), over the same ring.
 """
 from __future__ import annotations
 
@@ -16,11 +21,10 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
-import numpy as np
-
-from .handoff import Descriptor, SlotRing
+from .fields import Layout, copy_into
+from .handoff import Descriptor
 from .sources import Batch
 
 
@@ -29,13 +33,45 @@ class Built:
     index: int
     slot: int  # the job's slot: holds the batch when ``desc`` is set, else free again
     desc: Descriptor | None  # the batch in its slot
-    array: np.ndarray | None  # a batch larger than a slot: built apart, pickled to the worker
+    array: Any  # a batch larger than a slot (an array, or a tuple or dict of them): pickled to the worker
     nbytes: int
-    seconds: float  # the build, on one thread
+    seconds: float = 0.0  # the build's wall time, summed over the threads that built it
+    cpu: float = 0.0  # their CPU time (less than ``seconds``: waiting for the GIL, or for I/O)
+
+
+class _Shared:
+    """A batch that build threads fill together, one chunk of rows at a time (NOTE [ Builders ])."""
+
+    def __init__(self, batch: Batch, slot: int, views, desc: Descriptor, chunks: list[tuple[int, int]]):
+        self.batch, self.slot, self.views, self.desc, self.chunks = batch, slot, views, desc, chunks
+        self.lock = threading.Lock()
+        self.next = 0
+        self.left = len(chunks)
+        self.error: BaseException | None = None
+        self.seconds = self.cpu = 0.0
+
+    def claim(self) -> tuple[int, int] | None:
+        with self.lock:
+            if self.next >= len(self.chunks) or self.error is not None:
+                return None
+            self.next += 1
+            return self.chunks[self.next - 1]
+
+    def finish(self, seconds: float, cpu: float, error: BaseException | None) -> bool:
+        """Count one chunk done; True for the thread that finished the batch's last chunk."""
+        with self.lock:
+            self.seconds += seconds
+            self.cpu += cpu
+            if error is not None and self.error is None:
+                self.error = error
+                self.left -= len(self.chunks) - self.next  # the chunks nobody will claim now
+                self.next = len(self.chunks)
+            self.left -= 1
+            return self.left == 0
 
 
 class Builders:
-    def __init__(self, batches: Iterator[Batch], rebuild: Callable[[int], Batch] | None, ring: SlotRing,
+    def __init__(self, batches: Iterator[Batch] | None, rebuild: Callable[[int], Batch] | None, ring,
                  threads: int, report: Callable[[tuple], None], record_order: bool = True):
         self._batches, self._rebuild, self._ring, self._report = batches, rebuild, ring, report
         self._draw = threading.Lock()
@@ -43,8 +79,9 @@ class Builders:
         self._stopped = False
         self._record = record_order
         self.drawn: deque[int] = deque()  # batch indices in the order they were drawn
+        self.count = max(1, threads)
         self.threads = [threading.Thread(target=self._work, name=f"pipeline-build-{i}", daemon=True)
-                        for i in range(max(1, threads))]
+                        for i in range(self.count)]
         for t in self.threads:
             t.start()
 
@@ -61,15 +98,23 @@ class Builders:
         for t in self.threads:
             t.join(max(0.0, deadline - time.monotonic()))
 
+    def stuck(self) -> bool:
+        """After ``close``: a thread still inside the caller's iterator."""
+        return any(t.is_alive() for t in self.threads)
+
     def _work(self) -> None:
         while True:
             job = self._jobs.get()
             if job is None:
                 return
+            if isinstance(job, _Shared):  # a hand with another thread's batch
+                self._chunks(job)
+                continue
             if self._stopped:
                 continue
             slot, index = job
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
+            batch = None
             try:
                 if index is None:
                     with self._draw:
@@ -81,16 +126,64 @@ class Builders:
                         continue
                 else:
                     batch = self._rebuild(index)
+                shared = self._share(batch, slot)
+                if shared is not None:
+                    self._chunks(shared, time.perf_counter() - t0, time.thread_time() - c0)
+                    continue
                 built = self._fill(batch, slot)
-            except BaseException as e:  # noqa: BLE001 - the supervisor raises it: one clear error
-                self._report(("error", slot, e))
+            except BaseException as e:  # noqa: BLE001 - the supervisor decides: one clear error
+                self._report(("error", slot, e, batch.index if batch is not None else index))
                 continue
-            built.seconds = time.perf_counter() - t0
+            built.seconds, built.cpu = time.perf_counter() - t0, time.thread_time() - c0
             self._report(("built", built))
 
+    def _share(self, batch: Batch, slot: int) -> _Shared | None:
+        """A batch of rows that fits its slot, split into contiguous chunks that idle threads may help
+        with: two per thread, so that a slow chunk doesn't hold the batch; None to build it in one go."""
+        if self.count < 2 or batch.rows < 2 or batch.layout is None or batch.nbytes > self._ring.slot_bytes:
+            return None
+        n = min(batch.rows, 2 * self.count)
+        cuts = [batch.rows * k // n for k in range(n + 1)]
+        views, desc = self._ring.view(slot, batch.layout)
+        shared = _Shared(batch, slot, views, desc, list(zip(cuts, cuts[1:])))
+        for _ in range(min(self.count, n) - 1):
+            self._jobs.put(shared)
+        return shared
+
+    def _chunks(self, shared: _Shared, seconds: float = 0.0, cpu: float = 0.0) -> None:
+        """Fill chunks of ``shared`` until none is left; the thread that ends its last one reports it."""
+        claimed = shared.claim()  # None: came too late, nothing left to help with
+        last = False
+        while claimed is not None:
+            t0, c0 = time.perf_counter(), time.thread_time()
+            error = None
+            try:
+                shared.batch.fill_rows(shared.views, *claimed)
+            except BaseException as e:  # noqa: BLE001 - reported once, by the last thread
+                error = e
+            seconds, cpu = seconds + time.perf_counter() - t0, cpu + time.thread_time() - c0
+            last = shared.finish(seconds, cpu, error)
+            seconds = cpu = 0.0
+            claimed = shared.claim()
+        if last:
+            b = shared.batch
+            if shared.error is not None:
+                self._report(("error", shared.slot, shared.error, b.index))
+            else:
+                self._report(("built", Built(b.index, shared.slot, shared.desc, None, b.nbytes,
+                                             shared.seconds, shared.cpu)))
+
     def _fill(self, batch: Batch, slot: int) -> Built:
+        if batch.layout is None:  # known once built: a collated batch, a dataset item that is a batch
+            arrays = batch.produce()
+            layout = Layout.of(arrays)
+            if layout.nbytes > self._ring.slot_bytes:
+                return Built(batch.index, slot, None, arrays, layout.nbytes)
+            views, desc = self._ring.view(slot, layout)
+            copy_into(views, arrays)
+            return Built(batch.index, slot, desc, None, layout.nbytes)
         if batch.nbytes <= self._ring.slot_bytes:
-            view = self._ring.view(slot, batch.shape, batch.dtype)
-            batch.fill(view)
-            return Built(batch.index, slot, self._ring.describe(slot, view), None, batch.nbytes, 0.0)
-        return Built(batch.index, slot, None, batch.array(), batch.nbytes, 0.0)
+            views, desc = self._ring.view(slot, batch.layout)
+            batch.fill(views)
+            return Built(batch.index, slot, desc, None, batch.nbytes)
+        return Built(batch.index, slot, None, batch.array(), batch.nbytes)

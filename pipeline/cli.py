@@ -29,6 +29,14 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                         "each, in name order); --batches, --cols, --dtype and --seed are then ignored")
     g.add_argument("--input-key", metavar="KEY",
                    help="the array to read from a .npz that holds several")
+    g.add_argument("--source", metavar="NAME", dest="source_object",
+                   help="your map-style dataset (__len__, __getitem__): package.module:name of a dataset "
+                        "object, or of a class or function that returns one, called with --source-param")
+    g.add_argument("--source-param", action="append", default=[], metavar="K=V",
+                   help="keyword argument (TOML value) for --source, repeatable")
+    g.add_argument("--batch-size", type=int, metavar="B",
+                   help="with --source: B samples per batch (default 0: each item is a batch)")
+    g.add_argument("--drop-last", action="store_true", help="with --batch-size: drop a short last batch")
     g.add_argument("--output", metavar="DIR",
                    help="write each result as DIR/batch-NNNNNN.npy (.npz when the kernel returns a tuple or "
                         "dict of arrays; atomically), with DIR/manifest.jsonl and DIR/summary.json; running "
@@ -56,6 +64,9 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--build-threads", type=int, metavar="N",
                    help="threads building batches in the main (default 0 = auto: on CUDA the usable CPUs "
                         "less one per worker, on the CPU the usable CPUs)")
+    g.add_argument("--build-processes", type=int, metavar="N",
+                   help="build a dataset's batches in N spawn processes instead of the main's threads: for "
+                        "a __getitem__ that holds the GIL (pure Python); default 0")
     g.add_argument("--in-flight", type=int, metavar="N",
                    help="shared-memory slots = batches outstanding (default: build threads + 2 x workers)")
     g.add_argument("--batch-timeout", type=float, metavar="S", dest="batch_timeout_s",
@@ -72,13 +83,17 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
 def _overrides(args: argparse.Namespace) -> dict:
     names = ("workers", "batches", "rows", "cols", "dtype", "seed", "kernel", "device", "precision", "start_method",
              "threads_per_worker", "build_threads", "in_flight", "batch_timeout_s", "max_attempts", "on_error",
-             "input", "input_key", "output", "backend", "ray_address")
+             "input", "input_key", "output", "backend", "ray_address", "source_object", "batch_size",
+             "build_processes")
     out = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if args.no_progress:
         out["progress"] = False
     if args.overwrite:
         out["overwrite"] = True
-    for flag, prefix, items in (("--set", "", args.set), ("--param", "kernel.params.", args.param)):
+    if args.drop_last:
+        out["drop_last"] = True
+    for flag, prefix, items in (("--set", "", args.set), ("--param", "kernel.params.", args.param),
+                                ("--source-param", "source.params.", args.source_param)):
         for item in items:
             key, eq, value = item.partition("=")
             if not eq or not key:

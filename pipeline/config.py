@@ -30,7 +30,7 @@ RING_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 @dataclass(frozen=True)
 class SourceConfig:
-    kind: str = "synthetic"  # synthetic | npy (a .npy/.npz file or a directory of .npy files)
+    kind: str = "synthetic"  # synthetic | npy (a .npy/.npz file or a directory of .npy files) | dataset
     batches: int = 64
     rows: int = 4096
     cols: int = 1024
@@ -38,6 +38,10 @@ class SourceConfig:
     seed: int = 0
     path: str = ""
     key: str = ""
+    object: str = ""  # "package.module:name": a map-style dataset, or a callable returning one (given params)
+    params: dict = field(default_factory=dict)  # keyword arguments for that callable
+    batch_size: int = 0  # 0: each item of a dataset is a batch; B: batch k holds samples kB .. kB+B-1
+    drop_last: bool = False  # drop a last batch shorter than batch_size
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ class WorkersConfig:
     start_method: str = "spawn"
     threads: int = 0  # 0: max(1, usable CPUs // count) (devices.usable_cpus: affinity, cgroup quota)
     build_threads: int = 0  # 0: auto (Config.build_threads)
+    build_processes: int = 0  # spawn processes that build a dataset's batches into the slots (GIL-bound Python)
 
 
 @dataclass(frozen=True)
@@ -131,17 +136,26 @@ KEYS = {
 }
 MINIMUM = {
     "source.batches": 1, "source.rows": 1, "source.cols": 1, "source.seed": 0,
-    "workers.count": 0, "workers.threads": 0, "workers.build_threads": 0, "handoff.in_flight": 0, "handoff.slot_mb": 0,
+    "workers.count": 0, "workers.threads": 0, "workers.build_threads": 0, "workers.build_processes": 0,
+    "handoff.in_flight": 0, "handoff.slot_mb": 0, "source.batch_size": 0,
     "faults.max_attempts": 1, "faults.batch_timeout_s": 0,
 }
 CHOICES = {
-    "source.kind": ("synthetic", "npy"),
+    "source.kind": ("synthetic", "npy", "dataset"),
     "source.dtype": DTYPES,
     "workers.start_method": START_METHODS,
     "faults.on_error": ("fail", "skip"),
     "kernel.precision": ("fp32", "tf32", "bf16", "fp16"),
     "run.backend": ("local", "ray"),
 }
+PARAMS = ("kernel", "source")  # sections with a free-form ``params`` table (keyword arguments)
+
+
+def _is_param(key: str) -> bool:
+    section, _, rest = key.partition(".")
+    return section in PARAMS and (rest == "params" or rest.startswith("params."))
+
+
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
 
@@ -184,24 +198,25 @@ def _flatten(data: Mapping, strict_where: str | None = None) -> dict[str, Any]:
         if not isinstance(body, Mapping):
             raise ConfigError(f"{strict_where}: [{section}] must be a table, got {body!r}")
         for key, value in body.items():
-            if section == "kernel" and key == "params":
+            if section in PARAMS and key == "params":
                 if not isinstance(value, Mapping):
-                    raise ConfigError(f"{strict_where}: kernel.params must be a table, got {value!r}")
+                    raise ConfigError(f"{strict_where}: {section}.params must be a table, got {value!r}")
                 for p, v in value.items():
-                    out[f"kernel.params.{p}"] = v
+                    out[f"{section}.params.{p}"] = v
             else:
                 out[f"{section}.{key}"] = value
     return out
 
 
 def _build(base: dict[str, Any], values: Mapping[str, tuple[Any, str]]) -> Config:
-    flat = {k: (v, "defaults") for k, v in base.items() if not k.startswith("kernel.params")}
-    params = {k.split(".", 2)[2]: v for k, v in base.items() if k.startswith("kernel.params.")}
+    flat = {k: (v, "defaults") for k, v in base.items() if not _is_param(k)}
+    params = {s: {k.split(".", 2)[2]: v for k, v in base.items() if k.startswith(f"{s}.params.")} for s in PARAMS}
     for key, (value, where) in values.items():
-        if key.startswith("kernel.params."):
-            params[key.split(".", 2)[2]] = value
-        elif key == "kernel.params":
-            params.update(value)
+        section = key.split(".", 1)[0]
+        if _is_param(key) and key.count(".") >= 2:
+            params[section][key.split(".", 2)[2]] = value
+        elif _is_param(key):
+            params[section].update(value)
         elif key in KEYS:
             flat[key] = (value, where)
         else:
@@ -212,7 +227,8 @@ def _build(base: dict[str, Any], values: Mapping[str, tuple[Any, str]]) -> Confi
     for key, (value, where) in flat.items():
         section, name = key.split(".")
         sections[section][name] = _check(key, value, where)
-    sections["kernel"]["params"] = params
+    for section in PARAMS:
+        sections[section]["params"] = params[section]
     return Config(**{s: _SECTION_CLASSES[s](**body) for s, body in sections.items()})
 
 

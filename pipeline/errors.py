@@ -4,6 +4,8 @@ Messages are one line that names the key, file, value or batch, and says what to
 """
 import enum
 import pickle
+import traceback
+from typing import Any
 
 
 class PipelineError(Exception):
@@ -55,3 +57,21 @@ class RemoteTraceback(Exception):
 
     def __str__(self):
         return self.tb
+
+
+class SampleError(PipelineError, RuntimeError):
+    """A dataset's sample that could not be fetched (its exception is the ``__cause__``), or that does not
+    fit its batch (another shape or dtype than sample 0): names the sample, the batch and the field."""
+
+
+def pack_error(e: BaseException) -> tuple[Any, str, str]:
+    """(exception or None when it can't be pickled, 'Type: message', formatted traceback)."""
+    tb = traceback.format_exc()
+    if isinstance(e, (SystemExit, KeyboardInterrupt)):
+        e = WorkerError(f"kernel raised {type(e).__name__}({e})")
+    text = f"{type(e).__name__}: {e}"
+    try:
+        pickle.loads(pickle.dumps(e))
+    except Exception:  # noqa: BLE001 - unpicklable exceptions travel as text
+        e = None
+    return e, text, tb

@@ -112,6 +112,7 @@ class LocalExecutor:
         self.ready_s = 0.0  # until every worker was ready (0: not all were, the run was over before)
         self.breakdown: dict = {}
         self.figures: dict = {}
+        self.run_notes: list[str] = []  # the last run's own notes
         self.ring: SlotRing | None = None
         self._t_start: float | None = None
         self.relay = Relay()  # workers' stdout and stderr -> our stderr; the runner sets relay.bar
@@ -214,6 +215,7 @@ class LocalExecutor:
         finally:
             run.stop(settle)
             self.breakdown, self.figures = run.breakdown, run.figures()
+            self.run_notes = run.notes + [n for n in [run.gil_note()] if n]
 
     def _ring_for(self, count: int, slot_bytes: int, where: str) -> SlotRing:
         """The run's ring: the previous one when it fits (its pages stay mapped, workers keep it). A small
@@ -294,7 +296,8 @@ class _Run:
     def __init__(self, ex: LocalExecutor, batches, ordered: bool, window: int | None, cfg: Config):
         self.ex, self.cfg = ex, cfg
         self.batches = iter(batches)
-        self.rebuild = getattr(batches, "rebuild", None)
+        self.source = getattr(batches, "source", None)  # builds batch k on its own (see sources.Work)
+        self.rebuild = self.source.batch if self.source is not None else None
         self.max_nbytes = getattr(batches, "max_nbytes", None)
         self.ordered = ordered
         self.cuda = _cuda(self.cfg)
@@ -302,7 +305,9 @@ class _Run:
         self.window = max(window or 2 * self.in_flight, self.in_flight)
         self.depth = max(2, math.ceil(self.in_flight / max(1, len(ex.workers))))  # tasks queued per worker
         self.breakdown = {k: 0.0 for k in BREAKDOWN}
-        self.counts = {"batches": 0, "pickled": 0, "direct": 0, "h2d_bytes": 0}
+        self.counts = {"batches": 0, "pickled": 0, "direct": 0, "h2d_bytes": 0, "build_cpu_s": 0.0, "built": 0}
+        self.notes: list[str] = []  # this run's own notes (the executor's are for every run)
+        self.wall = 0.0
         self.cond = threading.Condition()
         self.held: dict[int, Outcome] = {}  # done, not yet taken by the consumer
         self.taken = 0
@@ -362,8 +367,23 @@ class _Run:
         os.set_blocking(self.wake_w, False)
         self.done_q: queue.SimpleQueue = queue.SimpleQueue()
         self.threads = self.cfg.build_threads(self.cuda)
-        self.builders = Builders(self.batches, self.rebuild, self.ring, self.threads, self._built,
-                                 record_order=self.ordered)
+        procs = self.cfg.workers.build_processes
+        if procs and self.source is None:
+            self._note(f"workers.build_processes = {procs}: a caller's iterator is drawn in order in the "
+                       f"main, so its batches were built on the main's threads; give a map-style dataset "
+                       f"(__len__ and __getitem__) to build them in processes")
+        if procs and self.source is not None:
+            import cloudpickle
+
+            from .buildproc import BuildProcesses
+            self.builders = BuildProcesses(self.ex.ctx, self.batches, cloudpickle.dumps(self.source), self.ring,
+                                           procs, max(1, self.threads // procs), self._built, self.ex.relay,
+                                           self.cfg.handoff.dir, record_order=self.ordered)
+        else:
+            self.builders = Builders(self.batches, self.rebuild, self.ring, self.threads, self._built,
+                                     record_order=self.ordered)
+        self.threads = self.builders.count
+        self.t_setup = time.perf_counter()
         self.slot_wait_since = self.worker_wait_since = 0.0  # when each wait began (0: not waiting)
         self.started = 0  # next-batch jobs issued and not answered 'exhausted'
         self.jobs = 0  # jobs the builders have not answered yet
@@ -386,11 +406,33 @@ class _Run:
                 self.thread.join()
         if self.builders is not None:
             self.builders.close()
-            if not any(t.is_alive() for t in self.builders.threads):  # one stuck in the caller's iterator
+            self.wall = time.perf_counter() - self.t_setup
+            if not self.builders.stuck():  # one stuck in the caller's iterator
                 os.close(self.wake_r)  # may still write: then the pipe stays open (a reused fd number
                 os.close(self.wake_w)  # would get its byte)
         if settle and self.thread is not None:
             self._settle()
+
+    def _note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    def gil_note(self) -> str | None:
+        """Build threads that were busy nearly all the time yet used about one CPU between them: the
+        source holds the GIL (Python in ``__getitem__``), and build processes would help."""
+        if self.builders is None or hasattr(self.builders, "procs") or not self.wall:
+            return None
+        t, c = self.threads, self.counts
+        if t < 2 or c["built"] < 2 * t or devices.usable_cpus() < 2:
+            return None
+        busy = self.breakdown["build_s"] / (self.wall * t)
+        cpus = c["build_cpu_s"] / self.wall
+        if busy < 0.8 or cpus > 1.3:
+            return None
+        return (f"build: the build was the limit and did not scale with threads: {t} build threads were "
+                f"building {busy:.0%} of the run but used {cpus:.1f} CPUs between them ({c['built'] / self.wall:.1f} "
+                f"batches/s, {c['build_cpu_s'] / c['built'] * 1000:.1f} ms of CPU per batch): the source holds "
+                f"the GIL; build in processes instead: --build-processes {min(t, devices.usable_cpus())}")
 
     def figures(self) -> dict:
         ring, c = self.ring, self.counts
@@ -398,7 +440,8 @@ class _Run:
         return {
             "slots": ring.count if ring else 0,
             "slot_bytes": ring.slot_bytes if ring else 0,
-            "build_threads": len(self.builders.threads) if self.builders else 0,
+            "build_threads": self.builders.count if self.builders else 0,
+            "build_processes": len(getattr(self.builders, "procs", ())),
             "pickled_fallbacks": c["pickled"],
             "h2d_gbps": round(c["h2d_bytes"] / h2d / 1e9, 2) if h2d and c["h2d_bytes"] else None,
             "h2d_from_slot": (c["direct"] == c["batches"]) if c["h2d_bytes"] else None,
@@ -446,19 +489,55 @@ class _Run:
                 event = self.done_q.get_nowait()
             except queue.Empty:
                 return
-            self.jobs -= 1
             kind = event[0]
+            if kind == "builder_died":
+                self._builder_died(event[1])
+                continue
+            self.jobs -= 1
             if kind == "exhausted":
                 self.exhausted = True
                 self.started -= 1
                 self.free.append(event[1])
             elif kind == "error":
-                raise event[2]
+                self._build_failed(*event[1:])
             else:
                 self._on_built(event[1])
 
+    def _build_failed(self, slot: int | None, error: BaseException, index: int | None) -> None:
+        """A build raised. Drawing from a caller's iterator (no index): the run fails with it. Building
+        batch ``index`` (a dataset's sample, a file): that batch fails, under ``faults.on_error``."""
+        if slot is not None:
+            self.free.append(slot)
+        if index is None or self.cfg.faults.on_error != "skip":
+            raise error
+        self._fail(index, f"{type(error).__name__}: {error}", self.attempts.pop(index, 1))
+
+    def _fail(self, index: int, cause: str, attempts: int) -> None:
+        self._deliver(Outcome(index, None, {"_done_at": time.perf_counter()},
+                              {"batch": index, "cause": cause, "attempts": attempts}))
+
+    def _builder_died(self, rank: int) -> None:
+        """A build process is gone (NOTE [ Build processes ]): its batches are built again elsewhere, or
+        quarantined after ``faults.max_attempts``; a new process takes its place."""
+        if self.stopping or self.builders is None:
+            return
+        limit = self.cfg.faults.max_attempts
+        old, held, cause = self.builders.replace(rank, limit)
+        self.ex.restarts.append({"builder": rank, "pid": old.pid or old.process.pid, "cause": cause,
+                                 "batch": held[0][1] if held else None})
+        for slot, index in held:
+            self.jobs -= 1
+            self.free.append(slot)
+            attempt = self.attempts.pop(index, 1) + 1
+            if attempt > limit:
+                self._fail(index, f"build process {rank} died building it: {cause}", attempt - 1)
+            else:
+                self.rebuilds.append((index, attempt))
+
     def _on_built(self, b: Built) -> None:
         self.breakdown["build_s"] += b.seconds
+        self.counts["build_cpu_s"] += b.cpu
+        self.counts["built"] += 1
         attempt = self.attempts.pop(b.index, 1)
         if b.desc is None:  # larger than a slot: the array travels pickled
             self.free.append(b.slot)

@@ -107,9 +107,7 @@ def _torch_if_loaded():
 class Descriptor:
     """What travels to the worker for a slot batch: a few dozen bytes, whatever the batch size."""
     slot: int
-    shape: tuple
-    dtype: str
-    strides: tuple
+    layout: Any  # fields.Layout: the structure, and each field's shape, dtype and offset in the slot
 
 
 class SlotRing:
@@ -137,11 +135,9 @@ class SlotRing:
         finally:
             os.close(fd)
 
-    def describe(self, slot: int, view: np.ndarray) -> Descriptor:
-        return Descriptor(slot, tuple(view.shape), view.dtype.str, view.strides)
-
-    def view(self, slot: int, shape: tuple, dtype) -> np.ndarray:
-        return slot_view(self._mm, self.slot_bytes, slot, shape, dtype)
+    def view(self, slot: int, layout):
+        """Slot ``slot``'s fields in ``layout`` (views to fill), and their descriptor for the worker."""
+        return layout.views(self._mm, slot * self.slot_bytes), Descriptor(slot, layout)
 
     def close(self) -> None:
         """Unmap and unlink; safe to call twice. Views handed out earlier must be dropped first."""
@@ -155,12 +151,6 @@ class SlotRing:
             except BufferError:  # a view is still alive; the mapping goes with the process
                 pass
             self._mm = None
-
-
-def slot_view(buf, slot_bytes: int, slot: int, shape: tuple, dtype) -> np.ndarray:
-    dtype = np.dtype(dtype)
-    count = int(np.prod(shape, dtype=np.int64))
-    return np.frombuffer(buf, dtype=dtype, count=count, offset=slot * slot_bytes).reshape(shape)
 
 
 class SlotReader:
@@ -180,8 +170,9 @@ class SlotReader:
         finally:
             os.close(fd)
 
-    def view(self, d: Descriptor) -> np.ndarray:
-        return slot_view(self._mm, self.slot_bytes, d.slot, d.shape, d.dtype)
+    def view(self, d: Descriptor):
+        """The batch's fields (an array, or a tuple or dict of arrays), views of its slot."""
+        return d.layout.views(self._mm, d.slot * self.slot_bytes)
 
     def _address(self) -> int:
         return np.frombuffer(self._mm, dtype=np.uint8).ctypes.data
@@ -265,6 +256,18 @@ def remove_stale(*directories: str, dead: int | None = None) -> list[str]:
             except OSError:
                 pass
     return removed
+
+
+def watchdog(main_pid: int, ring_dir: str) -> None:
+    """A child's thread (worker or build process): when the main is gone (even by SIGKILL), unlink its
+    rings and exit (NOTE [ Shutdown ] in worker.py)."""
+    import time
+    ppid = os.getppid()
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != ppid or not _alive(main_pid):
+            remove_stale(ring_dir, dead=main_pid)  # ours, and any other dead main's
+            os._exit(1)
 
 
 def aligned(slot_bytes: int) -> int:

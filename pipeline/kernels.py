@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import fields
 from .errors import ConfigError, KernelError
 
 # The batch a worker is computing, for kernels that care (``faulty``). Set by ``worker.compute``.
@@ -33,14 +34,14 @@ def _floating(x: torch.Tensor) -> torch.Tensor:
 
 
 class Sum:
-    """Per-row sum: a (rows, cols) batch gives a (rows,) result."""
+    """Per-row sum: a (rows, cols) batch gives a (rows,) result (a (rows,) field is its own sum)."""
 
     def setup(self, device, **params):
         if params:
             raise KernelError(f"kernel 'sum' takes no params, got {sorted(params)}")
 
     def __call__(self, x):
-        return x.sum(1)
+        return x.sum(1) if x.ndim > 1 else x
 
 
 class _Lazy:
@@ -216,19 +217,37 @@ def _import(path: str):
     if ":" not in path:
         raise ConfigError(f"kernel.name = '{path}': unknown kernel; built-ins are "
                           f"{', '.join(BUILTINS)}, or give 'package.module:name'")
-    module, _, name = path.partition(":")
+    return load_object(path, "kernel.name")
+
+
+def load_object(path: str, key: str):
+    """The object ``package.module:name`` names (``name`` may be dotted); ConfigError naming ``key``."""
+    module, colon, name = path.partition(":")
+    if not colon or not module or not name:
+        raise ConfigError(f"{key} = '{path}': expected 'package.module:name'")
     try:
         obj = importlib.import_module(module)
     except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"kernel.name = '{path}': cannot import module '{module}': "
+        raise ConfigError(f"{key} = '{path}': cannot import module '{module}': "
                           f"{type(e).__name__}: {e}") from None
     for part in name.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise ConfigError(f"kernel.name = '{path}': module '{module}' has no attribute "
+            raise ConfigError(f"{key} = '{path}': module '{module}' has no attribute "
                               f"'{name}'") from None
     return obj
+
+
+class _PerField:
+    """A built-in kernel on a batch of several fields (a tuple or dict): applied to each field, the results
+    in the same structure. A kernel of your own gets the structure itself."""
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __call__(self, x):
+        return fields.map_fields(self.kernel, x) if isinstance(x, (tuple, dict)) else self.kernel(x)
 
 
 def make(spec: KernelSpec, device: torch.device) -> Callable[[torch.Tensor], Any]:
@@ -244,5 +263,5 @@ def make(spec: KernelSpec, device: torch.device) -> Callable[[torch.Tensor], Any
         obj = obj()
     if hasattr(obj, "setup"):
         obj.setup(device, **spec.params)
-        return obj
+        return _PerField(obj) if spec.name in BUILTINS and spec.payload is None else obj
     return functools.partial(obj, **spec.params) if spec.params else obj

@@ -51,10 +51,11 @@ _NUMERIC = "biufc"  # bool, int, uint, float, complex
 
 
 # -- the contract ----------------------------------------------------------------------------------------
-def host_result(y: Any, *, where: str, avoid: np.ndarray | None = None):
+def host_result(y: Any, *, where: str, avoid: list | None = None):
     """``y`` as numpy on the host (an array, a tuple or a dict of arrays), or KernelError naming ``where``.
 
-    ``avoid``: the batch's input array (a reused slot): a result sharing its memory is copied.
+    ``avoid``: the batch's input arrays (its fields, in a reused slot): a result sharing their memory is
+    copied.
     """
     if isinstance(y, tuple):
         if not y:
@@ -86,7 +87,7 @@ def _one(v: Any, where: str, avoid, prefix: str) -> np.ndarray:
     if a.dtype.kind not in _NUMERIC:
         label = "a numpy array" if isinstance(v, np.ndarray) else type(v).__name__
         raise _bad(where, f"{prefix}{label} of dtype {a.dtype} ({_short(v)})")
-    if avoid is not None and np.may_share_memory(a, avoid):  # the slot is reused for another batch
+    if avoid and any(np.may_share_memory(a, b) for b in avoid):  # the slot is reused for another batch
         a = a.copy()
     return a
 

@@ -314,8 +314,15 @@ class _Run:
                 if batch is None:
                     self.exhausted = True
                     return
-                obj, index, attempt = ray.put(batch.array()), batch.index, 1
+                index, attempt = batch.index, 1
                 self.opened[index] = None
+                try:
+                    obj = ray.put(batch.array())
+                except Exception as e:  # a dataset's sample, a file: that batch fails (faults.on_error)
+                    if self.faults.on_error != "skip":
+                        raise
+                    self.fail({"batch": index, "cause": f"{type(e).__name__}: {e}", "attempts": 1})
+                    continue
                 self.ex.breakdown["build_s"] += time.perf_counter() - t0
             rank = min(free, key=lambda r: len(self.queues[r]))
             if not self.queues[rank]:

@@ -27,6 +27,7 @@ import numpy as np
 
 from .config import SourceConfig
 from .errors import ConfigError
+from .fields import Layout
 from .sources import Batch, Indexed
 
 NUMERIC = "biufc"  # bool, signed, unsigned, float, complex
@@ -145,7 +146,8 @@ class _Slices(Indexed):
     def batch(self, index: int) -> Batch:
         """Batch ``index``: a slice of the map; its ``fill`` copies it (native order) into a slot."""
         part = self._part(index)
-        return Batch(index, part.shape, self.dtype, lambda out: np.copyto(out, part), part.nbytes)
+        layout = Layout.make("array", (), [part.shape], [self.dtype])
+        return Batch(index, layout, lambda out: np.copyto(out, part), layout.nbytes)
 
 
 class NpyFile(_Slices):
@@ -229,6 +231,6 @@ class NpyDir(Indexed):
 
     def batch(self, index: int) -> Batch:
         h, path = self.heads[index], self.files[index]
-        return Batch(index, h.shape, h.dtype.newbyteorder("="),
-                     lambda out: np.copyto(out, np.load(path, mmap_mode="r", allow_pickle=False)),
-                     math.prod(h.shape) * h.dtype.itemsize)
+        layout = Layout.make("array", (), [h.shape], [h.dtype.newbyteorder("=")])
+        return Batch(index, layout, lambda out: np.copyto(out, np.load(path, mmap_mode="r", allow_pickle=False)),
+                     layout.nbytes)

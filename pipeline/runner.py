@@ -23,7 +23,7 @@ from .handoff import to_host
 from .executor import Outcome
 from .outputs import checksum, checksum_update  # noqa: F401 - checksum: pipeline.runner.checksum, as before
 from .sinks import open_output
-from .sources import FromIterable, Indexed, Synthetic, Work, length
+from .sources import FromIterable, Indexed, MapSource, Synthetic, Work, is_map_style, length
 
 # CLI names accepted as ``run(**overrides)`` and on the command line, and the config keys they set.
 OVERRIDES = {
@@ -35,7 +35,10 @@ OVERRIDES = {
     "max_attempts": "faults.max_attempts", "batch_timeout_s": "faults.batch_timeout_s",
     "on_error": "faults.on_error", "precision": "kernel.precision", "input": "source.path", "input_key": "source.key", "output": "run.output",
     "overwrite": "run.overwrite", "backend": "run.backend", "ray_address": "run.ray_address",
+    "source_object": "source.object", "batch_size": "source.batch_size", "drop_last": "source.drop_last",
+    "build_processes": "workers.build_processes",
 }
+FLAGS = {"source_object": "--source"}  # where a CLI flag is not the override's name
 # What the workers were started with: a call on a running Pipeline can't change it.
 FIXED = ("kernel.", "workers.count", "workers.device", "workers.start_method", "workers.threads",
          "handoff.pinned", "run.backend", "run.ray_address")
@@ -57,24 +60,66 @@ def resolve(config: Config | str | os.PathLike | None, overrides: dict[str, Any]
         if key is None:
             raise ConfigError(f"unknown setting '{name}' (known: {', '.join(OVERRIDES)}, "
                               f"or a dotted key such as source.rows)")
-        dotted[key], origins[key] = value, f"--{name.replace('_', '-')}" if name in OVERRIDES else f"--set {key}"
+        flag = FLAGS.get(name, f"--{name.replace('_', '-')}")
+        dotted[key], origins[key] = value, flag if name in OVERRIDES else f"--set {key}"
     if isinstance(config, Config):
         cfg = config.replace(**dotted) if dotted else config
     else:
         cfg = load_config(config, dotted, origins)
     if cfg.source.path and cfg.source.kind == "synthetic":  # --input PATH implies a file source
         cfg = cfg.replace(**{"source.kind": "npy"})
+    if cfg.source.object and cfg.source.kind == "synthetic":  # --source NAME: a dataset
+        cfg = cfg.replace(**{"source.kind": "dataset"})
     return cfg
 
 
-def make_source(cfg, items: Iterable | None = None):
-    """The batches of ``cfg`` (a SourceConfig): the caller's iterable, synthetic, or files on disk."""
+def make_source(cfg, items: Iterable | None = None, collate: Callable | None = None):
+    """The batches of ``cfg`` (a SourceConfig): the caller's dataset or iterable, ``source.object``,
+    synthetic, or files on disk. A map-style dataset (``__len__``, ``__getitem__``) builds batch k on its
+    own, on any build thread or process; an iterable is drawn in order."""
+    if items is None and cfg.object:
+        src = MapSource(load_dataset(cfg.object, cfg.params), cfg.batch_size, cfg.drop_last, collate)
+        src.ref = (cfg.object, dict(cfg.params))
+        return src
+    if cfg.params and items is not None:
+        raise ConfigError("source.params are for source.object (a callable that makes the dataset), not "
+                          "for source= objects")
     if items is not None:
+        if is_map_style(items):
+            return MapSource(items, cfg.batch_size, cfg.drop_last, collate)
+        if cfg.batch_size or collate is not None:
+            raise ConfigError(f"batch_size and collate group the samples of a map-style dataset (__len__ "
+                              f"and __getitem__); a {type(items).__name__} is drawn as batches, one item each")
         return FromIterable(items)
+    if collate is not None or cfg.batch_size:
+        raise ConfigError("batch_size and collate are for a dataset (source= or --source), not for "
+                          f"{'--input files' if cfg.path else 'synthetic batches'}")
     if cfg.kind == "synthetic":
         return Synthetic(cfg)
     from .readers import open_source
     return open_source(cfg)
+
+
+def load_dataset(ref: str, params: dict):
+    """``source.object``: a map-style dataset, or a class or function that returns one (called with
+    ``source.params``); ConfigError, one line, for a name that does not import or an object that is not
+    a dataset."""
+    import inspect
+    obj = kernels.load_object(ref, "source.object")
+    if inspect.isclass(obj) or (callable(obj) and not is_map_style(obj)):
+        try:
+            obj = obj(**params)
+        except Exception as e:  # noqa: BLE001 - the caller's constructor: one line, its own words
+            raise ConfigError(f"source.object = {ref!r}: calling it with {params or 'no params'} raised "
+                              f"{type(e).__name__}: {e}") from e
+    elif params:
+        raise ConfigError(f"source.object = {ref!r} is a {type(obj).__name__}, not a callable: "
+                          f"source.params ({', '.join(params)}) have nothing to go to")
+    if not is_map_style(obj):
+        raise ConfigError(f"source.object = {ref!r} gave a {type(obj).__name__}, which is not a map-style "
+                          f"dataset: it needs __len__ and __getitem__(i) (torch.utils.data.Dataset, a list, "
+                          f"a Hugging Face datasets.Dataset)")
+    return obj
 
 
 def make_executor(cfg: Config, spec):
@@ -159,22 +204,24 @@ class Pipeline:
         return cfg
 
     # -- the stream ----------------------------------------------------------------------------------
-    def imap(self, source: Iterable | None = None, *, ordered: bool = True, **overrides) -> "Stream":
+    def imap(self, source: Iterable | None = None, *, ordered: bool = True, collate: Callable | None = None,
+             **overrides) -> "Stream":
         """``(index, result)`` for every batch, in batch order (``ordered``) or as they complete. A batch that
         failed (``on_error = "skip"``, or quarantined) comes as ``(index, None)``; ``stream.failed`` says
         why. Memory stays bounded whatever the consumer does: a slow one slows the workers."""
         cfg = self._call_config(overrides)
         if cfg.run.output:
             raise ConfigError("imap yields the results to you; write them with run(output=...) instead")
-        src = self._source(cfg, source)
+        src = self._source(cfg, source, collate)
         tally = Tally(cfg, length(src), progress=False)
         return Stream(self._outcomes(cfg, src, [], ordered, tally), tally, self)
 
-    def run(self, source: Iterable | None = None, *, keep_results: bool = True, **overrides) -> RunResult:
+    def run(self, source: Iterable | None = None, *, keep_results: bool = True, collate: Callable | None = None,
+            **overrides) -> RunResult:
         """Every batch through the workers: a summary (checksum, throughput, failures) and the results in
         batch order (``keep_results=False`` keeps none: for jobs bigger than memory, with ``output=``)."""
         cfg = self._call_config(overrides)
-        src = self._source(cfg, source)
+        src = self._source(cfg, source, collate)
         sink = open_output(cfg.run, src, self.spec) if cfg.run.output else None  # before workers start
         done = sorted(sink.restored) if sink else []
         tally = Tally(cfg, length(src), cfg.run.progress, keep_results, sink, skipped=len(done))
@@ -196,11 +243,12 @@ class Pipeline:
                 sink.close()  # releases the output directory (a no-op after finish)
         return RunResult(summary, tally.results)
 
-    def _source(self, cfg: Config, source):
-        if source is not None and cfg.source.path:
-            raise ConfigError(f"give either source= (your arrays) or input= (a file), not both "
-                              f"(input = {cfg.source.path!r})")
-        return make_source(cfg.source, source)
+    def _source(self, cfg: Config, source, collate=None):
+        given = [what for what, on in (("source=", source is not None), (f"input = {cfg.source.path!r}",
+                 cfg.source.path), (f"source.object = {cfg.source.object!r}", cfg.source.object)) if on]
+        if len(given) > 1:
+            raise ConfigError(f"give one source of batches, not both {' and '.join(given)}")
+        return make_source(cfg.source, source, collate)
 
     def _outcomes(self, cfg: Config, src, done: list[int], ordered: bool, tally: "Tally") -> Iterator:
         """Every batch of ``src`` not in ``done``, computed; ``tally`` times the run and counts bytes in."""
@@ -212,7 +260,6 @@ class Pipeline:
         def batches():
             for b in src:
                 if b.index not in skip:
-                    tally.bytes_in += b.nbytes
                     yield b
         tally.begin()
         if cfg.workers.count == 0:
@@ -223,7 +270,7 @@ class Pipeline:
         if getattr(ex, "relay", None) is not None:
             ex.relay.bar = tally.bar if not tally.bar.disable else None  # workers' prints go above the bar
             tally.relay = ex.relay
-        work = Work(batches(), src.batch if isinstance(src, Indexed) else None, getattr(src, "max_nbytes", None))
+        work = Work(batches(), src if isinstance(src, Indexed) else None, getattr(src, "max_nbytes", None))
         ex.start()  # local: returns at once (start-up overlaps the first builds); Ray: actors up
         yield from ex.stream(work, ordered, settle=not self._one_shot, cfg=cfg)
 
@@ -239,7 +286,15 @@ class Pipeline:
                 self.serial = Computer(self.spec, device, cfg.handoff.pinned)
             for b in batches:
                 try:
-                    out, timings = self.serial(b.array(), b.index)
+                    arr = b.array()
+                except Exception as e:  # noqa: BLE001 - a sample or file: as with build threads
+                    if cfg.faults.on_error != "skip":
+                        raise
+                    yield Outcome(b.index, None, {}, {"batch": b.index, "cause": f"{type(e).__name__}: {e}",
+                                                      "attempts": 1})
+                    continue
+                try:
+                    out, timings = self.serial(arr, b.index)
                 except Exception as e:  # noqa: BLE001 - as in a worker: on_error decides
                     packed = pack_error(e)
                     if cfg.faults.on_error == "skip":
@@ -251,7 +306,8 @@ class Pipeline:
     def _summarize(self, cfg: Config, tally: "Tally", error: str | None = None) -> dict:
         note = self.note
         ex = tally.executor
-        notes = ([note] if note else []) + (list(getattr(ex, "notes", [])) if ex else [])
+        notes = ([note] if note else []) + (list(getattr(ex, "notes", [])) + list(getattr(ex, "run_notes", []))
+                                            if ex else [])
         return tally.summary(self.spec, notes, error)
 
 
@@ -334,6 +390,7 @@ class Tally:
             self.failed.append(out.failure)
         else:
             self.completed += 1
+            self.bytes_in += out.info.get("h2d_bytes", 0)  # the batch's bytes, all fields (not restored ones)
             pid = out.info.get("pid")
             if pid is not None:
                 self.per_pid[pid] = self.per_pid.get(pid, 0) + 1
@@ -419,15 +476,19 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def run(config: Config | str | os.PathLike | None = None, *, source: Iterable | None = None,
-        kernel: str | Callable | None = None, keep_results: bool = True, **overrides) -> RunResult:
-    """Run the pipeline once. ``source``: your own arrays (numpy or CPU tensors) in batch order; ``kernel``:
-    a built-in name, ``package.module:name`` or a callable; ``overrides``: CLI names (``workers=2``).
-    ``keep_results=False``: the summary only (results streamed to ``output=`` or dropped)."""
+        kernel: str | Callable | None = None, keep_results: bool = True, collate: Callable | None = None,
+        **overrides) -> RunResult:
+    """Run the pipeline once. ``source``: a map-style dataset (``__len__`` and ``__getitem__``: samples,
+    grouped by ``batch_size=B``, or whole batches without it) or an iterable of batches in batch order; a
+    batch or sample is an array (numpy, a CPU tensor) or a tuple or dict of them. ``collate``: a list of
+    samples -> one batch, for samples that need it. ``kernel``: a built-in name, ``package.module:name`` or
+    a callable; ``overrides``: CLI names (``workers=2``). ``keep_results=False``: the summary only (results
+    streamed to ``output=`` or dropped)."""
     p = Pipeline._lazy(config, kernel, overrides)
     p._one_shot = True
     ok = False
     try:
-        r = p.run(source, keep_results=keep_results)
+        r = p.run(source, keep_results=keep_results, collate=collate)
         ok = True
         return r
     finally:
@@ -435,7 +496,8 @@ def run(config: Config | str | os.PathLike | None = None, *, source: Iterable | 
 
 
 def imap(config: Config | str | os.PathLike | None = None, *, source: Iterable | None = None,
-         kernel: str | Callable | None = None, ordered: bool = True, **overrides) -> Stream:
+         kernel: str | Callable | None = None, ordered: bool = True, collate: Callable | None = None,
+         **overrides) -> Stream:
     """``(index, result)`` for every batch, streamed (see ``Pipeline.imap``); the workers stop when the
     stream is exhausted or closed::
 
@@ -448,7 +510,7 @@ def imap(config: Config | str | os.PathLike | None = None, *, source: Iterable |
         cfg = p._call_config({})
         if cfg.run.output:
             raise ConfigError("imap yields the results to you; write them with run(output=...) instead")
-        src = p._source(cfg, source)
+        src = p._source(cfg, source, collate)
         tally = Tally(cfg, length(src), progress=False)
         return Stream(p._outcomes(cfg, src, [], ordered, tally), tally, p)
     except BaseException:

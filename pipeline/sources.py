@@ -19,19 +19,29 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from .config import SourceConfig
-from .handoff import as_batch
+from .errors import ConfigError, SampleError
+from .fields import Layout, copy_into, fields, flatten
 
 
 @dataclass
 class Batch:
+    """One batch to build: ``fill(views)`` writes it into views in ``layout`` (a slot's). ``rows`` > 0: it
+    may instead be built a chunk at a time, ``fill_rows(views, lo, hi)`` for rows lo..hi, on several
+    threads at once. ``layout`` None: known only once built, by ``produce()`` (a collate function, a
+    dataset item that is a whole batch), whose fields are then copied into the slot."""
     index: int
-    shape: tuple
-    dtype: np.dtype
-    fill: Callable[[np.ndarray], None]
-    nbytes: int
+    layout: Layout | None
+    fill: Callable | None
+    nbytes: int  # layout.nbytes (0 while unknown)
+    rows: int = 0
+    fill_rows: Callable | None = None
+    produce: Callable | None = None
 
-    def array(self) -> np.ndarray:
-        out = np.empty(self.shape, self.dtype)
+    def array(self):
+        """The batch as new arrays (an array, or a tuple or dict of them), built apart from the slots."""
+        if self.layout is None:
+            return self.produce()
+        out = self.layout.empty()
         self.fill(out)
         return out
 
@@ -47,8 +57,8 @@ class Indexed:
     def batch(self, index: int) -> Batch:
         raise NotImplementedError
 
-    def get(self, index: int) -> np.ndarray:
-        """Batch ``index`` as a new array (the bench's DataLoader mode builds them in its workers)."""
+    def get(self, index: int):
+        """Batch ``index`` as new arrays (the bench's DataLoader mode builds them in its workers)."""
         return self.batch(index).array()
 
     def __iter__(self) -> Iterator[Batch]:
@@ -63,7 +73,8 @@ class Synthetic(Indexed):
         self.shape = (cfg.rows, cfg.cols)
         self.dtype = np.dtype(cfg.dtype)
         self.seed = cfg.seed
-        self.max_nbytes = cfg.rows * cfg.cols * self.dtype.itemsize
+        self.layout = Layout.make("array", (), [self.shape], [self.dtype])
+        self.max_nbytes = self.layout.nbytes
 
     def identity(self) -> dict:
         """What batch i depends on: an output directory written from it is resumed only if this matches."""
@@ -81,11 +92,12 @@ class Synthetic(Indexed):
             out[...] = rng.integers(lo, hi, size=out.shape, dtype=out.dtype)
 
     def batch(self, index: int) -> Batch:
-        return Batch(index, self.shape, self.dtype, lambda out: self.build(index, out), self.max_nbytes)
+        return Batch(index, self.layout, lambda out: self.build(index, out), self.max_nbytes)
 
 
 class FromIterable:
-    """The caller's own arrays (numpy or CPU tensors), each checked by the handoff rule."""
+    """The caller's own batches, drawn in order on one thread: arrays (numpy or CPU tensors), or tuples or
+    dicts of them, each checked by the handoff rule."""
 
     def __init__(self, items: Iterable):
         self.items = items
@@ -106,18 +118,224 @@ class FromIterable:
 
     def __iter__(self) -> Iterator[Batch]:
         for i, item in enumerate(self.items):
-            arr = as_batch(item, f"source batch {i}")
-            yield Batch(i, arr.shape, arr.dtype, lambda out, a=arr: np.copyto(out, a), arr.nbytes)
+            arr = fields(item, f"source batch {i}")
+            layout = Layout.of(arr)
+            yield Batch(i, layout, lambda out, a=arr: copy_into(out, a), layout.nbytes)
+
+
+def is_map_style(obj) -> bool:
+    """A map-style dataset: ``__len__`` and ``__getitem__`` (torch's Dataset, a list, a Hugging Face
+    ``datasets.Dataset``); torch's IterableDataset inherits a ``__getitem__`` that raises, so it is not."""
+    if not (hasattr(obj, "__len__") and hasattr(obj, "__getitem__")) or isinstance(obj, (str, bytes, dict)):
+        return False
+    import sys
+    torch = sys.modules.get("torch")
+    return not (torch is not None and isinstance(obj, torch.utils.data.IterableDataset))
+
+
+class MapSource(Indexed):
+    """A map-style dataset: batch ``k`` holds samples ``kB .. kB+B-1`` (``batch_size`` B; the last batch
+    shorter, or dropped with ``drop_last``), or, without a batch size, item ``k`` is batch ``k``.
+
+    NOTE [ Samples ]
+    The first sample fixes each field's shape and dtype (``Layout``), so a batch's layout is known before
+    it is built and every sample is written straight into its row of the slot: no list of samples, no
+    collate allocation, no second copy. A batch is built in contiguous chunks of rows (``fill_rows``),
+    which idle build threads share (NOTE [ Builders ]); within a chunk the loop per sample is a fetch, a
+    type/shape/dtype check and one assignment per field. ``__getitems__(indices)`` (torch's batched
+    fetch), when the dataset has it, is called once per chunk instead. A sample that raises, or does not
+    fit its field, fails its batch with a ``SampleError`` naming the sample, the batch and the field
+    (the dataset's exception as ``__cause__``); ``faults.on_error`` applies. With ``collate`` (a list of
+    samples -> one batch) the samples are fetched, collated on the build thread, and the batch is copied
+    into the slot: its layout is known once built (the first batch, built when the source opens, sizes
+    the slots), and so it is without a batch size, where each item is a whole batch that may differ in
+    shape from the others.
+    """
+
+    def __init__(self, dataset, batch_size: int = 0, drop_last: bool = False, collate: Callable | None = None):
+        if not is_map_style(dataset):
+            raise ConfigError(f"source: a {type(dataset).__name__} is not a map-style dataset: it needs "
+                              f"__len__ and __getitem__(i) (torch.utils.data.Dataset, a list, a Hugging Face "
+                              f"datasets.Dataset), or pass an iterable of batches")
+        self.dataset, self.collate, self.drop_last = dataset, collate, bool(drop_last)
+        self.samples = len(dataset)
+        self.batch_size = int(batch_size) or None
+        b = self.batch_size or 1
+        self.n = self.samples // b if drop_last else -(-self.samples // b)
+        if self.n == 0:
+            raise ConfigError(f"source: the dataset has {self.samples} sample(s)"
+                              + (f", fewer than one batch of {b} (drop_last)" if self.samples else "")
+                              + "; nothing to compute")
+        self.batched = hasattr(dataset, "__getitems__") and self.batch_size is not None
+        self.sample_layout = None
+        if self.batch_size is not None and collate is None:
+            first = self._checked(self._fetch(0, 0, 1)[0], 0, 0)
+            self.sample_layout = Layout.of(first)
+            self.full_layout = self.sample_layout.rows(self.batch_size)
+            self.max_nbytes = self.full_layout.nbytes
+        else:  # the first batch sizes the slots; larger ones travel pickled
+            self.max_nbytes = Layout.of(self._produce(0)).nbytes
+
+    ref: tuple | None = None  # (source.object, source.params) when it was made from its name
+
+    def __reduce__(self):
+        """To a build process: a dataset made from its name is made again there from the name; any other
+        travels by value (cloudpickle)."""
+        if self.ref is not None:
+            return _from_ref, (*self.ref, self.batch_size or 0, self.drop_last, self.collate)
+        return object.__reduce__(self)
+
+    def identity(self) -> dict:
+        """The dataset's own ``identity()`` when it has one; else its type and length (resume then trusts
+        that the data is the same)."""
+        own = getattr(self.dataset, "identity", None)
+        ds = own() if callable(own) else {"type": f"{type(self.dataset).__module__}."
+                                                  f"{type(self.dataset).__qualname__}", "samples": self.samples}
+        return {"kind": "dataset", "dataset": ds, "batch_size": self.batch_size, "drop_last": self.drop_last,
+                **({"collate": getattr(self.collate, "__qualname__", repr(self.collate))} if self.collate else {})}
+
+    def rows_of(self, index: int) -> int:
+        b = self.batch_size or 1
+        return min(b, self.samples - index * b)
+
+    def batch(self, index: int) -> Batch:
+        if self.sample_layout is None:
+            return Batch(index, None, None, 0, produce=lambda: self._produce(index))
+        rows = self.rows_of(index)
+        layout = self.sample_layout.rows(rows) if rows != self.batch_size else self.full_layout
+        fill_rows = lambda out, lo, hi: self._write(out, index, lo, hi)  # noqa: E731
+        return Batch(index, layout, lambda out: fill_rows(out, 0, rows), layout.nbytes, rows, fill_rows)
+
+    # -- fetching ----------------------------------------------------------------------------------------
+    def _fetch(self, index: int, lo: int, hi: int) -> list:
+        """Samples ``lo .. hi`` of batch ``index``: one ``__getitems__`` call when the dataset has it, else
+        one ``__getitem__`` each; SampleError naming the sample(s) if the dataset raises."""
+        base = index * (self.batch_size or 1)
+        i = base + lo
+        try:
+            if self.batched:
+                got = self.dataset.__getitems__(list(range(base + lo, base + hi)))
+                if len(got) != hi - lo:
+                    raise ValueError(f"__getitems__ returned {len(got)} samples for {hi - lo} indices")
+                return got
+            got = []
+            for i in range(base + lo, base + hi):
+                got.append(self.dataset[i])
+            return got
+        except Exception as e:  # noqa: BLE001 - the dataset's error: its batch fails, naming the samples
+            what = f"samples {base + lo}..{base + hi - 1}" if self.batched and hi - lo > 1 else f"sample {i}"
+            raise SampleError(f"{what} (batch {index}): {type(e).__name__}: {e}") from e
+
+    def _produce(self, index: int):
+        """Batch ``index`` built apart (collate, or an item that is a whole batch), as numpy fields."""
+        if self.batch_size is None:
+            item = self._fetch(index, 0, 1)[0]
+            return fields(item, f"source batch {index}")
+        samples = self._fetch(index, 0, self.rows_of(index))
+        try:
+            batch = self.collate(samples)
+        except Exception as e:  # noqa: BLE001 - the caller's collate: the batch fails, naming it
+            raise SampleError(f"batch {index}: collate {getattr(self.collate, '__qualname__', '')} raised "
+                              f"{type(e).__name__}: {e}") from e
+        return fields(batch, f"batch {index} (from collate)")
+
+    def _write(self, views, index: int, lo: int, hi: int) -> None:
+        """Samples ``lo .. hi`` of batch ``index``, each into its row of every field (NOTE [ Samples ])."""
+        base = index * self.batch_size
+        layout = self.sample_layout
+        outs = flatten(views)
+        specs = [(s, np.dtype(d)) for s, d in zip(layout.shapes, layout.dtypes)]
+        got = self._fetch(index, lo, hi) if self.batched else None
+        get = self.dataset.__getitem__
+        j = lo
+        try:
+            if layout.kind == "array":
+                (out,), ((shape, dtype),) = outs, specs
+                for j in range(lo, hi):
+                    s = got[j - lo] if got is not None else get(base + j)
+                    if type(s) is not np.ndarray or s.shape != shape or s.dtype != dtype:
+                        s = self._checked(s, index, j)
+                    out[j] = s
+            else:
+                for j in range(lo, hi):
+                    s = got[j - lo] if got is not None else get(base + j)
+                    parts = _parts_of(s, layout)
+                    if parts is not None:
+                        parts = [_fast(a, shape, dtype) for a, (shape, dtype) in zip(parts, specs)]
+                    if parts is None or any(a is None for a in parts):
+                        parts = flatten(self._checked(s, index, j))
+                    for out, a in zip(outs, parts):
+                        out[j] = a
+        except SampleError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the dataset's error: its batch fails, naming the sample
+            raise SampleError(f"sample {base + j} (batch {index}): {type(e).__name__}: {e}") from e
+
+    def _checked(self, sample, index: int, row: int):
+        """``sample`` as numpy fields that fit the first sample's layout, or SampleError saying what
+        differs and how to fix it."""
+        i = index * (self.batch_size or 1) + row
+        where = f"sample {i} (batch {index})"
+        s = fields(sample, where)
+        if self.sample_layout is None:
+            return s
+        got, want = Layout.of(s), self.sample_layout
+        if (got.kind, got.keys, len(got.shapes)) != (want.kind, want.keys, len(want.shapes)):
+            raise SampleError(f"{where}: {got.describe()} where sample 0 had {want.describe()}; every sample "
+                              f"must have the same fields: fix __getitem__, or pass collate=")
+        for name, gs, gd, ws, wd in zip(want.names, got.shapes, got.dtypes, want.shapes, want.dtypes):
+            if gs != ws or gd != wd:
+                field = f", field {name!r}" if name else ""
+                raise SampleError(f"{where}{field}: shape {gs} {np.dtype(gd)} where sample 0 had {ws} "
+                                  f"{np.dtype(wd)}; every sample of a field must have one shape and dtype: "
+                                  f"pad or cast in __getitem__, or pass collate=")
+        return s
+
+
+def _from_ref(ref: str, params: dict, batch_size: int, drop_last: bool, collate) -> MapSource:
+    from .runner import load_dataset
+    src = MapSource(load_dataset(ref, params), batch_size, drop_last, collate)
+    src.ref = (ref, params)
+    return src
+
+
+_SCALAR_KIND = {int: "i", float: "f", bool: "b"}
+
+
+def _fast(a, shape: tuple, dtype: np.dtype):
+    """``a`` when it can be assigned to its row as it is (an array of the field's shape and dtype, or a
+    Python number of the field's kind), else None: the slow path converts and checks it."""
+    t = type(a)
+    if t is np.ndarray:
+        return a if a.shape == shape and a.dtype == dtype else None
+    if not shape and _SCALAR_KIND.get(t) == dtype.kind:
+        return a
+    return None
+
+
+def _parts_of(sample, layout: Layout) -> list | None:
+    """The sample's field values in layout order, when it has the layout's structure; else None."""
+    if layout.kind == "dict":
+        if type(sample) is not dict or len(sample) != len(layout.keys):
+            return None
+        try:
+            return [sample[k] for k in layout.keys]
+        except KeyError:
+            return None
+    if type(sample) is not tuple or len(sample) != len(layout.shapes):
+        return None
+    return list(sample)
 
 
 class Work:
-    """The batches of one run for an executor: an iterator of ``Batch`` in batch order, with ``rebuild(i)``
-    when the source can build batch i on its own, and the largest batch's size when it is known."""
+    """The batches of one run for an executor: an iterator of ``Batch`` in batch order, with the ``source``
+    when it can build batch i on its own (``source.batch(i)``: rebuilds, build processes), and the
+    largest batch's size when it is known."""
 
-    def __init__(self, batches: Iterable[Batch], rebuild: Callable[[int], Batch] | None = None,
-                 max_nbytes: int | None = None):
+    def __init__(self, batches: Iterable[Batch], source: Indexed | None = None, max_nbytes: int | None = None):
         self._it = iter(batches)
-        self.rebuild, self.max_nbytes = rebuild, max_nbytes
+        self.source, self.max_nbytes = source, max_nbytes
+        self.rebuild = source.batch if source is not None else None
 
     def __iter__(self) -> "Work":
         return self

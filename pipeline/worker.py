@@ -17,20 +17,18 @@ the worker unlinks the main's shared-memory rings and exits, also when a kernel 
 from __future__ import annotations
 
 import os
-import pickle
 import signal
 import threading
 import time
-import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from . import devices, kernels, outputs
-from .errors import WorkerError
-from .handoff import Descriptor, SlotReader, _alive, remove_stale
+from . import devices, fields, kernels, outputs
+from .errors import pack_error  # noqa: F401 - pipeline.worker.pack_error, as before
+from .handoff import Descriptor, SlotReader, _alive, remove_stale, watchdog
 
 
 @dataclass
@@ -40,7 +38,7 @@ class Task:
     ring: str | None = None  # path of the slot ring file, when the batch is in a slot
     slot_bytes: int = 0
     desc: Descriptor | None = None
-    array: np.ndarray | None = None  # the pickled fallback, for a batch larger than a slot
+    array: Any = None  # the pickled fallback, for a batch larger than a slot (an array, tuple or dict)
     released: bool = False  # (main side) its slot went back to the ring (NOTE [ Slot release ])
 
     def __getstate__(self):  # what travels: no main-side bookkeeping
@@ -49,8 +47,8 @@ class Task:
 
 @dataclass
 class Staged:
-    """A batch on its way to the device: the tensor, and on CUDA the copy's start/end events."""
-    x: torch.Tensor
+    """A batch on its way to the device: its tensor(s), and on CUDA the copy's start/end events."""
+    x: Any  # a tensor, or a tuple or dict of tensors (the batch's fields)
     start: Any = None
     end: Any = None
     direct: bool = False  # copied straight from a slot registered with CUDA (no staging memcpy)
@@ -75,31 +73,41 @@ class Stager:
         self.turn = 0
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def start(self, arr: np.ndarray, registered: bool = False) -> Staged:
-        x = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+    def start(self, batch, registered: bool = False) -> Staged:
+        """Start the copy of ``batch`` (an array, or a tuple or dict of arrays: each field) to the device."""
+        arrays = fields.flatten(batch)
+        xs = [torch.from_numpy(a if a.flags.writeable else a.copy()) for a in arrays]
         if self.stream is None:
-            return Staged(x)
+            return Staged(fields.like(batch, xs))
         direct = self.pinned and registered
         if self.pinned and not registered:
-            n = x.numel() * x.element_size()
+            sizes = [x.numel() * x.element_size() for x in xs]
+            starts = [0]
+            for n in sizes:
+                starts.append(starts[-1] + -(-n // fields.FIELD_ALIGN) * fields.FIELD_ALIGN)
             self.turn ^= 1
-            if self.bufs[self.turn] is None or self.bufs[self.turn].numel() < n:
-                self.bufs[self.turn] = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-            staged = self.bufs[self.turn][:n].view(x.dtype).view(x.shape)
-            staged.copy_(x)
-            x = staged
+            if self.bufs[self.turn] is None or self.bufs[self.turn].numel() < starts[-1]:
+                self.bufs[self.turn] = torch.empty(starts[-1], dtype=torch.uint8, pin_memory=True)
+            staged = []
+            for x, o, n in zip(xs, starts, sizes):
+                v = self.bufs[self.turn][o:o + n].view(x.dtype).view(x.shape)
+                v.copy_(x)
+                staged.append(v)
+            xs = staged
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(self.stream):
             start.record(self.stream)
-            y = x.to(self.device, non_blocking=True)
+            ys = [x.to(self.device, non_blocking=True) for x in xs]
             end.record(self.stream)
-        return Staged(y, start, end, direct)
+        return Staged(fields.like(batch, ys), start, end, direct)
 
-    def ready(self, h: Staged) -> torch.Tensor:
+    def ready(self, h: Staged):
+        """The batch's tensors on the device, once the compute stream may read them."""
         if h.end is not None:
             current = torch.cuda.current_stream(self.device)
             current.wait_event(h.end)
-            h.x.record_stream(current)  # the allocator must not reuse it while the compute stream reads
+            for x in fields.flatten(h.x):
+                x.record_stream(current)  # the allocator must not reuse it while the compute stream reads
         return h.x
 
     @staticmethod
@@ -116,10 +124,10 @@ class Computer:
         self.kernel = kernels.make(spec, device)
         self.stager = Stager(device, pinned)
 
-    def __call__(self, arr: np.ndarray, index: int = -1, attempt: int = 1, staged: Staged | None = None,
+    def __call__(self, arr, index: int = -1, attempt: int = 1, staged: Staged | None = None,
                  meanwhile: Callable[[], None] | None = None,
                  copied: Callable[[], None] | None = None, registered: bool = False) -> tuple[Any, dict]:
-        """One batch: host array -> device -> kernel -> host numpy (an array, or a tuple or dict of arrays:
+        """One batch: host array(s) -> device -> kernel -> host numpy (an array, or a tuple or dict of arrays:
         ``outputs.host_result``, which raises KernelError for anything else), and the time of each step.
 
         ``staged``: the batch's copy, if it was started earlier (see NOTE [ Overlap ]); ``meanwhile`` runs
@@ -143,9 +151,9 @@ class Computer:
             torch.cuda.synchronize(self.device)
         t2 = time.perf_counter()
         # validated, on the host, never a view of the slot (it is reused): KernelError for a bad return
-        out = outputs.host_result(y, where=f"kernel {self.name!r}, batch {index}", avoid=arr)
+        out = outputs.host_result(y, where=f"kernel {self.name!r}, batch {index}", avoid=fields.flatten(arr))
         t3 = time.perf_counter()
-        timings = {"h2d_s": self.stager.seconds(h), "h2d_bytes": arr.nbytes, "direct": h.direct,
+        timings = {"h2d_s": self.stager.seconds(h), "h2d_bytes": fields.nbytes(arr), "direct": h.direct,
                    "stage_s": (t1 - t0) if staged is None else 0.0, "compute_s": t2 - t1, "d2h_s": t3 - t2}
         if self.device.type == "cuda":
             timings["gpu_reserved_mb"] = torch.cuda.memory_reserved(self.device) / 2**20
@@ -166,28 +174,6 @@ actor replies "retire" instead of a result, and the main kills it so that Ray re
     return e
 
 
-def pack_error(e: BaseException) -> tuple[Any, str, str]:
-    """(exception or None when it can't be pickled, 'Type: message', formatted traceback)."""
-    tb = traceback.format_exc()
-    if isinstance(e, (SystemExit, KeyboardInterrupt)):
-        e = WorkerError(f"kernel raised {type(e).__name__}({e})")
-    try:
-        blob = pickle.dumps(e)
-        pickle.loads(blob)
-    except Exception:  # noqa: BLE001 - unpicklable exceptions travel as text
-        e = None
-    return e, f"{type(e).__name__ if e else 'Exception'}: {e}", tb
-
-
-def _watchdog(main_pid: int, ring_dir: str) -> None:
-    ppid = os.getppid()
-    while True:
-        time.sleep(0.5)
-        if os.getppid() != ppid or not _alive(main_pid):
-            remove_stale(ring_dir, dead=main_pid)  # ours, and any other dead main's
-            os._exit(1)
-
-
 def main(rank: int, conn, spec: kernels.KernelSpec, device_spec: str, threads: int, pinned: bool,
          main_pid: int, ring_dir: str, out=None) -> None:
     """Entry point of a worker process. ``out``: the write end of the main's relay (NOTE [ Worker output ])."""
@@ -195,7 +181,7 @@ def main(rank: int, conn, spec: kernels.KernelSpec, device_spec: str, threads: i
     outputs.warn_once()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # born with SIGINT blocked: see executor._sigint_blocked
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    threading.Thread(target=_watchdog, args=(main_pid, ring_dir), daemon=True).start()
+    threading.Thread(target=watchdog, args=(main_pid, ring_dir), daemon=True).start()
     try:
         try:
             torch.set_num_threads(threads)

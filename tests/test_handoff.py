@@ -8,6 +8,7 @@ import torch
 
 import pipeline
 from pipeline.handoff import SHM_DIR, SlotReader, SlotRing, remove_stale, to_host
+from pipeline.fields import FIELD_ALIGN, Layout, copy_into
 from conftest import TINY
 
 
@@ -57,12 +58,11 @@ def test_slot_ring_views_without_copy():
     ring = SlotRing(2, 100)
     try:
         a = np.arange(20, dtype=np.float32).reshape(4, 5)
-        view = ring.view(1, a.shape, a.dtype)
+        view, d = ring.view(1, Layout.of(a))
         view[...] = a
-        d = ring.describe(1, view)
         reader = SlotReader(ring.path, ring.slot_bytes)
         v = reader.view(d)
-        assert np.array_equal(v, a) and d.strides == (20, 4) and d.slot == 1
+        assert np.array_equal(v, a) and v.strides == (20, 4) and d.slot == 1
         view[0, 0] = 99  # written by the main, seen by the reader
         assert v[0, 0] == 99
         del v
@@ -70,6 +70,28 @@ def test_slot_ring_views_without_copy():
     finally:
         ring.close()
     assert not os.path.exists(ring.path)
+
+
+def test_slot_ring_holds_several_fields_aligned():
+    """A dict batch lies in one slot, each field on its own aligned region; the reader sees the same dict."""
+    ring = SlotRing(2, 8192)
+    try:
+        batch = {"x": np.arange(12, dtype=np.float32).reshape(3, 4), "mask": np.array([True, False, True]),
+                 "id": np.arange(3, dtype=np.int64)}
+        layout = Layout.of(batch)
+        assert all(o % FIELD_ALIGN == 0 for o in layout.offsets)
+        views, d = ring.view(1, layout)
+        copy_into(views, batch)
+        reader = SlotReader(ring.path, ring.slot_bytes)
+        got = reader.view(d)
+        assert list(got) == ["x", "mask", "id"]
+        assert all(np.array_equal(got[k], batch[k]) and got[k].dtype == batch[k].dtype for k in batch)
+        views["id"][0] = 7  # the same memory
+        assert got["id"][0] == 7
+        del got
+        reader.close()
+    finally:
+        ring.close()
 
 
 def test_remove_stale_clears_dead_mains_only(tmp_path):

@@ -133,11 +133,11 @@ def test_host_result_never_a_view_of_the_input_slot():
     """A result sharing memory with the input is copied; any other result is handed back without a copy."""
     slot = np.arange(12, dtype=np.float32).reshape(3, 4)
     x = torch.from_numpy(slot)
-    got = outputs.host_result({"same": x, "rows": x[1:], "np": slot[:, 0]}, where=WHERE, avoid=slot)
+    got = outputs.host_result({"same": x, "rows": x[1:], "np": slot[:, 0]}, where=WHERE, avoid=[slot])
     assert not any(np.may_share_memory(a, slot) for a in got.values())
     assert np.array_equal(got["rows"], slot[1:])
     fresh = np.zeros(5)
-    assert np.may_share_memory(outputs.host_result(fresh, where=WHERE, avoid=slot), fresh)
+    assert np.may_share_memory(outputs.host_result(fresh, where=WHERE, avoid=[slot]), fresh)
 
 
 # -- host_result: bad returns ------------------------------------------------------------------------------------

@@ -71,8 +71,8 @@ def test_one_dimensional_and_three_dimensional(tmp_path):
     """Axis 0 is the batch axis whatever the rank: 1-D and 3-D arrays slice along it."""
     np.save(tmp_path / "v.npy", np.arange(5.0))
     np.save(tmp_path / "t.npy", np.ones((5, 2, 3), np.float32))
-    assert [b.shape for b in open_path(tmp_path / "v.npy", rows=2)] == [(2,), (2,), (1,)]
-    assert [b.shape for b in open_path(tmp_path / "t.npy", rows=4)] == [(4, 2, 3), (1, 2, 3)]
+    assert [b.layout.shapes[0] for b in open_path(tmp_path / "v.npy", rows=2)] == [(2,), (2,), (1,)]
+    assert [b.layout.shapes[0] for b in open_path(tmp_path / "t.npy", rows=4)] == [(4, 2, 3), (1, 2, 3)]
 
 
 def test_npz_with_key_and_single_array(tmp_path):

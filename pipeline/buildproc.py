@@ -1,0 +1,214 @@
+"""Build processes: spawned processes that build batches straight into the slots, past the main's GIL.
+
+NOTE [ Build processes ]
+A dataset whose ``__getitem__`` is Python that holds the GIL (parsing, tokenising, pure-Python
+transforms) builds no faster on more threads. With ``workers.build_processes = N`` the builds run in N
+spawn processes instead of the main's build threads. Each maps the run's slot ring (the same file the
+workers map) and runs the same ``Builders`` threads as the main would (builders.py), over its own copy of
+the source: sent once, by value with cloudpickle (a dataset named by ``source.object`` is made again
+there from its name and params). Only sources that build batch k on their own qualify (a map-style
+dataset, synthetic batches, files); a caller's iterator is drawn in the main.
+
+The supervisor treats them like workers: it draws the batch indices itself, sends ``(slot, index)`` jobs
+to the process with the fewest, and a reader thread per process turns what comes back (``("built",
+Built)``, ``("error", slot, packed, index)``) into the same build events the threads report. A process
+that dies (SIGKILL, a segfault in a decoder) ends its reader with EOF; the supervisor records a restart,
+builds the batches it held again elsewhere (quarantined after ``faults.max_attempts``), and starts a new
+process in its place. One that dies before it was ready ``faults.max_attempts`` times in a row fails the
+run. The processes live for one run (their start-up overlaps the workers').
+
+  main -> build process   (slot, index) | None (stop)
+  build process -> main   ("ready", pid) | ("fatal", packed) | ("built", Built) | ("error", slot, packed, index)
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from . import devices, outputs
+from .builders import Builders
+from .errors import WorkerError, pack_error
+from .handoff import Descriptor, SlotReader, _alive, remove_stale, watchdog
+
+
+def main(rank: int, conn, payload: bytes, ring_path: str, slot_bytes: int, threads: int, main_pid: int,
+         ring_dir: str, out=None) -> None:
+    """Entry point of a build process."""
+    outputs.worker_stdio(out)  # prints go to the main's stderr, as a worker's do
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main's (NOTE [ Shutdown ] in worker.py)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    threading.Thread(target=watchdog, args=(main_pid, ring_dir), daemon=True).start()
+    lock = threading.Lock()
+
+    def send(msg) -> None:
+        with lock:
+            conn.send(msg)
+
+    def report(event: tuple) -> None:
+        if event[0] == "error":
+            _, slot, error, index = event
+            event = ("error", slot, pack_error(error), index)
+        send(event)
+
+    try:
+        try:
+            import cloudpickle
+            source = cloudpickle.loads(payload)
+            reader = SlotReader(ring_path, slot_bytes)
+            builders = Builders(None, source.batch, _Ring(reader), threads, report, record_order=False)
+        except BaseException as e:  # noqa: BLE001 - reported to the main, which raises it
+            send(("fatal", pack_error(e)))
+            return
+        send(("ready", os.getpid()))
+        while True:
+            job = conn.recv()
+            if job is None:
+                break
+            builders.submit(*job)
+        builders.close()
+    except (EOFError, OSError):  # the main is gone
+        if not _alive(main_pid) or os.getppid() == 1:
+            remove_stale(ring_dir, dead=main_pid)
+
+
+class _Ring:
+    """The builders' view of the ring in a build process: slot ``k`` in a layout, and its descriptor."""
+
+    def __init__(self, reader: SlotReader):
+        self.reader, self.slot_bytes = reader, reader.slot_bytes
+
+    def view(self, slot: int, layout):
+        desc = Descriptor(slot, layout)
+        return self.reader.view(desc), desc
+
+
+@dataclass
+class _Proc:
+    rank: int
+    process: mp.process.BaseProcess
+    conn: object
+    jobs: dict = field(default_factory=dict)  # slot -> batch index, sent and not answered
+    ready: bool = False
+    pid: int | None = None
+
+
+class BuildProcesses:
+    """N build processes with ``threads`` build threads each, behind the interface of ``Builders``:
+    ``submit(slot, index)``, ``drawn``, ``close()``; outcomes go to ``report`` as build events, plus
+    ``("builder_died", rank)`` for a process that is gone (the supervisor calls ``replace``)."""
+
+    def __init__(self, ctx, batches, payload: bytes, ring, processes: int, threads: int,
+                 report: Callable[[tuple], None], relay, ring_dir: str, record_order: bool = True):
+        self._ctx, self._batches, self._payload, self._ring = ctx, batches, payload, ring
+        self._report, self._relay, self._ring_dir = report, relay, ring_dir
+        self._record = record_order
+        self.per_process = max(1, threads)
+        self.drawn: deque[int] = deque()  # batch indices in the order they were drawn
+        self.procs = [self._spawn(r) for r in range(processes)]
+        self.count = processes * self.per_process  # build threads in all
+        self.starts_failed: dict[int, int] = {}  # rank -> deaths before 'ready', in a row
+
+    def _spawn(self, rank: int) -> _Proc:
+        from .executor import _no_phantom_main_file, _sigint_blocked
+        parent, child = self._ctx.Pipe(duplex=True)
+        out = self._relay.pipe()
+        p = self._ctx.Process(target=main, name=f"pipeline-builder-{rank}", daemon=True,
+                              args=(rank, child, self._payload, self._ring.path, self._ring.slot_bytes,
+                                    self.per_process, os.getpid(), self._ring_dir, out))
+        try:
+            with devices.thread_env(self.per_process), _no_phantom_main_file(), _sigint_blocked():
+                p.start()
+        finally:
+            out.close()
+        child.close()
+        proc = _Proc(rank, p, parent)
+        threading.Thread(target=self._read, args=(proc,), name=f"pipeline-builder-{rank}-reader",
+                         daemon=True).start()
+        return proc
+
+    def _read(self, proc: _Proc) -> None:
+        """Relay one process's messages to ``report``; EOF (it died, or stopped) ends it."""
+        try:
+            while True:
+                msg = proc.conn.recv()
+                kind = msg[0]
+                if kind == "ready":
+                    proc.ready, proc.pid = True, msg[1]
+                    self.starts_failed.pop(proc.rank, None)
+                elif kind == "fatal":
+                    self._report(("error", None, _remote(msg[1], f"build process {proc.rank} could not "
+                                                                  f"set up the source"), None))
+                elif kind == "built":
+                    proc.jobs.pop(msg[1].slot, None)
+                    self._report(msg)
+                else:
+                    _, slot, packed, index = msg
+                    proc.jobs.pop(slot, None)
+                    self._report(("error", slot, _remote(packed, f"build process {proc.rank} (pid "
+                                                                 f"{proc.pid})"), index))
+        except (EOFError, OSError):
+            pass
+        self._report(("builder_died", proc.rank))
+
+    def stuck(self) -> bool:
+        return False
+
+    def submit(self, slot: int, index: int | None = None) -> None:
+        """Build batch ``index`` (or the next one: drawn here, in order) into ``slot``."""
+        if index is None:
+            batch = next(self._batches, None)
+            if batch is None:
+                self._report(("exhausted", slot))
+                return
+            index = batch.index
+            if self._record:
+                self.drawn.append(index)
+        proc = min((p for p in self.procs if p.process.is_alive()), key=lambda p: len(p.jobs),
+                   default=self.procs[0])
+        proc.jobs[slot] = index
+        try:
+            proc.conn.send((slot, index))
+        except OSError:
+            pass  # it died: its reader reports it, and the job is among those it held
+
+    def replace(self, rank: int, limit: int) -> tuple[_Proc, list[tuple[int, int]], str]:
+        """The dead process ``rank``, what it held ((slot, index) pairs) and why it ended; a new one in
+        its place. WorkerError if it died before it was ready ``limit`` times in a row."""
+        proc = next(p for p in self.procs if p.rank == rank)
+        proc.process.join()
+        proc.conn.close()
+        from .executor import _likely, signal_name
+        if not proc.ready and self.starts_failed.get(rank, 0) + 1 >= limit:
+            raise WorkerError(f"build process {rank} (pid {proc.process.pid}) died while starting "
+                              f"{limit} times in a row, the last by {signal_name(proc.process.exitcode)}"
+                              f"{_likely(proc.process.exitcode)}; its error, if any, is printed above")
+        cause = signal_name(proc.process.exitcode) + _likely(proc.process.exitcode)
+        if not proc.ready:
+            self.starts_failed[rank] = self.starts_failed.get(rank, 0) + 1
+        held = list(proc.jobs.items())
+        self.procs[self.procs.index(proc)] = self._spawn(rank)
+        return proc, held, cause
+
+    def close(self, timeout: float = 5.0) -> None:
+        for p in self.procs:
+            try:
+                p.conn.send(None)
+            except OSError:
+                pass
+        for p in self.procs:
+            p.process.join(timeout)
+            if p.process.is_alive():
+                p.process.kill()
+                p.process.join()
+        for p in self.procs:
+            p.conn.close()
+
+
+def _remote(packed: tuple, where: str) -> BaseException:
+    from .executor import remote_error
+    return remote_error(packed, where)

@@ -1,0 +1,155 @@
+"""Batches of several arrays ("fields"), and how one batch lies in one slot.
+
+A batch (or a sample of a map-style dataset) is one array, a tuple of arrays, or a dict of arrays with
+non-empty ``str`` keys: ``{"input_ids": ..., "attention_mask": ...}``, ``(image, label)``. Arrays may be
+numpy arrays, CPU tensors or numbers; ``fields`` turns each into numpy under the handoff rule, naming the
+field (``batch 3, field 'mask': a torch.Tensor on device 'cuda:0' ...``).
+
+NOTE [ Layout ]
+``Layout`` is the structure (one array, a tuple, a dict and its keys) and, per field, its shape, dtype and
+offset in the slot: the fields one after the other, each aligned to ``FIELD_ALIGN`` bytes. It is fixed
+before a batch is built (for a dataset: by its first sample, times the batch size), so that build threads
+write each sample straight into its row of each field (``views``), and it travels to the worker in the
+slot's descriptor (a few dozen bytes), which views the same regions without a copy and hands the kernel the
+same structure, each field a tensor on its device. Everything that handles a batch (slots, the handoff
+rule, the pickled fallback, kernels, Ray) goes through ``flatten`` / ``rebuild`` here, so a single array is
+just the structure with one field and no name.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from .handoff import as_batch
+
+FIELD_ALIGN = 256  # bytes: every field starts on a boundary that DMA engines and SIMD loads like
+
+
+@dataclass(frozen=True)
+class Layout:
+    kind: str  # "array" | "tuple" | "dict"
+    keys: tuple  # dict keys, in order; () otherwise
+    shapes: tuple  # one shape per field
+    dtypes: tuple  # one dtype string per field (numpy's ``dtype.str``)
+    offsets: tuple  # bytes from the start of the slot
+    nbytes: int  # the span of the slot the batch uses, padding included
+
+    @staticmethod
+    def make(kind: str, keys: tuple, shapes, dtypes) -> "Layout":
+        offsets, end = [], 0
+        for shape, dtype in zip(shapes, dtypes):
+            end = -(-end // FIELD_ALIGN) * FIELD_ALIGN
+            offsets.append(end)
+            end += math.prod(shape) * np.dtype(dtype).itemsize
+        return Layout(kind, tuple(keys), tuple(tuple(int(d) for d in s) for s in shapes),
+                      tuple(np.dtype(d).str for d in dtypes), tuple(offsets), end)
+
+    @staticmethod
+    def of(batch) -> "Layout":
+        """The layout of a batch already in numpy fields (see ``fields``)."""
+        kind, keys, arrays = _parts(batch)
+        return Layout.make(kind, keys, [a.shape for a in arrays], [a.dtype for a in arrays])
+
+    def rows(self, n: int) -> "Layout":
+        """This (per-sample) layout with a leading dimension of ``n`` rows: a batch of ``n`` samples."""
+        return Layout.make(self.kind, self.keys, [(n, *s) for s in self.shapes], self.dtypes)
+
+    @property
+    def names(self) -> list[str]:
+        """Field names for messages: the dict keys, the tuple positions, or ``[""]`` for one array."""
+        if self.kind == "dict":
+            return list(self.keys)
+        return [str(i) for i in range(len(self.shapes))] if self.kind == "tuple" else [""]
+
+    def views(self, buf, base: int = 0):
+        """The batch's fields as numpy views of ``buf`` from byte ``base`` on (a slot), in its structure."""
+        arrays = [np.frombuffer(buf, dtype=d, count=math.prod(s), offset=base + o).reshape(s)
+                  for s, d, o in zip(self.shapes, self.dtypes, self.offsets)]
+        return self.pack(arrays)
+
+    def empty(self):
+        """New arrays in this layout (a batch built apart from the slots)."""
+        return self.pack([np.empty(s, d) for s, d in zip(self.shapes, self.dtypes)])
+
+    def pack(self, arrays: list):
+        """``arrays`` (one per field, in order) in this layout's structure."""
+        if self.kind == "dict":
+            return dict(zip(self.keys, arrays))
+        return tuple(arrays) if self.kind == "tuple" else arrays[0]
+
+    def describe(self) -> str:
+        return ", ".join(f"{_label(n) or 'array'} {d} {tuple(s)}"
+                         for n, s, d in zip(self.names, self.shapes, self.dtypes))
+
+
+def _label(name: str) -> str:
+    return f"field {name!r}" if name else ""
+
+
+def _parts(batch) -> tuple[str, tuple, list]:
+    if isinstance(batch, dict):
+        return "dict", tuple(batch), list(batch.values())
+    if isinstance(batch, tuple):
+        return "tuple", (), list(batch)
+    return "array", (), [batch]
+
+
+def flatten(batch) -> list:
+    """The arrays (or tensors) of a batch, in field order."""
+    return _parts(batch)[2]
+
+
+def map_fields(fn: Callable[[Any], Any], batch):
+    """``batch`` with ``fn`` applied to each field, in the same structure."""
+    if isinstance(batch, dict):
+        return {k: fn(v) for k, v in batch.items()}
+    if isinstance(batch, tuple):
+        return tuple(fn(v) for v in batch)
+    return fn(batch)
+
+
+def like(batch, items: list):
+    """``items`` (one per field of ``batch``, in order) in ``batch``'s structure."""
+    if isinstance(batch, dict):
+        return dict(zip(batch, items))
+    return tuple(items) if isinstance(batch, tuple) else items[0]
+
+
+def nbytes(batch) -> int:
+    return sum(a.nbytes for a in flatten(batch))
+
+
+def fields(obj: Any, where: str):
+    """A caller's batch or sample as numpy fields (an array, a tuple or a dict of arrays), each checked by
+    the handoff rule; HandoffError naming the field for anything that can't cross the process boundary."""
+    if isinstance(obj, dict):
+        if not obj:
+            raise _empty(where, "dict")
+        out = {}
+        for k, v in obj.items():
+            if not isinstance(k, str) or not k:
+                from .errors import HandoffError
+                raise HandoffError(f"{where}: a dict key {k!r} ({type(k).__name__}); the keys of a batch "
+                                   f"must be non-empty strings")
+            out[k] = as_batch(v, f"{where}, field {k!r}")
+        return out
+    if isinstance(obj, tuple):
+        if not obj:
+            raise _empty(where, "tuple")
+        return tuple(as_batch(v, f"{where}, field {i}") for i, v in enumerate(obj))
+    return as_batch(obj, where)
+
+
+def _empty(where: str, what: str):
+    from .errors import HandoffError
+    return HandoffError(f"{where}: an empty {what} holds no arrays; a batch is an array, or a tuple or "
+                        f"dict (str keys) of arrays")
+
+
+def copy_into(views, batch) -> None:
+    """Write ``batch`` (numpy fields, the same layout) into ``views``."""
+    for dst, src in zip(flatten(views), flatten(batch)):
+        np.copyto(dst, src)
