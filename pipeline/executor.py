@@ -307,7 +307,6 @@ class _Run:
         self.breakdown = {k: 0.0 for k in BREAKDOWN}
         self.counts = {"batches": 0, "pickled": 0, "direct": 0, "h2d_bytes": 0, "build_cpu_s": 0.0, "built": 0}
         self.notes: list[str] = []  # this run's own notes (the executor's are for every run)
-        self.wall = 0.0
         self.cond = threading.Condition()
         self.held: dict[int, Outcome] = {}  # done, not yet taken by the consumer
         self.taken = 0
@@ -383,7 +382,6 @@ class _Run:
             self.builders = Builders(self.batches, self.rebuild, self.ring, self.threads, self._built,
                                      record_order=self.ordered)
         self.threads = self.builders.count
-        self.t_setup = time.perf_counter()
         self.slot_wait_since = self.worker_wait_since = 0.0  # when each wait began (0: not waiting)
         self.started = 0  # next-batch jobs issued and not answered 'exhausted'
         self.jobs = 0  # jobs the builders have not answered yet
@@ -406,7 +404,6 @@ class _Run:
                 self.thread.join()
         if self.builders is not None:
             self.builders.close()
-            self.wall = time.perf_counter() - self.t_setup
             if not self.builders.stuck():  # one stuck in the caller's iterator
                 os.close(self.wake_r)  # may still write: then the pipe stays open (a reused fd number
                 os.close(self.wake_w)  # would get its byte)
@@ -418,21 +415,22 @@ class _Run:
             self.notes.append(text)
 
     def gil_note(self) -> str | None:
-        """Build threads that were busy nearly all the time yet used about one CPU between them: the
-        source holds the GIL (Python in ``__getitem__``), and build processes would help."""
-        if self.builders is None or hasattr(self.builders, "procs") or not self.wall:
+        """The build was the limit (workers waited longer for batches than they computed) and its threads,
+        while building, used about one CPU between them: the source holds the GIL (Python in
+        ``__getitem__``), so more threads don't help and build processes would."""
+        if self.builders is None or hasattr(self.builders, "procs") or not self.breakdown["build_s"]:
             return None
-        t, c = self.threads, self.counts
-        if t < 2 or c["built"] < 2 * t or devices.usable_cpus() < 2:
+        t, c, b = self.threads, self.counts, self.breakdown
+        if t < 2 or c["built"] < 2 * t or devices.usable_cpus() < 2 or b["idle_s"] <= b["compute_s"]:
             return None
-        busy = self.breakdown["build_s"] / (self.wall * t)
-        cpus = c["build_cpu_s"] / self.wall
-        if busy < 0.8 or cpus > 1.3:
+        cpus = t * c["build_cpu_s"] / b["build_s"]  # CPUs the build threads had while all were building
+        if not 0.6 <= cpus <= 1.3:  # (far below one: they mostly waited for I/O, not for the GIL)
             return None
-        return (f"build: the build was the limit and did not scale with threads: {t} build threads were "
-                f"building {busy:.0%} of the run but used {cpus:.1f} CPUs between them ({c['built'] / self.wall:.1f} "
-                f"batches/s, {c['build_cpu_s'] / c['built'] * 1000:.1f} ms of CPU per batch): the source holds "
-                f"the GIL; build in processes instead: --build-processes {min(t, devices.usable_cpus())}")
+        return (f"build: the build was the limit (workers waited {b['idle_s'] / c['built'] * 1000:.1f} ms per "
+                f"batch for one) and did not scale with threads: {t} build threads used {cpus:.1f} CPUs between "
+                f"them ({c['build_cpu_s'] / c['built'] * 1000:.1f} ms of CPU and {b['build_s'] / c['built'] * 1000:.1f} "
+                f"ms of thread time per batch): the source holds the GIL; build in processes instead: "
+                f"--build-processes {min(t, devices.usable_cpus())}")
 
     def figures(self) -> dict:
         ring, c = self.ring, self.counts
