@@ -1,0 +1,185 @@
+"""``pipeline bench``: the same batches through serial, the pipeline and the peers a user would pick.
+
+Modes (each at every worker count, with the same kernel code and thread cap):
+  serial               one process builds and computes (all cores, or --threads-per-worker)
+  pipeline             this package: shared-memory slots, spawn workers
+  mp.Pool              stdlib spawn ``multiprocessing.Pool.imap``, batches pickled through its pipes
+  ProcessPoolExecutor  ``concurrent.futures`` (spawn) ``map``, batches pickled
+  DataLoader           ``torch.utils.data.DataLoader(num_workers=N)``: its workers build the batches,
+                       the main process computes (``pin_memory`` on CUDA)
+  ray                  this package's Ray backend (one actor per worker, the object store), if installed
+  ray.data             Ray Data: the driver's batches in with ``from_numpy_refs``, the kernel in
+                       ``map_batches`` on an actor pool of ``workers`` actors, one of our batches per call,
+                       results in order (``preserve_order``); if ``ray[data]`` is installed
+
+Both Ray modes run on one local Ray instance, started once per bench (its start-up is part of theirs).
+
+Worker start-up is timed apart and excluded: every mode is warmed up before its timed run. A calibration
+measures the stages one at a time (the main's build on the build threads it would use, the kernel on one
+worker's threads, host-to-device) and gives the roofline: the best throughput the slowest stage allows.
+A mode measured above it means the calibration is off, and the table says so.
+
+The package: this module runs the modes and records their rows (``bench``, ``run_bench``, the serial
+reference); ``peers`` holds the local modes, ``ray_modes`` the Ray ones (a mode is one function and one
+entry in its module's ``RUNNERS``); ``calibration`` the stages alone and the roofline; ``report`` the table,
+the breakdown and the plot.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from .. import devices, kernels
+from ..config import Config
+from ..errors import ConfigError, ExitCode
+from ..outputs import max_rel_diff  # noqa: F401 - pipeline.bench.max_rel_diff, as before; works on structures
+from ..runner import checksum, make_source, resolve
+from ..worker import Computer
+from . import peers, ray_modes
+from .calibration import bound, calibrate, roofline  # noqa: F401 - pipeline.bench.calibrate etc., as before
+from .peers import _dataloader, _executor, _pipeline, _pool, _timed  # noqa: F401 - as before the split
+from .ray_modes import _has_ray, _has_ray_data, _ray, _ray_data, _start_ray  # noqa: F401 - as before
+from .report import breakdown_text, machine, plot, table  # noqa: F401 - pipeline.bench.table etc., as before
+
+RUNNERS = {**peers.RUNNERS, **ray_modes.RUNNERS}  # mode -> (cfg, spec, src, repeat) -> (results, s, startup, extra)
+MODES = ("serial", *RUNNERS)
+RAY_MODES = tuple(ray_modes.RUNNERS)
+QUICK = {"source.batches": 6, "source.rows": 64, "source.cols": 32}
+
+
+def bench(args, overrides: dict) -> int:
+    present = {"ray": _has_ray(), "ray.data": _has_ray_data()}
+    modes = ([m for m in MODES if present.get(m, True)] if args.modes == "all"
+             else [m.strip() for m in args.modes.split(",") if m.strip()])
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ConfigError(f"--modes: unknown mode(s) {', '.join(unknown)}; known: {', '.join(MODES)}")
+    missing = [m for m in modes if m in present and not present[m]]
+    if missing:
+        raise ConfigError(f"--modes {','.join(missing)} needs Ray Data: pip install -e '.[ray]'"
+                          if "ray.data" in missing else "--modes ray needs Ray: pip install -e '.[ray]'")
+    if args.repeat < 1:
+        raise ConfigError(f"--repeat {args.repeat}: must be >= 1")
+    if args.quick:
+        overrides = {**{k: v for k, v in QUICK.items() if k.split(".")[1] not in overrides}, **overrides}
+    overrides.setdefault("progress", False)
+    counts = _counts(args, overrides)
+    cfg = resolve(args.config, overrides)
+    devices.check(cfg.workers.device)
+    build_lists = _build_lists(args)
+    report = run_bench(cfg, modes, counts, args.repeat, build_lists)
+    print(table(report))
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+    if getattr(args, "plot", None):
+        plot(report, args.plot)
+    bad = [r for r in report["results"] if not r["agrees"]]
+    for r in bad:
+        print(f"pipeline bench: {r['mode']} x{r['workers']} disagrees with serial: max_rel_diff "
+              f"{r['max_rel_diff_vs_serial']:.3g} > {report['tolerance']:g}", file=sys.stderr)
+    return ExitCode.FAILED if bad else ExitCode.OK
+
+
+def _counts(args, overrides: dict) -> list[int]:
+    if args.workers_list:
+        try:
+            counts = [int(x) for x in args.workers_list.split(",")]
+        except ValueError:
+            raise ConfigError(f"--workers-list {args.workers_list!r}: expected numbers like 1,2,4") from None
+    elif "workers" in overrides:
+        counts = [overrides.pop("workers")]
+    else:
+        counts = [1, 2] if args.quick else [1, 2, 4, devices.usable_cpus()]
+    overrides.pop("workers", None)
+    if any(c < 1 for c in counts):
+        raise ConfigError(f"worker counts must be >= 1, got {counts}")
+    return sorted(set(counts))
+
+
+def _build_lists(args) -> list[int] | None:
+    text = getattr(args, "build_threads_list", None)
+    if not text:
+        return None
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--build-threads-list {text!r}: expected numbers like 1,2") from None
+    if any(c < 1 for c in counts):
+        raise ConfigError(f"--build-threads-list: counts must be >= 1, got {counts}")
+    return counts
+
+
+def run_bench(cfg: Config, modes: list[str], counts: list[int], repeat: int,
+              build_lists: list[int] | None = None) -> dict:
+    spec = kernels.spec_for(cfg.kernel.name, dict(cfg.kernel.params), cfg.kernel.precision)
+    src = make_source(cfg.source)
+    n = len(src)
+    batch_bytes = sum(b.nbytes for b in src)
+    cal = calibrate(cfg, spec, src, counts, build_lists)  # first, on a quiet machine: peers' processes may linger
+    ref, serial_time = _serial(cfg, spec, src, repeat)
+    rows = []
+    tol = 5e-2 if cfg.source.dtype == "float16" else 1e-3
+
+    def record(mode, workers, results, seconds, startup, extra=None):
+        diff = max_rel_diff(results, ref)
+        rows.append({
+            "mode": mode, "workers": workers, "batches": n, "seconds": round(seconds, 4),
+            "batches_per_s": round(n / seconds, 3), "mb_per_s": round(batch_bytes / seconds / 1e6, 2),
+            "speedup_vs_serial": round(serial_time / seconds, 3), "startup_s": round(startup, 3),
+            "checksum": checksum(results), "max_rel_diff_vs_serial": diff, "agrees": diff <= tol,
+            **(extra or {}),
+        })
+
+    if "serial" in modes:
+        record("serial", 0, ref, serial_time, 0.0)
+    # mode by mode, Ray last: its processes take a while to go after ray.shutdown() and would slow the
+    # next mode; both Ray modes share one local instance, started once
+    ray_init_s = None
+    try:
+        for mode in sorted((m for m in modes if m != "serial"), key=lambda m: m in RAY_MODES):
+            if mode in RAY_MODES and ray_init_s is None:
+                ray_init_s = _start_ray(cfg, counts)
+            runner = _runner(mode)
+            for workers in counts:
+                for bt in (build_lists or [0]) if mode == "pipeline" else [0]:
+                    c = cfg.replace(**{"workers.count": workers, "workers.build_threads": bt})
+                    results, seconds, startup, extra = runner(c, spec, src, repeat)
+                    if mode in RAY_MODES:  # the shared instance's start-up counts for each Ray mode
+                        startup, extra = startup + ray_init_s, {**extra, "ray_init_s": round(ray_init_s, 3)}
+                    record(mode, workers, results, seconds, startup, extra)
+    finally:
+        if ray_init_s is not None:
+            import ray
+            ray.shutdown()
+    roof = roofline(cal, cfg, counts)
+    for r in rows:
+        if r["workers"]:
+            b, stage = bound(cal, cfg, r["workers"], r.get("build_threads_asked", 0))
+            r["roofline_batches_per_s"], r["limiting_stage"] = b, stage
+            r["roofline_efficiency"] = round(r["batches_per_s"] / b, 3)
+            r["calibration_off"] = r["roofline_efficiency"] > 1.05
+        else:
+            r["roofline_efficiency"] = None
+    return {"machine": machine(), "config": cfg.to_dict(), "tolerance": tol, "calibration": cal,
+            "roofline": roof, "results": rows}
+
+
+def _runner(mode: str):
+    """The function that runs ``mode``, looked up here by its name at call time: replacing
+    ``pipeline.bench._pool`` (the tests do) replaces the mode, as before the split."""
+    fn = RUNNERS[mode]
+    return globals().get(fn.__name__, fn)
+
+
+def _serial(cfg: Config, spec, src, repeat):
+    device = devices.choose(cfg.workers.device, 0)
+    threads = cfg.workers.threads or devices.usable_cpus()
+    with devices.torch_threads(threads):
+        computer = Computer(spec, device, cfg.handoff.pinned)
+        batches = list(src)
+        computer(batches[0].array())  # warm-up: lazy weights, allocator
+
+        def once():
+            return [computer(b.array(), b.index)[0] for b in batches]
+        return _timed(once, repeat)

@@ -1,0 +1,109 @@
+"""Calibration and roofline: each stage timed alone, and the best throughput the slowest one allows."""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .. import devices, kernels
+from ..config import Config
+from ..worker import Computer
+
+
+def calibrate(cfg: Config, spec, src, counts: list[int], build_lists: list[int] | None = None, k: int = 4) -> dict:
+    """Per-batch seconds of each stage alone, measured here: the main's build on the build threads each
+    worker count gets (in parallel, into buffers already faulted in, as slots are), the kernel on one
+    worker's threads (on CUDA: on a device-resident batch), and host-to-device from pinned memory."""
+    cuda = _cuda(cfg)
+    threads_needed = {_build_threads(cfg, w, cuda, b) for w in counts for b in {0, *(build_lists or [])}}
+    build = {t: _build_rate(src, t) for t in sorted(threads_needed)}
+    batches = list(src)[:k]
+    out = batches[0].array()
+    device = devices.choose(cfg.workers.device, 0)
+    per_worker = {}
+    for threads in sorted({cfg.replace(**{"workers.count": w}).threads_per_worker() for w in counts}):
+        with devices.torch_threads(threads):
+            computer = Computer(spec, device, cfg.handoff.pinned)
+            x = torch.from_numpy(out).to(device)
+            computer.kernel(x)  # warm-up: lazy weights, allocator
+            _sync(device)
+            t0 = time.perf_counter()
+            for b in batches:
+                kernels.current.update(index=b.index, attempt=1)
+                computer.kernel(x)
+            _sync(device)
+            per_worker[threads] = (time.perf_counter() - t0) / len(batches)
+    h2d = None
+    if device.type == "cuda":
+        x = torch.from_numpy(out).pin_memory()
+        x.to(device)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(k):
+            x.to(device, non_blocking=True)
+        torch.cuda.synchronize()
+        h2d = (time.perf_counter() - t0) / k
+    return {"batch_bytes": batches[0].nbytes, "build_s_by_threads": build, "build_s": build[min(build)],
+            "kernel_s_by_threads": per_worker, "h2d_s": h2d, "device": str(device),
+            "cores": devices.usable_cpus(), "gpus": devices.gpu_count()}
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cuda(cfg: Config) -> bool:
+    return cfg.workers.device.startswith("cuda") or (cfg.workers.device == "auto" and devices.gpu_count() > 0)
+
+
+def _build_threads(cfg: Config, workers: int, cuda: bool, build_threads: int = 0) -> int:
+    """The build threads a run at ``workers`` gets (``build_threads``: asked for; 0: the config's)."""
+    c = cfg.replace(**{"workers.count": workers, **({"workers.build_threads": build_threads} if build_threads else {})})
+    return min(c.build_threads(cuda), c.in_flight(cuda))
+
+
+def _build_rate(src, threads: int, per: int = 3) -> float:
+    """Seconds per batch of the main's build on ``threads`` threads at once (each into its own buffer,
+    faulted in first, as a slot that is reused): the build stage's cost per batch at that parallelism."""
+    import threading
+    n = len(src)
+    bufs = [src.batch(i % n).array() for i in range(threads)]
+
+    def fill(t):
+        for j in range(per):
+            src.batch((t * per + j) % n).fill(bufs[t])
+    workers = [threading.Thread(target=fill, args=(t,)) for t in range(threads)]
+    t0 = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return (time.perf_counter() - t0) / (threads * per)
+
+
+def bound(cal: dict, cfg: Config, workers: int, build_threads: int = 0) -> tuple[float, str]:
+    """The best throughput the slowest stage allows, and that stage's name: the main's build on its build
+    threads (the fill into the slot is the only copy the main makes); the kernel on the usable workers
+    (CPU: cores // threads; CUDA: the GPUs, whose copy engines overlap the kernel, so the slower of the
+    kernel and the host-to-device copy)."""
+    cuda = cal["device"].startswith("cuda")
+    bt = _build_threads(cfg, workers, cuda, build_threads)
+    threads = cfg.replace(**{"workers.count": workers}).threads_per_worker()
+    stages = {f"main build ({bt} thread{'s' if bt > 1 else ''})": 1 / cal["build_s_by_threads"][bt]}
+    if cuda:
+        gpus = max(1, cal["gpus"])
+        stages["kernel on the GPU"] = min(workers, gpus) / cal["kernel_s_by_threads"][threads]
+        stages["host-to-device"] = gpus / cal["h2d_s"]
+    else:
+        usable = min(workers, max(1, cal["cores"] // threads))
+        stages["kernel x usable workers"] = usable / cal["kernel_s_by_threads"][threads]
+    stage = min(stages, key=stages.get)
+    return round(stages[stage], 3), stage
+
+
+def roofline(cal: dict, cfg: Config, counts: list[int], n: int = 0) -> dict:
+    """``bound`` for each worker count, with the automatic build threads."""
+    out = {str(w): bound(cal, cfg, w) for w in counts}
+    return {"bound_batches_per_s": {w: b for w, (b, _) in out.items()},
+            "limiting_stage": {w: s for w, (_, s) in out.items()}}

@@ -1,0 +1,92 @@
+"""Reporting: the machine, the table, the pipeline's per-batch breakdown and the plot of a bench report."""
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+
+from .. import devices
+from ..errors import ConfigError
+
+
+def machine() -> dict:
+    import numpy
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": numpy.__version__, "platform": platform.platform(),
+            "devices": [torch.cuda.get_device_name(i) for i in range(devices.gpu_count())] or ["cpu"]}
+
+
+def table(report: dict) -> str:
+    cal = report["calibration"]
+    m = report["machine"]
+    builds = ", ".join(f"{1 / v:.1f}/s on {t} thread{'s' if int(t) > 1 else ''}"
+                       for t, v in sorted(cal["build_s_by_threads"].items(), key=lambda kv: int(kv[0])))
+    lines = [f"machine: {m['cpus']} cpus, {', '.join(m['devices'])}, torch {m['torch']}, "
+             f"python {m['python']}",
+             f"batch {cal['batch_bytes'] / 1e6:.2f} MB; the main builds {builds}",
+             f"{'mode':<20}{'workers':>8}{'build':>6}{'batch/s':>10}{'MB/s':>10}{'speedup':>9}{'startup s':>10}"
+             f"{'roofline':>10}{'rel diff':>10}"]
+    for r in report["results"]:
+        eff = f"{r['roofline_efficiency']:.0%}" if r.get("roofline_efficiency") else "-"
+        lines.append(f"{r['mode']:<20}{r['workers']:>8}{r.get('build_threads') or '-':>6}"
+                     f"{r['batches_per_s']:>10.2f}{r['mb_per_s']:>10.1f}"
+                     f"{r['speedup_vs_serial']:>8.2f}x{r['startup_s']:>10.2f}{eff:>10}"
+                     f"{r['max_rel_diff_vs_serial']:>10.1e}")
+    seen = set()
+    for r in report["results"]:
+        key = (r["workers"], r.get("roofline_batches_per_s"), r.get("limiting_stage"))
+        if r["workers"] and key not in seen:
+            seen.add(key)
+            lines.append(f"roofline at {r['workers']} worker(s): {r['roofline_batches_per_s']} batches/s, "
+                         f"limited by {r['limiting_stage']}")
+    for r in report["results"]:
+        if r["mode"] == "pipeline" and r.get("breakdown_ms_per_batch"):
+            lines.append(f"pipeline x{r['workers']} (build {r.get('build_threads')}) ms/batch: "
+                         + breakdown_text(r["breakdown_ms_per_batch"])
+                         + (f"; host-to-device {r['h2d_gbps']} GB/s"
+                            f"{' from the slots' if r.get('h2d_from_slot') else ''}" if r.get("h2d_gbps") else ""))
+    off = [r for r in report["results"] if r.get("calibration_off")]
+    for r in off:
+        lines.append(f"warning: {r['mode']} x{r['workers']} ran at {r['roofline_efficiency']:.0%} of the roofline: "
+                     f"the calibration is off (a stage measured alone ran slower than in the pipeline)")
+    return "\n".join(lines)
+
+
+def breakdown_text(b: dict) -> str:
+    """The per-batch breakdown in three groups: the main's own work, the worker's, and waits."""
+    main = ("build", "dispatch", "receive")
+    work = ("stage", "h2d", "compute", "d2h")
+    waits = ("slot_wait", "worker_wait", "idle", "return", "order_wait")
+
+    def part(keys):
+        return ", ".join(f"{k} {b[k + '_ms']}" for k in keys if k + "_ms" in b)
+    return f"main [{part(main)}] worker [{part(work)}] waits [{part(waits)}]"
+
+
+def plot(report: dict, path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("--plot needs matplotlib: pip install -e '.[plot]'") from None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    rows = report["results"]
+    for mode in dict.fromkeys(r["mode"] for r in rows if r["mode"] != "serial"):
+        pts = [(r["workers"], r["batches_per_s"]) for r in rows if r["mode"] == mode]
+        ax.plot(*zip(*pts), marker="o", label=mode)
+    serial = [r["batches_per_s"] for r in rows if r["mode"] == "serial"]
+    if serial:
+        ax.axhline(serial[0], color="grey", linestyle="--", label="serial")
+    roof = report["roofline"]["bound_batches_per_s"]
+    ax.plot([int(w) for w in roof], list(roof.values()), color="black", linestyle=":", label="roofline")
+    cfg = report["config"]["source"]
+    ax.set(xlabel="workers", ylabel="batches/s",
+           title=f"{report['config']['kernel']['name']}, {cfg['rows']}x{cfg['cols']} {cfg['dtype']} "
+                 f"({', '.join(report['machine']['devices'])}, {report['machine']['cpus']} cpus)")
+    ax.set_xticks(sorted({r["workers"] for r in rows if r["workers"]}))
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize="small", loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
