@@ -109,9 +109,11 @@ class BuildProcesses:
         self._record = record_order
         self.per_process = max(1, threads)
         self.drawn: deque[int] = deque()  # batch indices in the order they were drawn
-        self.procs = [self._spawn(r) for r in range(processes)]
         self.count = processes * self.per_process  # build threads in all
         self.starts_failed: dict[int, int] = {}  # rank -> deaths before 'ready', in a row
+        self.procs: list[_Proc] = []
+        for r in range(processes):
+            self.procs.append(self._spawn(r))
 
     def _spawn(self, rank: int) -> _Proc:
         from .executor import _no_phantom_main_file, _sigint_blocked
@@ -153,7 +155,10 @@ class BuildProcesses:
                                                                  f"{proc.pid})"), index))
         except (EOFError, OSError):
             pass
-        self._report(("builder_died", proc.rank))
+        except BaseException as e:  # noqa: BLE001 - a bug here: the run fails with it, never hangs
+            self._report(("error", None, e, None))
+        finally:
+            self._report(("builder_died", proc.rank))
 
     def stuck(self) -> bool:
         return False
@@ -180,6 +185,8 @@ class BuildProcesses:
         """The dead process ``rank``, what it held ((slot, index) pairs) and why it ended; a new one in
         its place. WorkerError if it died before it was ready ``limit`` times in a row."""
         proc = next(p for p in self.procs if p.rank == rank)
+        if proc.process.is_alive():  # its pipe broke while it lives on: it is of no use any more
+            proc.process.kill()
         proc.process.join()
         proc.conn.close()
         from .executor import _likely, signal_name

@@ -32,6 +32,7 @@ import math
 import multiprocessing as mp
 import os
 import queue
+import select
 import signal
 import sys
 import threading
@@ -106,6 +107,7 @@ class LocalExecutor:
         self.threads = cfg.threads_per_worker()
         self.workers: list[Handle] = []
         self.history: list[Handle] = []
+        self.generation = 0  # counts workers started: the set of pipes to wait on changed
         self.restarts: list[dict] = []
         self.notes: list[str] = []
         self.startup_s = 0.0  # until the first worker could compute (the first builds overlap it)
@@ -161,6 +163,7 @@ class LocalExecutor:
         child.close()
         h = Handle(rank, p, parent)
         self.history.append(h)
+        self.generation += 1  # a run's poll object is made again (_Run._pump)
         return h
 
     def close(self, graceful: bool = True) -> None:
@@ -364,6 +367,7 @@ class _Run:
         self.free = list(range(self.ring.count - 1, -1, -1))
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
+        self._polled = -1  # the worker generation the poll object was made for (see _pump)
         self.done_q: queue.SimpleQueue = queue.SimpleQueue()
         self.threads = self.cfg.build_threads(self.cuda)
         procs = self.cfg.workers.build_processes
@@ -424,7 +428,7 @@ class _Run:
         if t < 2 or c["built"] < 2 * t or devices.usable_cpus() < 2 or b["idle_s"] <= b["compute_s"]:
             return None
         cpus = t * c["build_cpu_s"] / b["build_s"]  # CPUs the build threads had while all were building
-        if not 0.6 <= cpus <= 1.3:  # (far below one: they mostly waited for I/O, not for the GIL)
+        if not 0.6 <= cpus <= 1.5:  # (far below one: they mostly waited for I/O, not for the GIL)
             return None
         return (f"build: the build was the limit (workers waited {b['idle_s'] / c['built'] * 1000:.1f} ms per "
                 f"batch for one) and did not scale with threads: {t} build threads used {cpus:.1f} CPUs between "
@@ -595,26 +599,41 @@ class _Run:
         self.breakdown["dispatch_s"] += time.perf_counter() - t0
 
     def _pump(self, timeout: float) -> None:
-        by_conn = {w.conn: w for w in self.ex.workers}
-        by_sentinel = {w.process.sentinel: w for w in self.ex.workers}
-        ready = wait(list(by_conn) + list(by_sentinel) + [self.wake_r], timeout)
-        if self.wake_r in ready:
-            os.read(self.wake_r, 4096)
-        for obj in ready:
-            w = by_conn.get(obj)
-            if w is None:
+        """Wait for the next thing to happen (a message, a death, a build, the consumer) and handle it.
+        One ``poll`` object for the run, made again only when a worker was replaced: a wait costs one
+        syscall, whatever the number of workers; a message is read when its pipe is ready (one per pipe
+        and wait: level-triggered, the next wait sees the rest)."""
+        if self._polled != self.ex.generation:
+            self._poll, self._fds = select.poll(), {self.wake_r: None}
+            self._poll.register(self.wake_r, select.POLLIN)
+            for w in self.ex.workers:
+                for fd, sentinel in ((w.conn.fileno(), False), (w.process.sentinel, True)):
+                    self._fds[fd] = (w, sentinel)
+                    self._poll.register(fd, select.POLLIN)
+            self._polled = self.ex.generation
+        events = self._poll.poll(timeout * 1000)
+        look = not events  # a quiet tick: look at every worker anyway
+        for fd, _ in events:
+            entry = self._fds.get(fd)
+            if entry is None:
+                os.read(self.wake_r, 4096)
+                continue
+            w, sentinel = entry
+            if sentinel or w not in self.ex.workers:  # it ended (or was replaced during this wait)
+                look = True
                 continue
             try:
-                while w.conn.poll():
-                    t0 = time.perf_counter()
-                    msg = w.conn.recv()
-                    self.breakdown["receive_s"] += time.perf_counter() - t0
-                    self._on_message(w, msg)
+                t0 = time.perf_counter()
+                msg = w.conn.recv()
+                self.breakdown["receive_s"] += time.perf_counter() - t0
             except (EOFError, OSError):
-                pass  # died mid-message; the sentinel follows
-        for w in list(self.ex.workers):
-            if not w.process.is_alive():
-                self._on_death(w, w.retired or self.ex._cause(w))
+                look = True  # died mid-message; the sentinel follows
+                continue
+            self._on_message(w, msg)
+        if look:
+            for w in list(self.ex.workers):
+                if not w.process.is_alive():
+                    self._on_death(w, w.retired or self.ex._cause(w))
         self._check_deadlines()
 
     def _on_message(self, w: Handle, msg: tuple) -> None:

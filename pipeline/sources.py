@@ -211,20 +211,28 @@ class MapSource(Indexed):
         """Samples ``lo .. hi`` of batch ``index``: one ``__getitems__`` call when the dataset has it, else
         one ``__getitem__`` each; SampleError naming the sample(s) if the dataset raises."""
         base = index * (self.batch_size or 1)
-        i = base + lo
         try:
             if self.batched:
                 got = self.dataset.__getitems__(list(range(base + lo, base + hi)))
                 if len(got) != hi - lo:
                     raise ValueError(f"__getitems__ returned {len(got)} samples for {hi - lo} indices")
                 return got
-            got = []
-            for i in range(base + lo, base + hi):
-                got.append(self.dataset[i])
-            return got
+            get = self.dataset.__getitem__
+            return [get(i) for i in range(base + lo, base + hi)]
         except Exception as e:  # noqa: BLE001 - the dataset's error: its batch fails, naming the samples
-            what = f"samples {base + lo}..{base + hi - 1}" if self.batched and hi - lo > 1 else f"sample {i}"
+            what = f"samples {base + lo}..{base + hi - 1}" if hi - lo > 1 else f"sample {base + lo}"
+            if not self.batched and hi - lo > 1:
+                what = self._culprit(base + lo, base + hi) or what
             raise SampleError(f"{what} (batch {index}): {type(e).__name__}: {e}") from e
+
+    def _culprit(self, start: int, stop: int) -> str | None:
+        """Which sample of ``start .. stop`` raises (fetched again one by one: the error path only)."""
+        for i in range(start, stop):
+            try:
+                self.dataset[i]
+            except Exception:  # noqa: BLE001
+                return f"sample {i}"
+        return None
 
     def _produce(self, index: int):
         """Batch ``index`` built apart (collate, or an item that is a whole batch), as numpy fields."""
@@ -240,36 +248,25 @@ class MapSource(Indexed):
         return fields(batch, f"batch {index} (from collate)")
 
     def _write(self, views, index: int, lo: int, hi: int) -> None:
-        """Samples ``lo .. hi`` of batch ``index``, each into its row of every field (NOTE [ Samples ])."""
-        base = index * self.batch_size
+        """Samples ``lo .. hi`` of batch ``index`` into their rows of every field (NOTE [ Samples ]): each
+        field's values written in one numpy call when every sample has the field's shape and dtype
+        exactly, else one sample at a time, which converts, checks and names what does not fit."""
+        samples = self._fetch(index, lo, hi)
         layout = self.sample_layout
-        outs = flatten(views)
-        specs = [(s, np.dtype(d)) for s, d in zip(layout.shapes, layout.dtypes)]
-        got = self._fetch(index, lo, hi) if self.batched else None
-        get = self.dataset.__getitem__
-        j = lo
+        outs = [o[lo:hi] for o in flatten(views)]
+        columns = [samples] if layout.kind == "array" else _columns(samples, layout)
+        if columns is not None and all(_put(o, col, shape, np.dtype(d))
+                                       for o, col, shape, d in zip(outs, columns, layout.shapes, layout.dtypes)):
+            return
         try:
-            if layout.kind == "array":
-                (out,), ((shape, dtype),) = outs, specs
-                for j in range(lo, hi):
-                    s = got[j - lo] if got is not None else get(base + j)
-                    if type(s) is not np.ndarray or s.shape != shape or s.dtype != dtype:
-                        s = self._checked(s, index, j)
-                    out[j] = s
-            else:
-                for j in range(lo, hi):
-                    s = got[j - lo] if got is not None else get(base + j)
-                    parts = _parts_of(s, layout)
-                    if parts is not None:
-                        parts = [_fast(a, shape, dtype) for a, (shape, dtype) in zip(parts, specs)]
-                    if parts is None or any(a is None for a in parts):
-                        parts = flatten(self._checked(s, index, j))
-                    for out, a in zip(outs, parts):
-                        out[j] = a
+            for j, sample in enumerate(samples):
+                for o, a in zip(outs, flatten(self._checked(sample, index, lo + j))):
+                    o[j] = a
         except SampleError:
             raise
-        except Exception as e:  # noqa: BLE001 - the dataset's error: its batch fails, naming the sample
-            raise SampleError(f"sample {base + j} (batch {index}): {type(e).__name__}: {e}") from e
+        except Exception as e:  # noqa: BLE001 - the dataset's values: its batch fails, naming the sample
+            base = index * self.batch_size
+            raise SampleError(f"sample {base + lo + j} (batch {index}): {type(e).__name__}: {e}") from e
 
     def _checked(self, sample, index: int, row: int):
         """``sample`` as numpy fields that fit the first sample's layout, or SampleError saying what
@@ -302,29 +299,42 @@ def _from_ref(ref: str, params: dict, batch_size: int, drop_last: bool, collate)
 _SCALAR_KIND = {int: "i", float: "f", bool: "b"}
 
 
-def _fast(a, shape: tuple, dtype: np.dtype):
-    """``a`` when it can be assigned to its row as it is (an array of the field's shape and dtype, or a
-    Python number of the field's kind), else None: the slow path converts and checks it."""
-    t = type(a)
-    if t is np.ndarray:
-        return a if a.shape == shape and a.dtype == dtype else None
-    if not shape and _SCALAR_KIND.get(t) == dtype.kind:
-        return a
-    return None
+def _put(out: np.ndarray, values: list, shape: tuple, dtype: np.dtype) -> bool:
+    """Write ``values`` (one per row) into ``out`` in one numpy call if every one is exactly of the
+    field's shape and dtype (arrays or tensors; Python numbers of the field's kind for a scalar field);
+    False to let the caller go sample by sample."""
+    try:
+        if not shape:
+            kinds = {type(v) for v in values}
+            if len(kinds) == 1 and _SCALAR_KIND.get(next(iter(kinds))) == dtype.kind:
+                out[...] = values
+                return True
+            if kinds <= {np.ndarray} | {type(dtype.type(0))} and {v.dtype for v in values} == {dtype}:
+                out[...] = values
+                return True
+            return False
+        if {v.shape for v in values} != {shape}:
+            return False
+        np.concatenate(values, out=out.reshape(-1, *shape[1:]), casting="no")
+        return True
+    except (AttributeError, TypeError, ValueError, RuntimeError):
+        return False
 
 
-def _parts_of(sample, layout: Layout) -> list | None:
-    """The sample's field values in layout order, when it has the layout's structure; else None."""
+def _columns(samples: list, layout: Layout) -> list | None:
+    """The samples' values field by field (a list per field), when every sample has the layout's
+    structure; else None."""
+    n = len(layout.shapes)
     if layout.kind == "dict":
-        if type(sample) is not dict or len(sample) != len(layout.keys):
+        if not all(type(s) is dict and len(s) == n for s in samples):
             return None
         try:
-            return [sample[k] for k in layout.keys]
+            return [[s[k] for s in samples] for k in layout.keys]
         except KeyError:
             return None
-    if type(sample) is not tuple or len(sample) != len(layout.shapes):
+    if not all(type(s) is tuple and len(s) == n for s in samples):
         return None
-    return list(sample)
+    return [list(col) for col in zip(*samples)]
 
 
 class Work:

@@ -21,7 +21,7 @@ import torch
 from .. import devices
 from ..errors import ConfigError
 from ..runner import make_executor
-from ..sources import Work
+from ..sources import Indexed, Work
 from ..worker import Computer
 
 
@@ -37,7 +37,7 @@ def _timed(fn, repeat: int):
 
 def _pipeline(cfg, spec, src, repeat):
     def work(batches):
-        return Work(batches, getattr(src, "batch", None), getattr(src, "max_nbytes", None))
+        return Work(batches, src if isinstance(src, Indexed) else None, getattr(src, "max_nbytes", None))
 
     with make_executor(cfg, spec) as ex:
         warm = list(src)[: 2 * cfg.workers.count]  # every worker sets its kernel up before timing
