@@ -187,6 +187,16 @@ def test_results_identical_for_threads_processes_slots_and_workers():
 
 
 @pytest.mark.timeout(120)
+def test_a_batch_lost_with_its_worker_is_computed_again():
+    """A worker killed on batch 2 of a dataset: a restart, the batch computed again, serial's checksum."""
+    ds = Records(n=20)
+    ref = pipeline.run(source=ds, batch_size=4, kernel="sum", workers=0, **FAST)
+    r = pipeline.run(source=ds, batch_size=4, kernel="faulty", workers=2, **{"kernel.params.crash_on": 2}, **FAST)
+    assert r.summary["checksum"] == ref.summary["checksum"]
+    assert [x["batch"] for x in r.summary["restarts"]] == [2]
+
+
+@pytest.mark.timeout(120)
 def test_kernel_gets_the_structure_and_output_keeps_every_field(tmp_path):
     """A dict batch reaches a kernel of our own as a dict of tensors; --output writes every field, resumes."""
     ds = Records(n=10)

@@ -115,3 +115,16 @@ def test_failed_batch_is_an_outcome_and_fail_raises():
         with pytest.raises(RuntimeError, match="batch 1 .*raise_on batch 1"):
             e.cfg = resolve(None, dict(base, on_error="fail"))
             list(e.stream(Counted(4)))
+
+
+@pytest.mark.timeout(120)
+def test_a_dataset_of_dict_samples_on_ray():
+    """A map-style dataset of dict samples on the Ray backend: the local checksum; a failing sample is skipped."""
+    import pipeline
+    from test_datasets import Records
+    kw = dict(batch_size=4, kernel="sum", workers=2, progress=False)
+    ref = pipeline.run(source=Records(n=18), workers=0, **{k: v for k, v in kw.items() if k != "workers"})
+    r = pipeline.run(source=Records(n=18), backend="ray", **kw)
+    assert r.summary["checksum"] == ref.summary["checksum"]
+    r = pipeline.run(source=Records(n=18, fail_at=9), backend="ray", on_error="skip", **kw)
+    assert [f["batch"] for f in r.summary["failed"]] == [2] and "record 9.bin" in r.summary["failed"][0]["cause"]
