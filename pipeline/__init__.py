@@ -10,10 +10,10 @@
 """
 from .config import Config, load_config
 from .errors import (ConfigError, ExitCode, HandoffError, KernelError, OutputError, PipelineError,
-                     WorkerError)
+                     SampleError, WorkerError)
 
 __all__ = ["run", "imap", "Pipeline", "Stream", "RunResult", "Config", "load_config", "PipelineError", "ConfigError", "HandoffError",
-           "KernelError", "WorkerError", "OutputError", "ExitCode"]
+           "KernelError", "WorkerError", "OutputError", "SampleError", "ExitCode"]
 __version__ = "0.1.0"
 
 
