@@ -37,6 +37,7 @@ class Built:
     nbytes: int
     seconds: float = 0.0  # the build's wall time, summed over the threads that built it
     cpu: float = 0.0  # their CPU time (less than ``seconds``: waiting for the GIL, or for I/O)
+    batch: Batch | None = None  # the record of a caller's batch (a retry builds it again from it)
 
 
 class _Shared:
@@ -85,9 +86,10 @@ class Builders:
         for t in self.threads:
             t.start()
 
-    def submit(self, slot: int, index: int | None = None) -> None:
-        """Build the next batch (or batch ``index`` again) into ``slot``."""
-        self._jobs.put((slot, index))
+    def submit(self, slot: int, index: int | None = None, batch: Batch | None = None) -> None:
+        """Build the next batch (or batch ``index`` again: from its record ``batch`` when given, else from
+        the source) into ``slot``."""
+        self._jobs.put((slot, index, batch))
 
     def close(self, timeout: float = 5.0) -> None:
         """Skip the jobs not started; wait for the running ones (a stuck caller's iterator: not forever)."""
@@ -112,9 +114,8 @@ class Builders:
                 continue
             if self._stopped:
                 continue
-            slot, index = job
+            slot, index, batch = job
             t0, c0 = time.perf_counter(), time.thread_time()
-            batch = None
             try:
                 if index is None:
                     with self._draw:
@@ -124,7 +125,7 @@ class Builders:
                     if batch is None:
                         self._report(("exhausted", slot))
                         continue
-                else:
+                elif batch is None:
                     batch = self._rebuild(index)
                 shared = self._share(batch, slot)
                 if shared is not None:
@@ -135,6 +136,8 @@ class Builders:
                 self._report(("error", slot, e, batch.index if batch is not None else index))
                 continue
             built.seconds, built.cpu = time.perf_counter() - t0, time.thread_time() - c0
+            if self._rebuild is None:  # a caller's batch: its record goes with it, for a retry
+                built.batch = batch
             self._report(("built", built))
 
     def _share(self, batch: Batch, slot: int) -> _Shared | None:

@@ -69,7 +69,7 @@ def main(rank: int, conn, payload: bytes, ring_path: str, slot_bytes: int, threa
             job = conn.recv()
             if job is None:
                 break
-            builders.submit(*job)
+            builders.submit(*job)  # (slot, index)
         builders.close()
     except (EOFError, OSError):  # the main is gone
         if not _alive(main_pid) or os.getppid() == 1:
@@ -163,8 +163,9 @@ class BuildProcesses:
     def stuck(self) -> bool:
         return False
 
-    def submit(self, slot: int, index: int | None = None) -> None:
-        """Build batch ``index`` (or the next one: drawn here, in order) into ``slot``."""
+    def submit(self, slot: int, index: int | None = None, batch=None) -> None:
+        """Build batch ``index`` (or the next one: drawn here, in order) into ``slot``; the source builds
+        it on its own, so a batch record is not needed."""
         if index is None:
             batch = next(self._batches, None)
             if batch is None:

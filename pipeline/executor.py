@@ -391,7 +391,9 @@ class _Run:
         self.jobs = 0  # jobs the builders have not answered yet
         self.exhausted = False
         self.ready: deque[Task] = deque()  # built (or to be sent again), waiting for a worker
-        self.rebuilds: deque[tuple[int, int]] = deque()  # (index, attempt) to build again
+        # (index, attempt, the batch record or None) to build again: from the record when the source can't
+        # build batch i on its own (a caller's iterator), else from the source
+        self.rebuilds: deque[tuple[int, int, Any]] = deque()
         self.attempts: dict[int, int] = {}
         return True
 
@@ -534,7 +536,7 @@ class _Run:
             if attempt > limit:
                 self._fail(index, f"build process {rank} died building it: {cause}", attempt - 1)
             else:
-                self.rebuilds.append((index, attempt))
+                self.rebuilds.append((index, attempt, None))
 
     def _on_built(self, b: Built) -> None:
         self.breakdown["build_s"] += b.seconds
@@ -547,6 +549,7 @@ class _Run:
             task = Task(b.index, attempt, array=b.array)
         else:
             task = Task(b.index, attempt, self.ring.path, self.ring.slot_bytes, b.desc)
+            task.batch = b.batch  # a caller's batch: kept (a reference, no copy) to build it again
         self.ready.append(task)
 
     def _issue_builds(self) -> None:
@@ -555,9 +558,9 @@ class _Run:
         t0 = time.perf_counter()
         idle = self.threads - self.jobs
         while self.free and self.rebuilds and idle > 0:
-            index, attempt = self.rebuilds.popleft()
+            index, attempt, batch = self.rebuilds.popleft()
             self.attempts[index] = attempt
-            self.builders.submit(self.free.pop(), index)
+            self.builders.submit(self.free.pop(), index, batch)
             self.jobs, idle = self.jobs + 1, idle - 1
         with self.cond:
             room = self.window - (self.started - self.taken)
@@ -699,9 +702,14 @@ class _Run:
                 lost = lost[1:]
                 self._deliver(Outcome(head.index, None, {"_done_at": time.perf_counter()},
                                       {"batch": head.index, "cause": cause, "attempts": head.attempt - 1}))
-        for task in reversed(lost):  # the head first, then the rest in their order
-            if task.released:  # its slot went back early: build it again (NOTE [ Slot release ])
-                self.rebuilds.appendleft((task.index, task.attempt))
+        for k, task in reversed(list(enumerate(lost))):  # the head first, then the rest in their order
+            # NOTE [ Retries see the batch as built ]: the head was being computed, and on the CPU its
+            # kernel reads the slot itself and may have written to it (``x.relu_()``): it is built again
+            # into a slot (from the source, or from its record), never sent as it is. The ones queued
+            # behind it were not read yet; a slot that went back early is built again anyway.
+            if task.released or (k == 0 and batch == task.index and task.desc is not None):
+                self._release(task)
+                self.rebuilds.appendleft((task.index, task.attempt, task.batch))
             else:
                 self.ready.appendleft(task)
         self.ex._replace(w, cause, batch)

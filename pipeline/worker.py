@@ -40,9 +40,10 @@ class Task:
     desc: Descriptor | None = None
     array: Any = None  # the pickled fallback, for a batch larger than a slot (an array, tuple or dict)
     released: bool = False  # (main side) its slot went back to the ring (NOTE [ Slot release ])
+    batch: Any = None  # (main side) a caller's batch record, to build it again for a retry
 
     def __getstate__(self):  # what travels: no main-side bookkeeping
-        return {k: v for k, v in self.__dict__.items() if k != "released"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("released", "batch")}
 
 
 @dataclass

@@ -175,3 +175,55 @@ def test_out_of_memory_follows_on_error_and_the_worker_carries_on():
                      **{"kernel.params.oom_on": [1, 3]}, **SIX).summary
     assert [f["batch"] for f in s["failed"]] == [1, 3] and s["restarts"] == [] and s["completed"] == 4
     assert s["failed"][0]["cause"].startswith("OutOfMemoryError")
+
+
+class ZeroThenDie:
+    """On a batch's first attempt: zero the input in place, then die (as a kernel with ``x.mul_(0)`` that
+    then crashes would); later attempts: per-row sums."""
+
+    def setup(self, device):
+        pass
+
+    def __call__(self, x):
+        from pipeline import kernels
+        if kernels.current["attempt"] == 1:
+            x.mul_(0)
+            os._exit(1)
+        return x.sum(1)
+
+
+def full_batches():
+    import numpy as np
+    return [np.full((4, 4), 1.0 + i, dtype=np.float32) for i in range(3)]
+
+
+class FullDataset:
+    def __len__(self):
+        return 3
+
+    def __getitem__(self, i):
+        return full_batches()[i]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("kind", ["iterable", "dataset", "synthetic", "file"])
+def test_a_retry_sees_the_batch_as_it_was_built(kind, tmp_path):
+    """A kernel that zeroes its input in place and dies: the retry computes on the batch as built."""
+    import numpy as np
+    kw = dict(kernel="test_executor:ZeroThenDie", progress=False, threads_per_worker=1)
+    if kind == "iterable":
+        kw["source"] = iter(full_batches())
+    elif kind == "dataset":
+        kw["source"] = FullDataset()
+    elif kind == "synthetic":
+        kw.update(batches=3, rows=4, cols=4)
+    else:
+        np.save(tmp_path / "x.npy", np.concatenate(full_batches()))
+        kw.update(input=str(tmp_path / "x.npy"), rows=4)
+    r = pipeline.run(workers=2, **kw)
+    assert len(r.summary["restarts"]) == 3 and r.summary["failed"] == []
+    if kind == "synthetic":
+        ref = pipeline.run(workers=0, kernel="sum", batches=3, rows=4, cols=4, progress=False)
+        assert r.summary["checksum"] == ref.summary["checksum"]
+    else:
+        assert [x.tolist() for x in r.results] == [[4.0 * (1 + i)] * 4 for i in range(3)]
