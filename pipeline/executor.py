@@ -108,6 +108,8 @@ class LocalExecutor:
         self.workers: list[Handle] = []
         self.history: list[Handle] = []
         self.generation = 0  # counts workers started: the set of pipes to wait on changed
+        self.start_failures: dict[int, list[str]] = {}  # rank -> how its starts ended, in a row
+        self.respawn_at: dict[int, float] = {}  # rank -> when to start it again (a death while starting)
         self.restarts: list[dict] = []
         self.notes: list[str] = []
         self.startup_s = 0.0  # until the first worker could compute (the first builds overlap it)
@@ -140,7 +142,7 @@ class LocalExecutor:
 
     def wait_ready(self) -> None:
         """Block until every worker has set its kernel up (raises if one can't)."""
-        while not all(w.ready for w in self.workers):
+        while self.respawn_at or not all(w.ready for w in self.workers):
             self._pump_idle(1.0)
 
     @property
@@ -187,6 +189,7 @@ class LocalExecutor:
                 w.process.join()
             w.conn.close()
         self.workers = []
+        self.respawn_at.clear()
         self.relay.close()  # after the last join: prints what the workers wrote, to the end of each pipe
         if self.ring is not None:
             self.ring.close()
@@ -237,8 +240,10 @@ class LocalExecutor:
 
     def _pump_idle(self, timeout: float) -> None:
         """Between runs (or before the first): take 'ready' messages, notice deaths while starting."""
+        due = self.respawn_due()
         by_conn = {w.conn: w for w in self.workers}
-        for obj in wait(list(by_conn) + [w.process.sentinel for w in self.workers], timeout):
+        for obj in wait(list(by_conn) + [w.process.sentinel for w in self.workers],
+                        timeout if due is None else min(timeout, due)):
             w = by_conn.get(obj)
             if w is not None:
                 try:
@@ -248,15 +253,19 @@ class LocalExecutor:
                     pass
         for w in list(self.workers):
             if not w.process.is_alive():
-                self._died_unready(w) if not w.ready else self._replace(w, self._cause(w))
+                if w.ready:
+                    self._replace(w, self._cause(w))
+                else:
+                    self._died_unready(w, self.cfg.faults.max_attempts)
 
     def _on_setup_message(self, w: Handle, msg: tuple) -> None:
         if msg[0] == "ready":
             w.ready, w.pid, w.device = True, msg[1], msg[2]
+            self.start_failures.pop(w.rank, None)
             if self._t_start is not None:
                 if not self.startup_s:
                     self.startup_s = time.perf_counter() - self._t_start
-                if all(h.ready for h in self.workers):
+                if all(h.ready for h in self.workers) and not self.respawn_at:
                     self.ready_s = time.perf_counter() - self._t_start
                     self._t_start = None
         elif msg[0] == "fatal":
@@ -272,16 +281,43 @@ class LocalExecutor:
     def _cause(w: Handle) -> str:
         return signal_name(w.process.exitcode) + _likely(w.process.exitcode)
 
-    def _died_unready(self, w: Handle) -> None:
+    def _died_unready(self, w: Handle, limit: int) -> None:
+        """NOTE [ Restarts while starting ]
+        A worker that died (a signal, an exit) before it was ready, while importing torch or setting its
+        kernel up, is started again after a short backoff (0.1 s, doubling, at most 2 s), and the run goes
+        on with the workers that are up: the OOM killer, a preempted node or a container restart do that
+        to a worker that did nothing wrong. A kernel setup that raises is another matter: deterministic (a
+        config or code error), it fails the run at once ("fatal"). The ``limit``-th death in a row of the
+        same rank before it was ready fails the run, with one line saying how each start ended."""
         w.process.join()
-        hint = ""
-        main = sys.modules.get("__main__")
-        if w.process.exitcode == 1 and getattr(main, "__file__", None) and not getattr(main, "__spec__", None):
-            hint = (f"; its error is printed above. If it says 'bootstrapping phase', "
-                    f"{os.path.basename(main.__file__)} calls pipeline at import time: spawn re-imports "
-                    f"the main script in every worker, so put the call under "
-                    f"`if __name__ == \"__main__\":`")
-        raise WorkerError(f"worker {w.rank} (pid {w.process.pid}) died while starting: {self._cause(w)}{hint}")
+        w.conn.close()
+        self.workers.remove(w)
+        causes = self.start_failures.setdefault(w.rank, [])
+        causes.append(self._cause(w))
+        if len(causes) >= limit:
+            hint = ""
+            main = sys.modules.get("__main__")
+            if w.process.exitcode == 1 and getattr(main, "__file__", None) and not getattr(main, "__spec__", None):
+                hint = (f"; its error is printed above. If it says 'bootstrapping phase', "
+                        f"{os.path.basename(main.__file__)} calls pipeline at import time: spawn re-imports "
+                        f"the main script in every worker, so put the call under "
+                        f"`if __name__ == \"__main__\":`")
+            raise WorkerError(f"worker {w.rank} (pid {w.process.pid}) died while starting, {len(causes)} times "
+                              f"in a row (faults.max_attempts): {'; '.join(causes)}{hint}")
+        self.restarts.append({"rank": w.rank, "pid": w.process.pid, "cause": f"{causes[-1]} while starting",
+                              "batch": None})
+        self.respawn_at[w.rank] = time.monotonic() + min(2.0, 0.1 * 2 ** (len(causes) - 1))
+
+    def respawn_due(self) -> float | None:
+        """Start the workers whose backoff is over (NOTE [ Restarts while starting ]); the seconds until
+        the next is due, or None when none waits."""
+        now = time.monotonic()
+        for rank, at in list(self.respawn_at.items()):
+            if at <= now:
+                del self.respawn_at[rank]
+                self.workers.append(self._spawn(rank))
+                self.workers.sort(key=lambda h: h.rank)
+        return max(0.0, min(self.respawn_at.values()) - now) if self.respawn_at else None
 
     def _replace(self, w: Handle, cause: str, batch: int | None = None) -> None:
         """A worker died (or was killed): record it and start a fresh one in its place."""
@@ -474,7 +510,8 @@ class _Run:
                 at_workers = any(w.tasks for w in self.ex.workers)
                 if self.exhausted and not (self.jobs or self.ready or self.rebuilds or at_workers):
                     break
-                self._pump(self._tick())
+                due = self.ex.respawn_due()
+                self._pump(self._tick() if due is None else min(self._tick(), due))
         except BaseException as e:  # noqa: BLE001 - the consumer raises it
             with self.cond:
                 self.error = e
@@ -690,8 +727,9 @@ class _Run:
             self.cond.notify_all()
 
     def _on_death(self, w: Handle, cause: str) -> None:
-        if not w.ready:
-            self.ex._died_unready(w)
+        if not w.ready:  # it held no batch yet (NOTE [ Restarts while starting ])
+            self.ex._died_unready(w, self.cfg.faults.max_attempts)
+            return
         lost = list(w.tasks)
         batch = lost[0].index if lost else None
         if lost:

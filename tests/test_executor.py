@@ -227,3 +227,37 @@ def test_a_retry_sees_the_batch_as_it_was_built(kind, tmp_path):
         assert r.summary["checksum"] == ref.summary["checksum"]
     else:
         assert [x.tolist() for x in r.results] == [[4.0 * (1 + i)] * 4 for i in range(3)]
+
+
+class DieInSetup:
+    """A kernel whose setup kills its own worker: every time (``always``), or on a rank's first start
+    only (a marker file per rank says it happened)."""
+
+    def setup(self, device, marker="", always=False):
+        import torch
+        rank = torch.multiprocessing.current_process().name.rsplit("-", 1)[-1]
+        if always or not os.path.exists(f"{marker}-{rank}"):
+            open(f"{marker}-{rank}", "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def __call__(self, x):
+        return x.sum(1)
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_killed_while_starting_is_started_again(tmp_path):
+    """Each of four workers is SIGKILLed while setting its kernel up: started again, the run succeeds."""
+    marker = str(tmp_path / "started")
+    s = pipeline.run(kernel="test_executor:DieInSetup", workers=4, **{"kernel.params.marker": marker},
+                     **SIX).summary
+    assert s["checksum"] == clean_checksum() and s["failed"] == []
+    assert sorted(r["rank"] for r in s["restarts"]) == [0, 1, 2, 3]
+    assert all(r["cause"].endswith("while starting") and "SIGKILL" in r["cause"] for r in s["restarts"])
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_that_always_dies_while_starting_fails_the_run(tmp_path):
+    """A rank that dies before it is ready max_attempts times in a row: one line with every start's end."""
+    with pytest.raises(pipeline.WorkerError, match=r"died while starting, 2 times in a row .*SIGKILL.*; SIGKILL"):
+        pipeline.run(kernel="test_executor:DieInSetup", workers=1, max_attempts=2,
+                     **{"kernel.params.marker": str(tmp_path / "m"), "kernel.params.always": True}, **SIX)
