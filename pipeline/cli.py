@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _run_flags(b)
     b.add_argument("--modes", default="serial,pipeline",
-                   help="comma list: serial, pipeline, mp.Pool, ProcessPoolExecutor, DataLoader, or all")
+                   help="comma list: serial, pipeline, pipeline.procs, mp.Pool, ProcessPoolExecutor, DataLoader, "
+                        "spdl, ray, ray.data, or all")
     b.add_argument("--workers-list", default=None, metavar="N,N",
                    help="worker counts for the parallel modes (default 1,2,4 and the core count)")
     b.add_argument("--build-threads-list", default=None, metavar="N,N",

@@ -4,8 +4,26 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.bench import _has_ray, _has_ray_data, bound, max_rel_diff, roofline
+from pipeline.bench import _has_ray, _has_ray_data, _has_spdl, bound, max_rel_diff, roofline
 from pipeline.cli import main
+
+
+class Tiny:
+    """24 samples ``{"x": float32 (4,), "label": int}``: the dataset every dataset mode of the bench takes."""
+
+    def __len__(self):
+        return 24
+
+    def __getitem__(self, i):
+        return {"x": np.arange(4, dtype=np.float32) * i, "label": i}
+
+
+class Pairs(Tiny):
+    """The same samples as ``(x, label)`` tuples (torch's default collate makes them a list)."""
+
+    def __getitem__(self, i):
+        s = Tiny.__getitem__(self, i)
+        return s["x"], s["label"]
 
 
 @pytest.mark.timeout(300)
@@ -19,8 +37,8 @@ def test_quick_all_modes_agree(tmp_path, capsys):
     report = json.loads(path.read_text())
     assert set(report["machine"]) >= {"cpus", "python", "torch", "numpy", "devices"}
     modes = {(r["mode"], r["workers"]) for r in report["results"]}
-    peers = ["pipeline", "mp.Pool", "ProcessPoolExecutor", "DataLoader"] + (["ray"] if _has_ray() else []) \
-        + (["ray.data"] if _has_ray_data() else [])
+    peers = ["pipeline", "mp.Pool", "ProcessPoolExecutor", "DataLoader"] + (["spdl"] if _has_spdl() else []) \
+        + (["ray"] if _has_ray() else []) + (["ray.data"] if _has_ray_data() else [])
     assert modes == {("serial", 0)} | {(m, w) for m in peers for w in (1, 2)}
     for r in report["results"]:
         assert r["agrees"] and r["max_rel_diff_vs_serial"] <= 1e-3
@@ -32,6 +50,52 @@ def test_quick_all_modes_agree(tmp_path, capsys):
         "slot_wait_ms", "worker_wait_ms", "idle_ms", "return_ms", "order_wait_ms"}
     assert report["roofline"]["limiting_stage"]["1"].startswith(("main build (", "kernel"))
     assert "roofline" in out and "pipeline" in out
+
+
+def _dataset_bench(tmp_path, source, modes, *extra):
+    path = tmp_path / "b.json"
+    rc = main(["bench", "--quick", "--source", source, "--batch-size", "8", "--kernel", "sum", "--modes", modes,
+               "--workers-list", "1", "--json", str(path), *extra])
+    return rc, json.loads(path.read_text()) if path.exists() else None
+
+
+@pytest.mark.timeout(120)
+def test_dataset_modes_agree(tmp_path, capsys):
+    """--source: serial, pipeline (threads), pipeline.procs, DataLoader (and spdl) batch the same samples alike."""
+    modes = "serial,pipeline,pipeline.procs,DataLoader" + (",spdl" if _has_spdl() else "")
+    rc, report = _dataset_bench(tmp_path, "test_bench:Tiny", modes, "--build-processes", "1")
+    assert rc == 0, capsys.readouterr()
+    rows = {r["mode"]: r for r in report["results"]}
+    assert list(rows) == modes.split(",")
+    assert all(r["agrees"] and r["samples_per_s"] > 0 for r in rows.values())
+    assert rows["pipeline.procs"]["build_processes"] == 1 and not rows["pipeline"]["build_processes"]
+    assert len({r["checksum"] for r in rows.values()}) == 1
+    assert "samples/s" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(60)
+def test_dataset_tuples_through_dataloader(tmp_path, capsys):
+    """Tuple samples: DataLoader's default collate gives a list, turned back into the same tuple of fields."""
+    rc, report = _dataset_bench(tmp_path, "test_bench:Pairs", "serial,DataLoader", "--drop-last")
+    assert rc == 0, capsys.readouterr()
+    assert all(r["agrees"] for r in report["results"]) and report["results"][0]["batches"] == 3
+
+
+@pytest.mark.timeout(30)
+def test_spdl_without_spdl_exit_2(monkeypatch, capsys):
+    """--modes spdl without SPDL installed is a usage error, one line naming the extra."""
+    import pipeline.bench as b
+    monkeypatch.setattr(b, "_has_spdl", lambda: False)
+    assert main(["bench", "--quick", "--modes", "serial,spdl"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "SPDL" in err and ".[spdl]" in err
+
+
+@pytest.mark.timeout(60)
+def test_spdl_on_synthetic_batches(capsys):
+    """spdl on synthetic batches (one batch per item) agrees with serial."""
+    pytest.importorskip("spdl.pipeline")
+    assert main(["bench", "--quick", "--modes", "serial,spdl", "--workers-list", "2"]) == 0, capsys.readouterr()
 
 
 def test_bad_mode_exit_2(capsys):

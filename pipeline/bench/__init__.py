@@ -5,12 +5,23 @@ Modes (each at every worker count, with the same kernel code and thread cap):
   pipeline             this package: shared-memory slots, spawn workers
   mp.Pool              stdlib spawn ``multiprocessing.Pool.imap``, batches pickled through its pipes
   ProcessPoolExecutor  ``concurrent.futures`` (spawn) ``map``, batches pickled
+  pipeline.procs       the same, a dataset's batches built in build processes (``workers.build_processes``,
+                       or the usable CPUs): for a ``__getitem__`` that holds the GIL
   DataLoader           ``torch.utils.data.DataLoader(num_workers=N)``: its workers build the batches,
-                       the main process computes (``pin_memory`` on CUDA)
+                       the main process computes (``pin_memory`` on CUDA); on a dataset: its own batching
+                       (``batch_size``, ``collate_fn`` = the source's or torch's default, ``drop_last``)
+  spdl                 SPDL's thread pipeline (``spdl.pipeline.PipelineBuilder``), if installed: N threads
+                       fetch the samples in order (``output_order="input"``), ``aggregate(B)`` and a stack
+                       per field (or the source's collate) make the batch, the main process computes
   ray                  this package's Ray backend (one actor per worker, the object store), if installed
   ray.data             Ray Data: the driver's batches in with ``from_numpy_refs``, the kernel in
                        ``map_batches`` on an actor pool of ``workers`` actors, one of our batches per call,
                        results in order (``preserve_order``); if ``ray[data]`` is installed
+
+Every mode runs on the same source: synthetic or file batches, or a dataset (``--source``, with
+``--batch-size``): its samples grouped into batches the same way by every mode, so all agree with serial.
+``all`` takes pipeline.procs only for a dataset (build processes are for Python in ``__getitem__``), and
+leaves ray.data out for one (Ray Data's mode takes one array per batch), saying so.
 
 Both Ray modes run on one local Ray instance, started once per bench (its start-up is part of theirs).
 
@@ -29,15 +40,18 @@ from __future__ import annotations
 import json
 import sys
 
-from .. import devices, kernels
+import numpy as np
+
+from .. import devices, fields, kernels
 from ..config import Config
 from ..errors import ConfigError, ExitCode
 from ..outputs import max_rel_diff  # noqa: F401 - pipeline.bench.max_rel_diff, as before; works on structures
 from ..runner import checksum, make_source, resolve
+from ..sources import MapSource
 from ..worker import Computer
 from . import peers, ray_modes
 from .calibration import bound, calibrate, roofline  # noqa: F401 - pipeline.bench.calibrate etc., as before
-from .peers import _dataloader, _executor, _pipeline, _pool, _timed  # noqa: F401 - as before the split
+from .peers import _dataloader, _executor, _has_spdl, _pipeline, _pool, _spdl, _timed  # noqa: F401 - as before the split
 from .ray_modes import _has_ray, _has_ray_data, _ray, _ray_data, _start_ray  # noqa: F401 - as before
 from .report import breakdown_text, machine, plot, table  # noqa: F401 - pipeline.bench.table etc., as before
 
@@ -47,17 +61,10 @@ RAY_MODES = tuple(ray_modes.RUNNERS)
 QUICK = {"source.batches": 6, "source.rows": 64, "source.cols": 32}
 
 
+EXTRAS = {"ray": ("Ray", "ray"), "ray.data": ("Ray Data", "ray"), "spdl": ("SPDL", "spdl")}  # mode -> (what, extra)
+
+
 def bench(args, overrides: dict) -> int:
-    present = {"ray": _has_ray(), "ray.data": _has_ray_data()}
-    modes = ([m for m in MODES if present.get(m, True)] if args.modes == "all"
-             else [m.strip() for m in args.modes.split(",") if m.strip()])
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        raise ConfigError(f"--modes: unknown mode(s) {', '.join(unknown)}; known: {', '.join(MODES)}")
-    missing = [m for m in modes if m in present and not present[m]]
-    if missing:
-        raise ConfigError(f"--modes {','.join(missing)} needs Ray Data: pip install -e '.[ray]'"
-                          if "ray.data" in missing else "--modes ray needs Ray: pip install -e '.[ray]'")
     if args.repeat < 1:
         raise ConfigError(f"--repeat {args.repeat}: must be >= 1")
     if args.quick:
@@ -65,6 +72,7 @@ def bench(args, overrides: dict) -> int:
     overrides.setdefault("progress", False)
     counts = _counts(args, overrides)
     cfg = resolve(args.config, overrides)
+    modes = _modes(args.modes, bool(cfg.source.object))
     devices.check(cfg.workers.device)
     build_lists = _build_lists(args)
     report = run_bench(cfg, modes, counts, args.repeat, build_lists)
@@ -79,6 +87,28 @@ def bench(args, overrides: dict) -> int:
         print(f"pipeline bench: {r['mode']} x{r['workers']} disagrees with serial: max_rel_diff "
               f"{r['max_rel_diff_vs_serial']:.3g} > {report['tolerance']:g}", file=sys.stderr)
     return ExitCode.FAILED if bad else ExitCode.OK
+
+
+def _modes(text: str, dataset: bool) -> list[str]:
+    """``--modes``: a comma list, or ``all``: every mode whose extra is installed (pipeline.procs only for a
+    dataset; ray.data not for one, with a note). A mode whose extra is missing: ConfigError naming it."""
+    present = {"ray": _has_ray(), "ray.data": _has_ray_data(), "spdl": _has_spdl()}
+    if text == "all":
+        if dataset and present["ray.data"]:
+            print("pipeline bench: ray.data left out of 'all' for a dataset (its mode takes one array per "
+                  "batch); ask for it with --modes ray.data", file=sys.stderr)
+        return [m for m in MODES if present.get(m, True) and (m != "pipeline.procs" or dataset)
+                and not (m == "ray.data" and dataset)]
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ConfigError(f"--modes: unknown mode(s) {', '.join(unknown)}; known: {', '.join(MODES)}")
+    missing = [m for m in modes if m in present and not present[m]]
+    if missing:
+        what, extra = EXTRAS[missing[0]]
+        raise ConfigError(f"--modes {missing[0]} needs {what}, which is not installed: "
+                          f"pip install -e '.[{extra}]'")
+    return modes
 
 
 def _counts(args, overrides: dict) -> list[int]:
@@ -115,8 +145,12 @@ def run_bench(cfg: Config, modes: list[str], counts: list[int], repeat: int,
     spec = kernels.spec_for(cfg.kernel.name, dict(cfg.kernel.params), cfg.kernel.precision)
     src = make_source(cfg.source)
     n = len(src)
-    batch_bytes = sum(b.nbytes for b in src)
-    cal = calibrate(cfg, spec, src, counts, build_lists)  # first, on a quiet machine: peers' processes may linger
+    batch_bytes, samples = _sizes(src)
+    procs = (cfg.workers.build_processes or devices.usable_cpus()) if "pipeline.procs" in modes else 0
+    if "ray.data" in modes and not isinstance(src.get(0), np.ndarray):
+        raise ConfigError("--modes ray.data takes one array per batch; this source's batches are tuples or "
+                          "dicts of fields: leave ray.data out (the ray mode takes them)")
+    cal = calibrate(cfg, spec, src, counts, build_lists, procs=procs)  # first, on a quiet machine
     ref, serial_time = _serial(cfg, spec, src, repeat)
     rows = []
     tol = 5e-2 if cfg.source.dtype == "float16" else 1e-3
@@ -126,6 +160,7 @@ def run_bench(cfg: Config, modes: list[str], counts: list[int], repeat: int,
         rows.append({
             "mode": mode, "workers": workers, "batches": n, "seconds": round(seconds, 4),
             "batches_per_s": round(n / seconds, 3), "mb_per_s": round(batch_bytes / seconds / 1e6, 2),
+            **({"samples_per_s": round(samples / seconds, 1)} if samples else {}),
             "speedup_vs_serial": round(serial_time / seconds, 3), "startup_s": round(startup, 3),
             "checksum": checksum(results), "max_rel_diff_vs_serial": diff, "agrees": diff <= tol,
             **(extra or {}),
@@ -143,7 +178,8 @@ def run_bench(cfg: Config, modes: list[str], counts: list[int], repeat: int,
             runner = _runner(mode)
             for workers in counts:
                 for bt in (build_lists or [0]) if mode == "pipeline" else [0]:
-                    c = cfg.replace(**{"workers.count": workers, "workers.build_threads": bt})
+                    c = cfg.replace(**{"workers.count": workers, "workers.build_threads": bt,
+                                       "workers.build_processes": procs if mode == "pipeline.procs" else 0})
                     results, seconds, startup, extra = runner(c, spec, src, repeat)
                     if mode in RAY_MODES:  # the shared instance's start-up counts for each Ray mode
                         startup, extra = startup + ray_init_s, {**extra, "ray_init_s": round(ray_init_s, 3)}
@@ -155,7 +191,8 @@ def run_bench(cfg: Config, modes: list[str], counts: list[int], repeat: int,
     roof = roofline(cal, cfg, counts)
     for r in rows:
         if r["workers"]:
-            b, stage = bound(cal, cfg, r["workers"], r.get("build_threads_asked", 0))
+            b, stage = bound(cal, cfg, r["workers"], r.get("build_threads_asked", 0),
+                             procs if r["mode"] == "pipeline.procs" else 0)
             r["roofline_batches_per_s"], r["limiting_stage"] = b, stage
             r["roofline_efficiency"] = round(r["batches_per_s"] / b, 3)
             r["calibration_off"] = r["roofline_efficiency"] > 1.05
@@ -163,6 +200,16 @@ def run_bench(cfg: Config, modes: list[str], counts: list[int], repeat: int,
             r["roofline_efficiency"] = None
     return {"machine": machine(), "config": cfg.to_dict(), "tolerance": tol, "calibration": cal,
             "roofline": roof, "results": rows}
+
+
+def _sizes(src) -> tuple[int, int | None]:
+    """The bytes of all batches (built once to know them when a collate makes them), and the samples of a
+    dataset grouped by a batch size (None otherwise)."""
+    known = [b.nbytes for b in src]
+    nbytes = sum(known) if all(known) else sum(fields.nbytes(src.get(i)) for i in range(len(src)))
+    if isinstance(src, MapSource) and src.batch_size:
+        return nbytes, sum(src.rows_of(i) for i in range(len(src)))
+    return nbytes, None
 
 
 def _runner(mode: str):

@@ -5,18 +5,20 @@ import time
 
 import torch
 
-from .. import devices, kernels
+from .. import devices, fields, kernels
 from ..config import Config
 from ..worker import Computer
 
 
-def calibrate(cfg: Config, spec, src, counts: list[int], build_lists: list[int] | None = None, k: int = 4) -> dict:
+def calibrate(cfg: Config, spec, src, counts: list[int], build_lists: list[int] | None = None, k: int = 4,
+              procs: int = 0) -> dict:
     """Per-batch seconds of each stage alone, measured here: the main's build on the build threads each
-    worker count gets (in parallel, into buffers already faulted in, as slots are), the kernel on one
-    worker's threads (on CUDA: on a device-resident batch), and host-to-device from pinned memory."""
+    worker count gets (in parallel, into buffers already faulted in, as slots are; on one thread too for
+    ``procs`` build processes), the kernel on one worker's threads (on CUDA: on a device-resident batch),
+    and host-to-device from pinned memory."""
     cuda = _cuda(cfg)
     threads_needed = {_build_threads(cfg, w, cuda, b) for w in counts for b in {0, *(build_lists or [])}}
-    build = {t: _build_rate(src, t) for t in sorted(threads_needed)}
+    build = {t: _build_rate(src, t) for t in sorted(threads_needed | ({1} if procs else set()))}
     batches = list(src)[:k]
     out = batches[0].array()
     device = devices.choose(cfg.workers.device, 0)
@@ -24,7 +26,7 @@ def calibrate(cfg: Config, spec, src, counts: list[int], build_lists: list[int] 
     for threads in sorted({cfg.replace(**{"workers.count": w}).threads_per_worker() for w in counts}):
         with devices.torch_threads(threads):
             computer = Computer(spec, device, cfg.handoff.pinned)
-            x = torch.from_numpy(out).to(device)
+            x = fields.map_fields(lambda a: torch.from_numpy(a).to(device), out)
             computer.kernel(x)  # warm-up: lazy weights, allocator
             _sync(device)
             t0 = time.perf_counter()
@@ -35,15 +37,17 @@ def calibrate(cfg: Config, spec, src, counts: list[int], build_lists: list[int] 
             per_worker[threads] = (time.perf_counter() - t0) / len(batches)
     h2d = None
     if device.type == "cuda":
-        x = torch.from_numpy(out).pin_memory()
-        x.to(device)
+        xs = [torch.from_numpy(a).pin_memory() for a in fields.flatten(out)]
+        for x in xs:
+            x.to(device)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(k):
-            x.to(device, non_blocking=True)
+            for x in xs:
+                x.to(device, non_blocking=True)
         torch.cuda.synchronize()
         h2d = (time.perf_counter() - t0) / k
-    return {"batch_bytes": batches[0].nbytes, "build_s_by_threads": build, "build_s": build[min(build)],
+    return {"batch_bytes": fields.nbytes(out), "build_s_by_threads": build, "build_s": build[min(build)],
             "kernel_s_by_threads": per_worker, "h2d_s": h2d, "device": str(device),
             "cores": devices.usable_cpus(), "gpus": devices.gpu_count()}
 
@@ -65,14 +69,19 @@ def _build_threads(cfg: Config, workers: int, cuda: bool, build_threads: int = 0
 
 def _build_rate(src, threads: int, per: int = 3) -> float:
     """Seconds per batch of the main's build on ``threads`` threads at once (each into its own buffer,
-    faulted in first, as a slot that is reused): the build stage's cost per batch at that parallelism."""
+    faulted in first, as a slot that is reused): the build stage's cost per batch at that parallelism. A
+    batch known only once built (a collate) is built apart, as the build threads do before their copy."""
     import threading
     n = len(src)
     bufs = [src.batch(i % n).array() for i in range(threads)]
 
     def fill(t):
         for j in range(per):
-            src.batch((t * per + j) % n).fill(bufs[t])
+            b = src.batch((t * per + j) % n)
+            if b.fill is None:
+                b.produce()
+            else:
+                b.fill(bufs[t])
     workers = [threading.Thread(target=fill, args=(t,)) for t in range(threads)]
     t0 = time.perf_counter()
     for w in workers:
@@ -82,15 +91,20 @@ def _build_rate(src, threads: int, per: int = 3) -> float:
     return (time.perf_counter() - t0) / (threads * per)
 
 
-def bound(cal: dict, cfg: Config, workers: int, build_threads: int = 0) -> tuple[float, str]:
+def bound(cal: dict, cfg: Config, workers: int, build_threads: int = 0, procs: int = 0) -> tuple[float, str]:
     """The best throughput the slowest stage allows, and that stage's name: the main's build on its build
-    threads (the fill into the slot is the only copy the main makes); the kernel on the usable workers
+    threads (the fill into the slot is the only copy the main makes), or with ``procs`` build processes
+    one thread's build times the processes the cores can run; the kernel on the usable workers
     (CPU: cores // threads; CUDA: the GPUs, whose copy engines overlap the kernel, so the slower of the
     kernel and the host-to-device copy)."""
     cuda = cal["device"].startswith("cuda")
     bt = _build_threads(cfg, workers, cuda, build_threads)
     threads = cfg.replace(**{"workers.count": workers}).threads_per_worker()
-    stages = {f"main build ({bt} thread{'s' if bt > 1 else ''})": 1 / cal["build_s_by_threads"][bt]}
+    by_threads = {int(t): s for t, s in cal["build_s_by_threads"].items()}  # (str keys once through JSON)
+    if procs:
+        stages = {f"build ({procs} process{'es' if procs > 1 else ''})": min(procs, cal["cores"]) / by_threads[1]}
+    else:
+        stages = {f"main build ({bt} thread{'s' if bt > 1 else ''})": 1 / by_threads[bt]}
     if cuda:
         gpus = max(1, cal["gpus"])
         stages["kernel on the GPU"] = min(workers, gpus) / cal["kernel_s_by_threads"][threads]

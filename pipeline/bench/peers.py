@@ -1,5 +1,5 @@
-"""The local modes: this package's executor and the peers a user would pick instead (``mp.Pool``,
-``ProcessPoolExecutor``, DataLoader).
+"""The local modes: this package's executor (build threads, or build processes) and the peers a user would
+pick instead (``mp.Pool``, ``ProcessPoolExecutor``, DataLoader, SPDL's thread pipeline).
 
 Every mode is ``mode(cfg, spec, src, repeat) -> (results, seconds, startup, extra)``: the results in batch
 order, the median seconds of ``repeat`` timed passes, the start-up (workers up and warmed, kept out of
@@ -20,8 +20,9 @@ import torch
 
 from .. import devices
 from ..errors import ConfigError
+from ..fields import fields
 from ..runner import make_executor
-from ..sources import Indexed, Work
+from ..sources import Indexed, MapSource, Work
 from ..worker import Computer
 
 
@@ -57,6 +58,7 @@ def _pipeline(cfg, spec, src, repeat):
                  "threads_per_worker": ex.threads, "h2d_gbps": figures.get("h2d_gbps"),
                  "pickled_fallbacks": figures.get("pickled_fallbacks")}
         extra.update(build_threads=figures.get("build_threads"), build_threads_asked=cfg.workers.build_threads,
+                     build_processes=figures.get("build_processes"),
                      slots=figures.get("slots"), h2d_from_slot=figures.get("h2d_from_slot"))
         return results, seconds, ex.startup_s, extra
 
@@ -134,23 +136,110 @@ def _dataloader(cfg, spec, src, repeat):
 def _dataloader_run(cfg, spec, src, repeat):
     device = devices.choose(cfg.workers.device, 0)
     t0 = time.perf_counter()
+    dataset, options, convert = _loader_args(src)
     with devices.thread_env(1):
         loader = torch.utils.data.DataLoader(
-            _Batches(src), batch_size=None, num_workers=cfg.workers.count, persistent_workers=True,
-            multiprocessing_context="spawn", pin_memory=device.type == "cuda")
+            dataset, num_workers=cfg.workers.count, persistent_workers=True,
+            multiprocessing_context="spawn", pin_memory=device.type == "cuda", **options)
     threads = cfg.workers.threads or devices.usable_cpus()
     with devices.torch_threads(threads):
         computer = Computer(spec, device, False)  # DataLoader already pinned the batch
         it = iter(loader)
-        computer(next(it).numpy())
+        computer(convert(next(it), 0))
         for _ in it:
             pass
         startup = time.perf_counter() - t0
 
         def once():
-            return [computer(x.numpy(), i)[0] for i, x in enumerate(loader)]
+            return [computer(convert(x, i), i)[0] for i, x in enumerate(loader)]
         results, seconds = _timed(once, repeat)
     return results, seconds, startup, {"threads_main": threads}
 
 
-RUNNERS = {"pipeline": _pipeline, "mp.Pool": _pool, "ProcessPoolExecutor": _executor, "DataLoader": _dataloader}
+def _loader_args(src):
+    """DataLoader's dataset, its batching options, and ``convert(batch, i)`` -> numpy fields for the
+    Computer. A dataset is batched by DataLoader itself: the source's batch size, drop_last and collate
+    (torch's ``default_collate`` without one: a tensor per field; a tuple sample comes back a list); any
+    other source as whole batches (``_Batches``)."""
+    if not isinstance(src, MapSource):
+        return _Batches(src), {"batch_size": None}, lambda x, i: x.numpy()
+    if src.batch_size is None or src.collate is not None:
+        return src.dataset, {"batch_size": src.batch_size, "collate_fn": src.collate}, _converter(src.collate)
+    return (src.dataset, {"batch_size": src.batch_size, "drop_last": src.drop_last,
+                          "collate_fn": torch.utils.data.default_collate}, _converter(None))
+
+
+def _converter(collate):
+    """Batch -> numpy fields as the source makes them (``fields``); torch's collate turns a tuple into a list."""
+    def convert(x, i):
+        if collate is None and isinstance(x, list):
+            x = tuple(x)
+        return fields(x, f"batch {i}")
+    return convert
+
+
+# -- SPDL: a thread pipeline in the main process ------------------------------------------------------
+def _has_spdl() -> bool:
+    import importlib.util
+    try:
+        return importlib.util.find_spec("spdl.pipeline") is not None
+    except ImportError:  # "spdl" itself missing
+        return False
+
+
+def _spdl(cfg, spec, src, repeat):
+    """SPDL's recommended thread pipeline over the same ``__getitem__`` (its guide for PyTorch datasets):
+    the sample indices as the source, ``pipe(dataset.__getitem__, concurrency=N, output_order="input")``,
+    ``aggregate(B)``, then a stage that stacks each field (or the source's collate), on a thread pool of N
+    (``build(num_threads=N)``); the main iterates it and computes, as in the DataLoader mode. A source
+    that is not a dataset grouped by a batch size pipes ``src.get`` (a whole batch per item) the same way.
+    Each pass builds its pipeline again (threads: milliseconds); a pass over the first batches warms up."""
+    device = devices.choose(cfg.workers.device, 0)
+    threads = cfg.workers.threads or devices.usable_cpus()
+    n = len(src)
+    t0 = time.perf_counter()
+    with devices.torch_threads(threads):
+        computer = Computer(spec, device, cfg.handoff.pinned)
+
+        def once(batches=n):
+            got = [computer(x, i)[0] for i, x in enumerate(_spdl_batches(src, cfg.workers.count, batches))]
+            if len(got) != batches:
+                raise RuntimeError(f"spdl: {len(got)} batches for {batches}")
+            return got
+        once(min(n, 2 * cfg.workers.count))
+        startup = time.perf_counter() - t0
+        results, seconds = _timed(once, repeat)
+    return results, seconds, startup, {"threads_main": threads, "spdl_threads": cfg.workers.count}
+
+
+def _spdl_batches(src, threads: int, batches: int):
+    """The first ``batches`` batches of ``src`` from an SPDL pipeline, as numpy fields, in order."""
+    from spdl.pipeline import PipelineBuilder
+    b = PipelineBuilder()
+    if isinstance(src, MapSource) and src.batch_size:
+        size = src.batch_size
+        stop = min(src.samples, batches * size)
+        b = (b.add_source(range(stop))
+             .pipe(src.dataset.__getitem__, concurrency=threads, output_order="input")
+             .aggregate(size, drop_last=src.drop_last)
+             .pipe(_stack if src.collate is None else (lambda s: fields(src.collate(s), "batch (from collate)"))))
+    else:
+        b = b.add_source(range(batches)).pipe(src.get, concurrency=threads, output_order="input")
+    pipe = b.add_sink(3).build(num_threads=threads, max_failures=0)  # a failed sample fails the run
+    with pipe.auto_stop():
+        yield from pipe.get_iterator()
+
+
+def _stack(samples: list):
+    """SPDL's aggregated samples as one batch: each field stacked (numpy fields, as the source makes them)."""
+    fs = [fields(s, "sample") for s in samples]
+    first = fs[0]
+    if isinstance(first, dict):
+        return {k: np.stack([f[k] for f in fs]) for k in first}
+    if isinstance(first, tuple):
+        return tuple(np.stack(col) for col in zip(*fs))
+    return np.stack(fs)
+
+
+RUNNERS = {"pipeline": _pipeline, "pipeline.procs": _pipeline, "mp.Pool": _pool, "ProcessPoolExecutor": _executor,
+           "DataLoader": _dataloader, "spdl": _spdl}

@@ -22,16 +22,20 @@ def table(report: dict) -> str:
     m = report["machine"]
     builds = ", ".join(f"{1 / v:.1f}/s on {t} thread{'s' if int(t) > 1 else ''}"
                        for t, v in sorted(cal["build_s_by_threads"].items(), key=lambda kv: int(kv[0])))
+    per_sample = any(r.get("samples_per_s") for r in report["results"])
     lines = [f"machine: {m['cpus']} cpus, {', '.join(m['devices'])}, torch {m['torch']}, "
              f"python {m['python']}",
              f"batch {cal['batch_bytes'] / 1e6:.2f} MB; the main builds {builds}",
-             f"{'mode':<20}{'workers':>8}{'build':>6}{'batch/s':>10}{'MB/s':>10}{'speedup':>9}{'startup s':>10}"
-             f"{'roofline':>10}{'rel diff':>10}"]
+             f"{'mode':<20}{'workers':>8}{'build':>6}{'batch/s':>10}{'MB/s':>10}"
+             + (f"{'samples/s':>11}" if per_sample else "")
+             + f"{'speedup':>9}{'startup s':>10}{'roofline':>10}{'rel diff':>10}"]
     for r in report["results"]:
         eff = f"{r['roofline_efficiency']:.0%}" if r.get("roofline_efficiency") else "-"
-        lines.append(f"{r['mode']:<20}{r['workers']:>8}{r.get('build_threads') or '-':>6}"
+        build = f"{r['build_processes']}p" if r.get("build_processes") else r.get("build_threads") or "-"
+        lines.append(f"{r['mode']:<20}{r['workers']:>8}{build:>6}"
                      f"{r['batches_per_s']:>10.2f}{r['mb_per_s']:>10.1f}"
-                     f"{r['speedup_vs_serial']:>8.2f}x{r['startup_s']:>10.2f}{eff:>10}"
+                     + (f"{r.get('samples_per_s', 0):>11.1f}" if per_sample else "")
+                     + f"{r['speedup_vs_serial']:>8.2f}x{r['startup_s']:>10.2f}{eff:>10}"
                      f"{r['max_rel_diff_vs_serial']:>10.1e}")
     seen = set()
     for r in report["results"]:
