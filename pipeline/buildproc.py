@@ -102,13 +102,13 @@ class BuildProcesses:
     ``submit(slot, index)``, ``drawn``, ``close()``; outcomes go to ``report`` as build events, plus
     ``("builder_died", rank)`` for a process that is gone (the supervisor calls ``replace``)."""
 
-    def __init__(self, ctx, batches, payload: bytes, ring, processes: int, threads: int,
-                 report: Callable[[tuple], None], relay, ring_dir: str, record_order: bool = True):
-        self._ctx, self._batches, self._payload, self._ring = ctx, batches, payload, ring
-        self._report, self._relay, self._ring_dir = report, relay, ring_dir
-        self._record = record_order
+    def __init__(self, ctx, payload: bytes, ring, processes: int, threads: int, relay, ring_dir: str):
+        self._ctx, self._payload, self._ring = ctx, payload, ring
+        self._relay, self._ring_dir = relay, ring_dir
+        self._batches, self._report, self._record = iter(()), _nobody, True
         self.per_process = max(1, threads)
         self.drawn: deque[int] = deque()  # batch indices in the order they were drawn
+        self.key = None  # what they build, into which ring (the executor's: executor._build_processes)
         self.count = processes * self.per_process  # build threads in all
         self.starts_failed: dict[int, int] = {}  # rank -> deaths before 'ready', in a row
         self.procs: list[_Proc] = []
@@ -159,6 +159,15 @@ class BuildProcesses:
             self._report(("error", None, e, None))
         finally:
             self._report(("builder_died", proc.rank))
+
+    def bind(self, batches, report: Callable[[tuple], None], record_order: bool = True) -> None:
+        """A run's batches and its report: processes kept from an earlier run serve the next one."""
+        self._batches, self._report, self._record = batches, report, record_order
+        self.drawn = deque()
+
+    def idle(self) -> bool:
+        """Every process alive and no job unanswered: they may serve another run."""
+        return all(p.process.is_alive() and not p.jobs for p in self.procs)
 
     def stuck(self) -> bool:
         return False
@@ -215,6 +224,10 @@ class BuildProcesses:
                 p.process.join()
         for p in self.procs:
             p.conn.close()
+
+
+def _nobody(event: tuple) -> None:
+    """Where events go between runs: nowhere (a death then shows at the next run's ``idle`` check)."""
 
 
 def _remote(packed: tuple, where: str) -> BaseException:

@@ -117,6 +117,7 @@ class LocalExecutor:
         self.breakdown: dict = {}
         self.figures: dict = {}
         self.run_notes: list[str] = []  # the last run's own notes
+        self.build_pool = None  # build processes kept from the last run (buildproc.BuildProcesses)
         self.ring: SlotRing | None = None
         self._t_start: float | None = None
         self.relay = Relay()  # workers' stdout and stderr -> our stderr; the runner sets relay.bar
@@ -190,6 +191,9 @@ class LocalExecutor:
             w.conn.close()
         self.workers = []
         self.respawn_at.clear()
+        if self.build_pool is not None:
+            self.build_pool.close()
+            self.build_pool = None
         self.relay.close()  # after the last join: prints what the workers wrote, to the end of each pipe
         if self.ring is not None:
             self.ring.close()
@@ -223,6 +227,24 @@ class LocalExecutor:
             self.breakdown, self.figures = run.breakdown, run.figures()
             self.run_notes = run.notes + [n for n in [run.gil_note()] if n]
 
+    def _build_processes(self, source, ring: SlotRing, processes: int, threads: int, ring_dir: str):
+        """The run's build processes (NOTE [ Build processes ]): those of the previous run when it built
+        the same source into the same ring and ended with every job answered, else new ones."""
+        import cloudpickle
+
+        from .buildproc import BuildProcesses
+        payload = cloudpickle.dumps(source)  # compared whole: a dataset changed since is sent again
+        key = (payload, ring.path, processes, threads)
+        pool = self.build_pool
+        if pool is not None and (pool.key != key or not pool.idle()):
+            pool.close()
+            pool = None
+        if pool is None:
+            pool = BuildProcesses(self.ctx, payload, ring, processes, threads, self.relay, ring_dir)
+            pool.key = key
+        self.build_pool = pool
+        return pool
+
     def _ring_for(self, count: int, slot_bytes: int, where: str) -> SlotRing:
         """The run's ring: the previous one when it fits (its pages stay mapped, workers keep it). A small
         /dev/shm may give fewer slots, or a ring on disk, with a note (NOTE [ Small /dev/shm ])."""
@@ -231,6 +253,9 @@ class LocalExecutor:
             if self.ring is not None:
                 self.ring.close()
                 self.ring = None
+            if self.build_pool is not None:  # they map the old ring
+                self.build_pool.close()
+                self.build_pool = None
             self.ring, notes = open_ring(count, slot_bytes, where)
             for note in notes:
                 if note not in self.notes:
@@ -412,12 +437,9 @@ class _Run:
                        f"main, so its batches were built on the main's threads; give a map-style dataset "
                        f"(__len__ and __getitem__) to build them in processes")
         if procs and self.source is not None:
-            import cloudpickle
-
-            from .buildproc import BuildProcesses
-            self.builders = BuildProcesses(self.ex.ctx, self.batches, cloudpickle.dumps(self.source), self.ring,
-                                           procs, max(1, self.threads // procs), self._built, self.ex.relay,
-                                           self.cfg.handoff.dir, record_order=self.ordered)
+            self.builders = self.ex._build_processes(self.source, self.ring, procs, max(1, self.threads // procs),
+                                                     self.cfg.handoff.dir)
+            self.builders.bind(self.batches, self._built, self.ordered)
         else:
             self.builders = Builders(self.batches, self.rebuild, self.ring, self.threads, self._built,
                                      record_order=self.ordered)
@@ -445,7 +467,10 @@ class _Run:
                         w.process.kill()
                 self.thread.join()
         if self.builders is not None:
-            self.builders.close()
+            if self.builders is not self.ex.build_pool or not self.builders.idle():
+                self.builders.close()  # (build processes that finished every job stay for the next run)
+                if self.builders is self.ex.build_pool:
+                    self.ex.build_pool = None
             if not self.builders.stuck():  # one stuck in the caller's iterator
                 os.close(self.wake_r)  # may still write: then the pipe stays open (a reused fd number
                 os.close(self.wake_w)  # would get its byte)

@@ -9,7 +9,6 @@ the callable itself serialised by value with cloudpickle, once per worker.
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 import math
 import os
@@ -21,6 +20,7 @@ import torch
 
 from . import fields
 from .errors import ConfigError, KernelError
+from .sources import load_object
 
 # The batch a worker is computing, for kernels that care (``faulty``). Set by ``worker.compute``.
 current = {"index": -1, "attempt": 1}
@@ -220,34 +220,19 @@ def _import(path: str):
     return load_object(path, "kernel.name")
 
 
-def load_object(path: str, key: str):
-    """The object ``package.module:name`` names (``name`` may be dotted); ConfigError naming ``key``."""
-    module, colon, name = path.partition(":")
-    if not colon or not module or not name:
-        raise ConfigError(f"{key} = '{path}': expected 'package.module:name'")
-    try:
-        obj = importlib.import_module(module)
-    except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"{key} = '{path}': cannot import module '{module}': "
-                          f"{type(e).__name__}: {e}") from None
-    for part in name.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ConfigError(f"{key} = '{path}': module '{module}' has no attribute "
-                              f"'{name}'") from None
-    return obj
-
-
 class _PerField:
-    """A built-in kernel on a batch of several fields (a tuple or dict): applied to each field, the results
-    in the same structure. A kernel of your own gets the structure itself."""
+    """A built-in kernel on a batch of several fields (a tuple or dict): applied to each field of two or
+    more dimensions, the others (labels, ids: one value per row) passed through; the results in the same
+    structure. A kernel of your own gets the structure itself."""
 
     def __init__(self, kernel):
         self.kernel = kernel
 
+    def _field(self, x):
+        return self.kernel(x) if x.ndim >= 2 else x
+
     def __call__(self, x):
-        return fields.map_fields(self.kernel, x) if isinstance(x, (tuple, dict)) else self.kernel(x)
+        return fields.map_fields(self._field, x) if isinstance(x, (tuple, dict)) else self.kernel(x)
 
 
 def make(spec: KernelSpec, device: torch.device) -> Callable[[torch.Tensor], Any]:

@@ -23,7 +23,7 @@ from .handoff import to_host
 from .executor import Outcome
 from .outputs import checksum, checksum_update  # noqa: F401 - checksum: pipeline.runner.checksum, as before
 from .sinks import open_output
-from .sources import FromIterable, Indexed, MapSource, Synthetic, Work, is_map_style, length
+from .sources import FromIterable, Indexed, MapSource, Synthetic, Work, is_map_style, length, load_dataset
 
 # CLI names accepted as ``run(**overrides)`` and on the command line, and the config keys they set.
 OVERRIDES = {
@@ -98,28 +98,6 @@ def make_source(cfg, items: Iterable | None = None, collate: Callable | None = N
         return Synthetic(cfg)
     from .readers import open_source
     return open_source(cfg)
-
-
-def load_dataset(ref: str, params: dict):
-    """``source.object``: a map-style dataset, or a class or function that returns one (called with
-    ``source.params``); ConfigError, one line, for a name that does not import or an object that is not
-    a dataset."""
-    import inspect
-    obj = kernels.load_object(ref, "source.object")
-    if inspect.isclass(obj) or (callable(obj) and not is_map_style(obj)):
-        try:
-            obj = obj(**params)
-        except Exception as e:  # noqa: BLE001 - the caller's constructor: one line, its own words
-            raise ConfigError(f"source.object = {ref!r}: calling it with {params or 'no params'} raised "
-                              f"{type(e).__name__}: {e}") from e
-    elif params:
-        raise ConfigError(f"source.object = {ref!r} is a {type(obj).__name__}, not a callable: "
-                          f"source.params ({', '.join(params)}) have nothing to go to")
-    if not is_map_style(obj):
-        raise ConfigError(f"source.object = {ref!r} gave a {type(obj).__name__}, which is not a map-style "
-                          f"dataset: it needs __len__ and __getitem__(i) (torch.utils.data.Dataset, a list, "
-                          f"a Hugging Face datasets.Dataset)")
-    return obj
 
 
 def make_executor(cfg: Config, spec):

@@ -13,6 +13,7 @@ Imports go one way: ``readers`` (file sources) builds on this module, never the 
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
@@ -290,10 +291,50 @@ class MapSource(Indexed):
 
 
 def _from_ref(ref: str, params: dict, batch_size: int, drop_last: bool, collate) -> MapSource:
-    from .runner import load_dataset
     src = MapSource(load_dataset(ref, params), batch_size, drop_last, collate)
     src.ref = (ref, params)
     return src
+
+
+def load_object(path: str, key: str):
+    """The object ``package.module:name`` names (``name`` may be dotted); ConfigError naming ``key``."""
+    module, colon, name = path.partition(":")
+    if not colon or not module or not name:
+        raise ConfigError(f"{key} = '{path}': expected 'package.module:name'")
+    try:
+        obj = importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"{key} = '{path}': cannot import module '{module}': "
+                          f"{type(e).__name__}: {e}") from None
+    for part in name.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigError(f"{key} = '{path}': module '{module}' has no attribute "
+                              f"'{name}'") from None
+    return obj
+
+
+def load_dataset(ref: str, params: dict):
+    """``source.object``: a map-style dataset, or a class or function that returns one (called with
+    ``source.params``); ConfigError, one line, for a name that does not import or an object that is not
+    a dataset."""
+    import inspect
+    obj = load_object(ref, "source.object")
+    if inspect.isclass(obj) or (callable(obj) and not is_map_style(obj)):
+        try:
+            obj = obj(**params)
+        except Exception as e:  # noqa: BLE001 - the caller's constructor: one line, its own words
+            raise ConfigError(f"source.object = {ref!r}: calling it with {params or 'no params'} raised "
+                              f"{type(e).__name__}: {e}") from e
+    elif params:
+        raise ConfigError(f"source.object = {ref!r} is a {type(obj).__name__}, not a callable: "
+                          f"source.params ({', '.join(params)}) have nothing to go to")
+    if not is_map_style(obj):
+        raise ConfigError(f"source.object = {ref!r} gave a {type(obj).__name__}, which is not a map-style "
+                          f"dataset: it needs __len__ and __getitem__(i) (torch.utils.data.Dataset, a list, "
+                          f"a Hugging Face datasets.Dataset)")
+    return obj
 
 
 _SCALAR_KIND = {int: "i", float: "f", bool: "b"}

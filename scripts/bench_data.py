@@ -5,6 +5,7 @@ process that loads one does not pay for torch.
   Jpegs      JPEG files decoded with Pillow, RGB, resized to 224x224: {"image": uint8 (224, 224, 3), "label"}
   Spin       pure Python in __getitem__ (holds the GIL), then a small array
   Small      10^6 tiny samples (16 float32 each): the cost per sample of the machinery itself
+  pixel_sums the JPEG benchmark's kernel (a cheap one: the loading decides)
 """
 from __future__ import annotations
 
@@ -54,6 +55,14 @@ class Jpegs:
         with Image.open(self.paths[i]) as im:
             img = im.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
         return {"image": np.array(img), "label": i % 1000}  # a writable copy, as torch wants
+
+
+def pixel_sums(batch):
+    """The JPEG benchmark's kernel, cheap so that the loading decides: per image, the sum of its pixels
+    (a contiguous reduction; the built-in ``sum`` reduces along the image's rows, a strided walk that
+    costs about half as much as the decode)."""
+    img = batch["image"]
+    return {"sum": img.reshape(img.shape[0], -1).sum(1), "label": batch["label"]}
 
 
 class Spin:

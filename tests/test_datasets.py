@@ -280,6 +280,20 @@ def test_a_killed_build_process_is_replaced_and_nothing_is_lost(tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_build_processes_stay_for_the_next_run_of_the_same_dataset():
+    """A warm Pipeline keeps its build processes for a run of the same dataset; a changed dataset gets new ones."""
+    ds = Records(n=16)
+    with pipeline.Pipeline(kernel="sum", workers=1, **FAST) as p:
+        pids = []
+        for n in (16, 16, 20):
+            ds.n = n
+            r = p.run(source=ds, batch_size=4, build_processes=2)
+            assert r.summary["batches"] == n // 4 and r.summary["handoff"]["build_processes"] == 2
+            pids.append(sorted(proc.process.pid for proc in p.executor.build_pool.procs))
+        assert pids[0] == pids[1] != pids[2]
+
+
+@pytest.mark.timeout(120)
 def test_a_sample_error_in_a_build_process_names_the_sample():
     """The sample's error crosses from the build process with the process and the sample named."""
     with pytest.raises(SampleError, match=r"build process \d \(pid \d+\): sample 9 \(batch 2\): FileNotFoundError"):
