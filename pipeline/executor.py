@@ -765,12 +765,14 @@ class _Run:
                 lost = lost[1:]
                 self._deliver(Outcome(head.index, None, {"_done_at": time.perf_counter()},
                                       {"batch": head.index, "cause": cause, "attempts": head.attempt - 1}))
-        for k, task in reversed(list(enumerate(lost))):  # the head first, then the rest in their order
-            # NOTE [ Retries see the batch as built ]: the head was being computed, and on the CPU its
-            # kernel reads the slot itself and may have written to it (``x.relu_()``): it is built again
-            # into a slot (from the source, or from its record), never sent as it is. The ones queued
-            # behind it were not read yet; a slot that went back early is built again anyway.
-            if task.released or (k == 0 and batch == task.index and task.desc is not None):
+        for task in reversed(lost):  # the head first, then the rest in their order
+            # NOTE [ Retries see the batch as built ]: on the CPU a kernel reads its slot itself and may
+            # write to it (``x.relu_()``); the head was being computed, and the worker may have read the
+            # ones behind it. So every batch a dead worker held in a slot is built again into a slot
+            # (from the source, or from its record: a reference, no copy, kept for this), never sent
+            # as it is: a retry computes on the batch as the source built it. Nothing is copied for a
+            # batch that is not retried. (A batch that travelled pickled is the main's own copy.)
+            if task.desc is not None:
                 self._release(task)
                 self.rebuilds.appendleft((task.index, task.attempt, task.batch))
             else:
