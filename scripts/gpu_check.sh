@@ -5,7 +5,8 @@
 #   3. the default job (`run --workers 4`) against serial
 #   4. file input: 64 x 64 MB .npy on the GPU, serial vs pipeline vs DataLoader at 4 workers
 #   5. bench-handoff at 2, 8, 16 workers (when there are 16 cores)
-#   6. lesson 09's facts about tensors crossing processes (docs/gpu-facts/)
+#   6. your own data: a JPEG dataset through the pipeline, DataLoader and SPDL (when installed)
+#   7. lesson 09's facts about tensors crossing processes (docs/gpu-facts/)
 # then a short table (scripts/gpu_summary.py). Each step writes its JSON/log to OUTDIR as it finishes,
 # so a step that runs out of time leaves the others' results. bench-gpu also runs the ray and ray.data
 # modes when Ray Data is installed (pip install -e '.[ray]').
@@ -71,6 +72,16 @@ if [ "$cores" -ge 16 ]; then
   timeout 90 "$py" -m pipeline bench --config configs/bench-handoff.toml --modes serial,pipeline,DataLoader \
     --workers-list 2,8,16 --json "$out/bench-handoff.json" 2>&1 | tee -a "$log" | grep -v "^pipeline x"
 fi
+
+step "your own data: a JPEG dataset (Pillow decode on build threads) vs DataLoader and SPDL"
+jpegs="${TMPDIR:-/tmp}/pipeline-bench-jpeg-512"
+PYTHONPATH="$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}" timeout 60 "$py" -c \
+  "import bench_data, sys; bench_data.make_jpegs(sys.argv[1], 512)" "$jpegs" >>"$log" 2>&1
+dmodes=serial,pipeline,DataLoader
+"$py" -c "import spdl.pipeline" 2>/dev/null && dmodes="$dmodes,spdl"
+PYTHONPATH="$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}" timeout 150 "$py" -m pipeline bench \
+  --source bench_data:Jpegs --source-param "root=\"$jpegs\"" --batch-size 32 --kernel bench_data:pixel_sums \
+  --modes "$dmodes" --workers-list 2,4,8 --json "$out/bench-jpeg.json" 2>&1 | tee -a "$log" | grep -v "^pipeline x"
 
 step "lesson 09: tensors crossing processes"
 timeout 75 "$py" scripts/lessons/09_gpu_data.py --json "$out/gpu-facts.json" --markdown "$out/gpu-facts.md" \
