@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .errors import HandoffError
 from .handoff import as_batch
 
 FIELD_ALIGN = 256  # bytes: every field starts on a boundary that DMA engines and SIMD loads like
@@ -131,7 +132,6 @@ def fields(obj: Any, where: str):
         out = {}
         for k, v in obj.items():
             if not isinstance(k, str) or not k:
-                from .errors import HandoffError
                 raise HandoffError(f"{where}: a dict key {k!r} ({type(k).__name__}); the keys of a batch "
                                    f"must be non-empty strings")
             out[k] = as_batch(v, f"{where}, field {k!r}")
@@ -143,8 +143,7 @@ def fields(obj: Any, where: str):
     return as_batch(obj, where)
 
 
-def _empty(where: str, what: str):
-    from .errors import HandoffError
+def _empty(where: str, what: str) -> HandoffError:
     return HandoffError(f"{where}: an empty {what} holds no arrays; a batch is an array, or a tuple or "
                         f"dict (str keys) of arrays")
 
