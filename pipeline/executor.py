@@ -398,8 +398,10 @@ class _Run:
                     if self.finished:
                         return
                     self.cond.wait(1.0)
+                full = self.started - self.taken >= self.window  # the supervisor may wait for this take
                 self.taken += 1
-            self._wake()
+            if full:
+                self._wake()
             yield out
 
     def _next_held(self) -> Outcome | None:
