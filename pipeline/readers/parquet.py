@@ -2,7 +2,8 @@
 
  --input PATH   a file; a directory (every ``*.parquet`` / ``.parq`` / ``.pq`` file under it, hidden and
                 ``_``-prefixed names skipped, sorted by path); or a glob (``data/*.parquet``, sorted)
- --columns a,b  the columns of a batch (default: every numeric, bool and fixed-size-list column)
+ --columns a,b  the columns of a batch (default: every numeric, bool and fixed-size-list column that
+                is not in --keep-columns)
  --batch-size B rows per batch (default 1024): batch k is rows kB .. kB+B-1 of the files one after the
                 other, crossing row-group and file boundaries: the same batches whatever reads them
 
@@ -197,7 +198,7 @@ class ParquetSource(Indexed):
     # -- opening: the metadata, checked ------------------------------------------------------------
     def _choose(self, columns: list[str], schemas: list) -> list[Column]:
         first = schemas[0]
-        names = columns or _default_columns(first)
+        names = columns or [c for c in _default_columns(first) if c not in self.keep]
         if not columns and not names:
             raise ConfigError(f"--input {self.files[0]}: no numeric, bool or fixed-size-list column "
                               f"(columns: {_describe(first)}); choose some with --columns")
@@ -214,7 +215,7 @@ class ParquetSource(Indexed):
             if problem:
                 raise ConfigError(f"--input {self.files[0]}: column {c!r}: {problem}")
         for f, schema in zip(self.files[1:], schemas[1:]):
-            if not columns and _default_columns(schema) != names:
+            if not columns and [c for c in _default_columns(schema) if c not in self.keep] != names:
                 raise ConfigError(f"--input {f}: its numeric columns ({', '.join(_default_columns(schema))}) "
                                   f"differ from those of {self.files[0]} ({', '.join(names)}); the files "
                                   f"must share a schema: write them alike, or choose with --columns")
