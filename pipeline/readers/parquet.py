@@ -233,7 +233,7 @@ class ParquetSource(Indexed):
     def _first_length(self, name: str) -> int:
         """D of a variable-size list column: the length of its first row (read from its first row group)."""
         _, _, pc = pyarrow()
-        for fi, f in enumerate(self.files):
+        for f in self.files:
             pf = _open(f)
             try:
                 for g in range(pf.metadata.num_row_groups):
