@@ -26,7 +26,15 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--input", metavar="PATH",
                    help="read batches from a .npy file (memory-mapped, slices of --rows along axis 0), "
                         "one array of a .npz (see --input-key), or a directory of .npy files (one batch "
-                        "each, in name order); --batches, --cols, --dtype and --seed are then ignored")
+                        "each, in name order); or Parquet: a .parquet file, a directory or a glob of them "
+                        "(--batch-size rows per batch, see --columns); --batches, --cols, --dtype and "
+                        "--seed are then ignored")
+    g.add_argument("--columns", metavar="A,B", type=_names,
+                   help="Parquet input: the columns of a batch (default: every numeric, bool and "
+                        "fixed-size-list column)")
+    g.add_argument("--keep-columns", metavar="A,B", type=_names,
+                   help="Parquet input and output: input columns (any type) carried into each output part "
+                        "beside the kernel's outputs; never sent to the workers")
     g.add_argument("--input-key", metavar="KEY",
                    help="the array to read from a .npz that holds several")
     g.add_argument("--source", metavar="NAME", dest="source_object",
@@ -35,12 +43,16 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--source-param", action="append", default=[], metavar="K=V",
                    help="keyword argument (TOML value) for --source, repeatable")
     g.add_argument("--batch-size", type=int, metavar="B",
-                   help="with --source: B samples per batch (default 0: each item is a batch)")
+                   help="with --source: B samples per batch (default 0: each item is a batch); with "
+                        "Parquet input: B rows per batch (default 0 = 1024)")
     g.add_argument("--drop-last", action="store_true", help="with --batch-size: drop a short last batch")
     g.add_argument("--output", metavar="DIR",
                    help="write each result as DIR/batch-NNNNNN.npy (.npz when the kernel returns a tuple or "
                         "dict of arrays; atomically), with DIR/manifest.jsonl and DIR/summary.json; running "
                         "again with the same DIR and config resumes, skipping the batches already written")
+    g.add_argument("--output-format", metavar="npy|parquet",
+                   help="with --output: npy (default) or parquet: DIR/part-NNNNNN.parquet per batch, a column "
+                        "per kernel output (+ --keep-columns); DIR reads as one table (pyarrow.dataset)")
     g.add_argument("--overwrite", action="store_true",
                    help="with --output: delete the results of a DIR written by another config and start "
                         "afresh (without it such a DIR is refused)")
@@ -84,7 +96,7 @@ def _overrides(args: argparse.Namespace) -> dict:
     names = ("workers", "batches", "rows", "cols", "dtype", "seed", "kernel", "device", "precision", "start_method",
              "threads_per_worker", "build_threads", "in_flight", "batch_timeout_s", "max_attempts", "on_error",
              "input", "input_key", "output", "backend", "ray_address", "source_object", "batch_size",
-             "build_processes")
+             "build_processes", "columns", "keep_columns", "output_format")
     out = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if args.no_progress:
         out["progress"] = False
@@ -100,6 +112,11 @@ def _overrides(args: argparse.Namespace) -> dict:
                 raise ConfigError(f"{flag} {item!r}: expected {'SECTION.KEY' if not prefix else 'KEY'}=VALUE")
             out[prefix + key.strip()] = parse_value(value.strip())
     return out
+
+
+def _names(text: str) -> list[str]:
+    """``a,b`` -> ``["a", "b"]`` (column names)."""
+    return [n.strip() for n in text.split(",") if n.strip()]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,7 +30,7 @@ RING_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 @dataclass(frozen=True)
 class SourceConfig:
-    kind: str = "synthetic"  # synthetic | npy (a .npy/.npz file or a directory of .npy files) | dataset
+    kind: str = "synthetic"  # synthetic | npy (a .npy/.npz file or a directory of .npy files) | parquet | dataset
     batches: int = 64
     rows: int = 4096
     cols: int = 1024
@@ -40,8 +40,10 @@ class SourceConfig:
     key: str = ""
     object: str = ""  # "package.module:name": a map-style dataset, or a callable returning one (given params)
     params: dict = field(default_factory=dict)  # keyword arguments for that callable
-    batch_size: int = 0  # 0: each item of a dataset is a batch; B: batch k holds samples kB .. kB+B-1
+    batch_size: int = 0  # 0: each item of a dataset is a batch (Parquet: 1024 rows); B: batch k holds samples kB .. kB+B-1
     drop_last: bool = False  # drop a last batch shorter than batch_size
+    columns: list = field(default_factory=list)  # Parquet / a pyarrow.Table: the columns of a batch ([]: every numeric one)
+    keep_columns: list = field(default_factory=list)  # Parquet input: columns carried to Parquet output, not computed
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class RunConfig:
     overwrite: bool = False
     backend: str = "local"  # local | ray
     ray_address: str = ""  # "": start a local Ray; "auto": join this machine's cluster; or host:port
+    output_format: str = "npy"  # npy (batch-N.npy / .npz) | parquet (part-N.parquet)
 
 
 @dataclass(frozen=True)
@@ -141,12 +144,13 @@ MINIMUM = {
     "faults.max_attempts": 1, "faults.batch_timeout_s": 0,
 }
 CHOICES = {
-    "source.kind": ("synthetic", "npy", "dataset"),
+    "source.kind": ("synthetic", "npy", "parquet", "dataset"),
     "source.dtype": DTYPES,
     "workers.start_method": START_METHODS,
     "faults.on_error": ("fail", "skip"),
     "kernel.precision": ("fp32", "tf32", "bf16", "fp16"),
     "run.backend": ("local", "ray"),
+    "run.output_format": ("npy", "parquet"),
 }
 PARAMS = ("kernel", "source")  # sections with a free-form ``params`` table (keyword arguments)
 
@@ -234,9 +238,16 @@ def _build(base: dict[str, Any], values: Mapping[str, tuple[Any, str]]) -> Confi
 
 def _check(key: str, value: Any, where: str) -> Any:
     default = KEYS[key].default if KEYS[key].default is not dataclasses.MISSING else None
-    kind = type(default)
+    kind = list if KEYS[key].default_factory is list else type(default)
     bad = f"{key} = {value!r} (from {where})"
-    if kind is bool:
+    if kind is list:  # names: a list of strings, or one string "a,b" (the command line's form)
+        names = value.split(",") if isinstance(value, str) else value
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise ConfigError(f"{bad}: expected a list of column names, e.g. [\"a\", \"b\"] or \"a,b\"")
+        value = [n.strip() for n in names if n.strip()]
+        if len(set(value)) != len(value):
+            raise ConfigError(f"{bad}: a column is named twice")
+    elif kind is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{bad}: expected true or false")
     elif kind is int:

@@ -36,7 +36,8 @@ OVERRIDES = {
     "on_error": "faults.on_error", "precision": "kernel.precision", "input": "source.path", "input_key": "source.key", "output": "run.output",
     "overwrite": "run.overwrite", "backend": "run.backend", "ray_address": "run.ray_address",
     "source_object": "source.object", "batch_size": "source.batch_size", "drop_last": "source.drop_last",
-    "build_processes": "workers.build_processes",
+    "build_processes": "workers.build_processes", "columns": "source.columns",
+    "keep_columns": "source.keep_columns", "output_format": "run.output_format",
 }
 FLAGS = {"source_object": "--source"}  # where a CLI flag is not the override's name
 # What the workers were started with: a call on a running Pipeline can't change it.
@@ -67,7 +68,8 @@ def resolve(config: Config | str | os.PathLike | None, overrides: dict[str, Any]
     else:
         cfg = load_config(config, dotted, origins)
     if cfg.source.path and cfg.source.kind == "synthetic":  # --input PATH implies a file source
-        cfg = cfg.replace(**{"source.kind": "npy"})
+        from .readers import is_parquet
+        cfg = cfg.replace(**{"source.kind": "parquet" if is_parquet(cfg.source.path) else "npy"})
     if cfg.source.object and cfg.source.kind == "synthetic":  # --source NAME: a dataset
         cfg = cfg.replace(**{"source.kind": "dataset"})
     return cfg
@@ -84,6 +86,15 @@ def make_source(cfg, items: Iterable | None = None, collate: Callable | None = N
     if cfg.params and items is not None:
         raise ConfigError("source.params are for source.object (a callable that makes the dataset), not "
                           "for source= objects")
+    if items is not None and _is_table(items):  # a pyarrow Table: map-style, a dict of columns per row
+        if cfg.keep_columns:
+            raise ConfigError("keep_columns are carried from Parquet input files (--input), not from a "
+                              "pyarrow Table given as source=: add them to the kernel's outputs instead")
+        from .readers.parquet import TableRows
+        return MapSource(TableRows(items, cfg.columns), cfg.batch_size or 1024, cfg.drop_last, collate)
+    if items is not None and (cfg.columns or cfg.keep_columns):
+        raise ConfigError("columns and keep_columns are for Parquet input (--input) or a pyarrow Table, not "
+                          f"for a {type(items).__name__} given as source=")
     if items is not None:
         if is_map_style(items):
             return MapSource(items, cfg.batch_size, cfg.drop_last, collate)
@@ -91,13 +102,19 @@ def make_source(cfg, items: Iterable | None = None, collate: Callable | None = N
             raise ConfigError(f"batch_size and collate group the samples of a map-style dataset (__len__ "
                               f"and __getitem__); a {type(items).__name__} is drawn as batches, one item each")
         return FromIterable(items)
-    if collate is not None or cfg.batch_size:
-        raise ConfigError("batch_size and collate are for a dataset (source= or --source), not for "
+    if collate is not None or (cfg.batch_size and cfg.kind != "parquet"):
+        raise ConfigError("batch_size and collate are for a dataset (source= or --source) or Parquet input, "
+                          "not for "
                           f"{'--input files' if cfg.path else 'synthetic batches'}")
     if cfg.kind == "synthetic":
         return Synthetic(cfg)
     from .readers import open_source
     return open_source(cfg)
+
+
+def _is_table(obj) -> bool:
+    """A pyarrow Table or RecordBatch (checked without importing pyarrow)."""
+    return type(obj).__module__.startswith("pyarrow") and type(obj).__name__ in ("Table", "RecordBatch")
 
 
 def make_executor(cfg: Config, spec):
@@ -200,7 +217,7 @@ class Pipeline:
         batch order (``keep_results=False`` keeps none: for jobs bigger than memory, with ``output=``)."""
         cfg = self._call_config(overrides)
         src = self._source(cfg, source, collate)
-        sink = open_output(cfg.run, src, self.spec) if cfg.run.output else None  # before workers start
+        sink = open_output(cfg, src, self.spec) if cfg.run.output else None  # before workers start
         done = sorted(sink.restored) if sink else []
         tally = Tally(cfg, length(src), cfg.run.progress, keep_results, sink, skipped=len(done))
         outcomes = self._outcomes(cfg, src, done, True, tally)
@@ -226,6 +243,9 @@ class Pipeline:
                  cfg.source.path), (f"source.object = {cfg.source.object!r}", cfg.source.object)) if on]
         if len(given) > 1:
             raise ConfigError(f"give one source of batches, not both {' and '.join(given)}")
+        if cfg.source.keep_columns and (not cfg.run.output or cfg.run.output_format != "parquet"):
+            raise ConfigError("keep_columns (--keep-columns) are carried into Parquet output: add --output DIR "
+                              "--output-format parquet")
         return make_source(cfg.source, source, collate)
 
     def _outcomes(self, cfg: Config, src, done: list[int], ordered: bool, tally: "Tally") -> Iterator:

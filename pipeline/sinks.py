@@ -10,6 +10,13 @@
                        for a .npz: "kind" (tuple or dict) and "arrays" ({name: {shape, dtype}}, in order)
  DIR/summary.json      the run's summary, written atomically when the run finishes (absent while it runs)
 
+With ``run.output_format = "parquet"`` (``--output-format parquet``) batch k is ``DIR/part-00000k.parquet``
+instead: one table per batch, a column per kernel output (``output`` for a single array, ``0``, ``1``... for
+a tuple, the keys of a dict; a 2-D output is a fixed-size list column), then the ``--keep-columns`` of the
+batch's input rows; written, renamed, fsynced and listed in the manifest exactly as above. The bookkeeping
+files are then ``_run.json``, ``_manifest.jsonl`` and ``_summary.json`` (a leading ``_``, as Spark's
+``_SUCCESS``): ``pyarrow.dataset.dataset(DIR)``, pandas and DuckDB read DIR as one table and skip them.
+
 Resume keeps nothing in memory: ``restored`` is the sorted list of verified batch indices (each file is
 streamed through sha256, not loaded), and ``load(index)`` reads one result back when it is wanted.
 
@@ -45,7 +52,8 @@ except ImportError:  # Windows: no lock
 
 RUN, MANIFEST, SUMMARY = "run.json", "manifest.jsonl", "summary.json"
 TMP = ".tmp-"  # hidden: a directory of .npy files read as input skips it
-_BATCH = re.compile(r"^batch-\d{6,}\.np[yz]$")
+_BATCH = re.compile(r"^(batch-\d{6,}\.np[yz]|part-\d{6,}\.parquet)$")
+NAMES = {"npy": (RUN, MANIFEST, SUMMARY), "parquet": (f"_{RUN}", f"_{MANIFEST}", f"_{SUMMARY}")}
 FORMAT = 1
 
 
@@ -54,12 +62,21 @@ def batch_name(index: int, several: bool = False) -> str:
     return f"batch-{index:06d}.{'npz' if several else 'npy'}"
 
 
-def identity(source, spec) -> dict:
-    """What every result depends on (never the worker count, backend or device: see DESIGN.md)."""
+def part_name(index: int) -> str:
+    """``part-000123.parquet``: batch 123's result with ``--output-format parquet``."""
+    return f"part-{index:06d}.parquet"
+
+
+def identity(source, spec, output_format: str = "npy", keep: list | None = None) -> dict:
+    """What every result depends on (never the worker count, backend or device: see DESIGN.md); the output
+    format and the kept columns for Parquet output (an npy identity is as it was before Parquet, so older
+    output directories still resume)."""
     src = source.identity() if hasattr(source, "identity") else {"kind": type(source).__name__}
-    return _plain({"format": FORMAT, "source": src, "kernel": {"name": spec.name, "params": spec.params,
-                                                     **({"precision": spec.precision}
-                                                        if spec.precision != "fp32" else {})}})
+    out = {"output": {"format": output_format, "keep_columns": list(keep or [])}} \
+        if output_format != "npy" else {}
+    return _plain({"format": FORMAT, "source": src, **out,
+                   "kernel": {"name": spec.name, "params": spec.params,
+                              **({"precision": spec.precision} if spec.precision != "fp32" else {})}})
 
 
 def _plain(obj):
@@ -136,8 +153,12 @@ def _savez(f, members) -> None:
 class OutputDir:
     """One run's output directory: verified resume state on open, then ``write`` per batch, ``finish``."""
 
-    def __init__(self, path: str, ident: dict, overwrite: bool = False):
+    def __init__(self, path: str, ident: dict, overwrite: bool = False, output_format: str = "npy",
+                 keep=None):
         self.path = os.path.abspath(path)
+        self.format = output_format
+        self.kept_from = keep  # Parquet output: the source, whose ``keep_table(index)`` adds --keep-columns
+        self.RUN, self.MANIFEST, self.SUMMARY = NAMES[output_format]
         self._dir_fd: int | None = None
         self._manifest_fd: int | None = None
         self.restored: list[int] = []  # verified batch indices, sorted (``load`` reads one back)
@@ -173,46 +194,52 @@ class OutputDir:
         for n in names:
             if n.startswith(TMP):  # a killed run's half-written file (we hold the lock: nobody else's)
                 _remove(self._join(n))
-        ours = [n for n in names if _BATCH.match(n) or n in (MANIFEST, SUMMARY)]
-        old = self._read_run() if RUN in names and not overwrite else None
+        book = {n for names_ in NAMES.values() for n in names_}
+        ours = [n for n in names if _BATCH.match(n) or (n in book and n != self.RUN)]
+        other = [run for f, (run, _, _) in NAMES.items() if f != self.format and run in names]
+        if other and not overwrite:
+            raise ConfigError(f"--output {self.path}: holds results written with --output-format "
+                              f"{'parquet' if other[0].startswith('_') else 'npy'} ({other[0]}); use the same "
+                              f"--output-format to resume, --overwrite to replace them, or another --output")
+        old = self._read_run() if self.RUN in names and not overwrite else None
         if overwrite:  # manifest first: a kill part-way leaves batch files that nothing vouches for
-            _remove(self._join(MANIFEST))
-            _remove(self._join(SUMMARY))
-            self._atomic_write(RUN, json.dumps(ident, indent=1, sort_keys=True) + "\n")
-            for n in ours:
+            _remove(self._join(self.MANIFEST))
+            _remove(self._join(self.SUMMARY))
+            self._atomic_write(self.RUN, json.dumps(ident, indent=1, sort_keys=True) + "\n")
+            for n in ours + other:
                 _remove(self._join(n))
             old = ident
         elif old is None and ours:
-            raise ConfigError(f"--output {self.path}: holds pipeline output but no {RUN}, so it cannot be "
+            raise ConfigError(f"--output {self.path}: holds pipeline output but no {self.RUN}, so it cannot be "
                               f"resumed; use --overwrite to replace it, or another --output")
         elif old is not None and old != ident:
             raise ConfigError(f"--output {self.path}: written by a different config "
                               f"({differences(old, ident)}); use --overwrite to replace its results, or "
                               f"another --output")
         if old is None:
-            self._atomic_write(RUN, json.dumps(ident, indent=1, sort_keys=True) + "\n")
-        _remove(self._join(SUMMARY))  # summary.json is there only once a run has finished
+            self._atomic_write(self.RUN, json.dumps(ident, indent=1, sort_keys=True) + "\n")
+        _remove(self._join(self.SUMMARY))  # summary.json is there only once a run has finished
         records = self._verified()
         self._records, self.restored = records, sorted(records)
-        self._atomic_write(MANIFEST, "".join(json.dumps(r) + "\n" for _, r in sorted(records.items())))
+        self._atomic_write(self.MANIFEST, "".join(json.dumps(r) + "\n" for _, r in sorted(records.items())))
         try:
-            self._manifest_fd = os.open(self._join(MANIFEST), os.O_WRONLY | os.O_APPEND)
+            self._manifest_fd = os.open(self._join(self.MANIFEST), os.O_WRONLY | os.O_APPEND)
         except OSError as e:
-            raise _error(f"cannot open {self._join(MANIFEST)}", e) from None
+            raise _error(f"cannot open {self._join(self.MANIFEST)}", e) from None
 
     def _read_run(self):
         try:
-            with open(self._join(RUN)) as f:
+            with open(self._join(self.RUN)) as f:
                 return json.load(f)
         except (OSError, ValueError) as e:
-            raise ConfigError(f"--output {self.path}: unreadable {RUN} ({e}); use --overwrite to replace "
+            raise ConfigError(f"--output {self.path}: unreadable {self.RUN} ({e}); use --overwrite to replace "
                               f"the directory's results") from None
 
     def _verified(self) -> dict[int, dict]:
         """Manifest lines whose file exists with the recorded sha256 (the last line per batch wins)."""
         records: dict[int, dict] = {}
         try:
-            with open(self._join(MANIFEST), "rb") as f:
+            with open(self._join(self.MANIFEST), "rb") as f:
                 lines = f.read().split(b"\n")
         except FileNotFoundError:
             lines = []
@@ -225,7 +252,7 @@ class OutputDir:
         good = {}
         for i, r in records.items():
             name = r.get("file")
-            if name not in (batch_name(i), batch_name(i, True)):
+            if name not in ((part_name(i),) if self.format == "parquet" else (batch_name(i), batch_name(i, True))):
                 continue
             try:
                 with open(self._join(name), "rb") as f:
@@ -240,6 +267,8 @@ class OutputDir:
         """Batch ``index``'s result from DIR (an array, or the tuple or dict it was written from)."""
         r = self._records[index]
         path = self._join(r["file"])
+        if self.format == "parquet":
+            return _read_part(path, r)
         try:
             if not r["file"].endswith(".npz"):
                 return np.load(path, allow_pickle=False)
@@ -267,26 +296,23 @@ class OutputDir:
         """``DIR/batch-<index>.npy`` (or ``.npz`` for a tuple or dict) atomically, then its manifest line
         (both fsynced)."""
         several = isinstance(result, (tuple, dict))
-        name = batch_name(index, several)
-        final, tmp = self._join(name), self._join(f"{TMP}{os.getpid()}-{name}")
-        members = outputs.arrays(result) if several else []
-        try:
-            with open(tmp, "wb") as f:
-                out = _Hashing(f)
-                if several:
-                    _savez(out, members)
-                else:
-                    np.lib.format.write_array(out, np.asarray(result), allow_pickle=False)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException as e:
-            _remove(tmp)
-            if isinstance(e, OSError):
-                raise _error(f"cannot write {final}", e) from None
-            raise
+        name = part_name(index) if self.format == "parquet" else batch_name(index, several)
+        members = outputs.arrays(result) if several or self.format == "parquet" else []
+        if self.format == "parquet":
+            data = _part_bytes(index, members, self.kept_from)
+            writer = lambda out: out.write(data)  # noqa: E731
+        elif several:
+            writer = lambda out: _savez(out, members)  # noqa: E731
+        else:
+            writer = lambda out: np.lib.format.write_array(out, np.asarray(result), allow_pickle=False)  # noqa: E731
+        out = self._write_file(name, writer)
         seconds = sum(info.get(k, 0.0) for k in ("stage_s", "compute_s", "d2h_s"))
-        if several:
+        if self.format == "parquet":
+            shapes = {"kind": "dict" if isinstance(result, dict) else "tuple" if several else "array",
+                      "arrays": {k or "output": {"shape": list(np.shape(a)), "dtype": np.asarray(a).dtype.str}
+                                 for k, a in members},
+                      **({"keep_columns": list(self.kept_from.keep)} if self.kept_from is not None else {})}
+        elif several:
             shapes = {"kind": "dict" if isinstance(result, dict) else "tuple",
                       "arrays": {k: {"shape": list(np.shape(a)), "dtype": np.asarray(a).dtype.str}
                                  for k, a in members}}
@@ -300,12 +326,29 @@ class OutputDir:
                 line = line[os.write(self._manifest_fd, line):]
             os.fsync(self._manifest_fd)
         except OSError as e:
-            raise _error(f"cannot append to {self._join(MANIFEST)}", e) from None
+            raise _error(f"cannot append to {self._join(self.MANIFEST)}", e) from None
+
+    def _write_file(self, name: str, writer) -> "_Hashing":
+        """``writer(out)`` into a hidden temp file, fsynced, renamed to DIR/``name``; the bytes hashed."""
+        final, tmp = self._join(name), self._join(f"{TMP}{os.getpid()}-{name}")
+        try:
+            with open(tmp, "wb") as f:
+                out = _Hashing(f)
+                writer(out)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException as e:
+            _remove(tmp)
+            if isinstance(e, OSError):
+                raise _error(f"cannot write {final}", e) from None
+            raise
+        return out
 
     def finish(self, summary: dict) -> None:
         """``DIR/summary.json`` (atomically); then release the directory."""
         try:
-            self._atomic_write(SUMMARY, json.dumps(summary, indent=1, default=str) + "\n")
+            self._atomic_write(self.SUMMARY, json.dumps(summary, indent=1, default=str) + "\n")
         finally:
             self.close()
 
@@ -321,6 +364,64 @@ class OutputDir:
                     pass
 
 
-def open_output(run_cfg, source, spec) -> OutputDir:
-    """The output directory of ``run_cfg.output`` (``--output``), checked against this run's identity."""
-    return OutputDir(run_cfg.output, identity(source, spec), run_cfg.overwrite)
+def open_output(cfg, source, spec) -> OutputDir:
+    """The output directory of ``cfg.run.output`` (``--output``), checked against this run's identity."""
+    fmt, keep = cfg.run.output_format, list(cfg.source.keep_columns)
+    if fmt == "parquet":
+        from .readers.parquet import pyarrow
+        pyarrow()  # the [parquet] extra, named, before any worker starts
+    return OutputDir(cfg.run.output, identity(source, spec, fmt, keep), cfg.run.overwrite, fmt,
+                     source if keep else None)
+
+
+def _part_bytes(index: int, members: list, keep) -> bytes:
+    """Batch ``index``'s Parquet file: a column per output (2-D and more: fixed-size lists), then the kept
+    input columns; OutputError naming the output when it can't be a table of rows."""
+    from .readers.parquet import pyarrow
+    pa, pq, _ = pyarrow()
+    names, arrays = [], []
+    for key, a in members:
+        a, name = np.ascontiguousarray(a), key or "output"
+        if a.ndim == 0 or a.dtype.kind == "c":
+            raise OutputError(f"batch {index}: output {name!r} is {'a 0-d array' if a.ndim == 0 else a.dtype}"
+                              f", which is no column of rows; return one value or row per input row, or use "
+                              f"--output-format npy")
+        col = pa.array(a.reshape(-1))
+        for d in reversed(a.shape[1:]):
+            col = pa.FixedSizeListArray.from_arrays(col, d)
+        names.append(name)
+        arrays.append(col)
+    if keep is not None:
+        kept = keep.keep_table(index)
+        for name in kept.column_names:
+            if name in names:
+                raise OutputError(f"batch {index}: output {name!r} has the name of a --keep-columns column; "
+                                  f"rename the kernel's output or keep another column")
+        names += kept.column_names
+        arrays += kept.columns
+    lengths = {n: len(a) for n, a in zip(names, arrays)}
+    if len(set(lengths.values())) > 1:
+        raise OutputError(f"batch {index}: the columns have different lengths ({', '.join(f'{n}: {m}' for n, m in lengths.items())}); "
+                          f"a Parquet part is a table: return one row per input row, or use --output-format npy")
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.table(arrays, names=names), buf)
+    return buf.getvalue().to_pybytes()
+
+
+def _read_part(path: str, r: dict):
+    """A Parquet part back as the result it was written from (``r``: its manifest line)."""
+    from .readers.parquet import pyarrow
+    pa, pq, _ = pyarrow()
+    try:
+        table = pq.read_table(path, columns=list(r["arrays"]))
+        got = {}
+        for name, a in r["arrays"].items():
+            col = table.column(name).combine_chunks()
+            for _ in a["shape"][1:]:
+                col = col.flatten()
+            got[name] = col.to_numpy(zero_copy_only=False).astype(a["dtype"], copy=False).reshape(a["shape"])
+    except (OSError, ValueError, KeyError, pa.ArrowException) as e:
+        raise OutputError(f"cannot read {path} back: {e}; rerun with --overwrite to compute it again") from None
+    if r["kind"] == "array":
+        return got["output"]
+    return tuple(got.values()) if r["kind"] == "tuple" else got

@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import SourceConfig
-from .errors import ConfigError
-from .fields import Layout
-from .sources import Batch, Indexed
+from ..config import SourceConfig
+from ..errors import ConfigError
+from ..fields import Layout
+from ..sources import Batch, Indexed
 
 NUMERIC = "biufc"  # bool, signed, unsigned, float, complex
 
@@ -41,7 +41,7 @@ class Header:
     size: int  # bytes available from the start of the file or member
 
 
-def open_source(cfg: SourceConfig):
+def open_arrays(cfg: SourceConfig):
     """The source for ``cfg.path`` (``--input``): NpyFile, NpzArray or NpyDir, checked."""
     path = cfg.path
     if not path:
