@@ -155,7 +155,7 @@ def test_disagreeing_mode_exits_1(monkeypatch, capsys):
     def wrong(cfg, spec, src, repeat):
         results, seconds = b._serial(cfg, spec, src, 1)
         return [r * 1.01 for r in results], seconds, 0.0, {}
-    monkeypatch.setattr(b, "_pool", wrong)
+    monkeypatch.setitem(b.RUNNERS, "mp.Pool", wrong)
     assert main(["bench", "--quick", "--modes", "serial,mp.Pool", "--workers-list", "1"]) == 1
     assert "mp.Pool x1 disagrees with serial" in capsys.readouterr().err
 

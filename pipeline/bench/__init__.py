@@ -175,7 +175,7 @@ def run_bench(cfg: Config, modes: list[str], counts: list[int], repeat: int,
         for mode in sorted((m for m in modes if m != "serial"), key=lambda m: m in RAY_MODES):
             if mode in RAY_MODES and ray_init_s is None:
                 ray_init_s = _start_ray(cfg, counts)
-            runner = _runner(mode)
+            runner = RUNNERS[mode]
             for workers in counts:
                 for bt in (build_lists or [0]) if mode == "pipeline" else [0]:
                     c = cfg.replace(**{"workers.count": workers, "workers.build_threads": bt,
@@ -210,13 +210,6 @@ def _sizes(src) -> tuple[int, int | None]:
     if isinstance(src, MapSource) and src.batch_size:
         return nbytes, sum(src.rows_of(i) for i in range(len(src)))
     return nbytes, None
-
-
-def _runner(mode: str):
-    """The function that runs ``mode``, looked up here by its name at call time: replacing
-    ``pipeline.bench._pool`` (the tests do) replaces the mode, as before the split."""
-    fn = RUNNERS[mode]
-    return globals().get(fn.__name__, fn)
 
 
 def _serial(cfg: Config, spec, src, repeat):
