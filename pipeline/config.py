@@ -30,7 +30,7 @@ RING_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 @dataclass(frozen=True)
 class SourceConfig:
-    kind: str = "synthetic"  # synthetic | npy (a .npy/.npz file or a directory of .npy files) | dataset
+    kind: str = "synthetic"  # synthetic | npy (a .npy/.npz file or a directory of .npy files) | dataset | images
     batches: int = 64
     rows: int = 4096
     cols: int = 1024
@@ -42,6 +42,10 @@ class SourceConfig:
     params: dict = field(default_factory=dict)  # keyword arguments for that callable
     batch_size: int = 0  # 0: each item of a dataset is a batch; B: batch k holds samples kB .. kB+B-1
     drop_last: bool = False  # drop a last batch shorter than batch_size
+    image_size: int = 224  # images: the S x S centre crop
+    resize: int = 0  # images: the shorter side resized to this first; 0 = round(image_size * 256 / 224)
+    layout: str = "nhwc"  # images: nhwc (B, S, S, 3) or nchw (B, 3, S, S)
+    bad_samples: str = "fail"  # images: a file that can't be decoded fails its batch, or "skip" (valid False)
 
 
 @dataclass(frozen=True)
@@ -137,11 +141,14 @@ KEYS = {
 MINIMUM = {
     "source.batches": 1, "source.rows": 1, "source.cols": 1, "source.seed": 0,
     "workers.count": 0, "workers.threads": 0, "workers.build_threads": 0, "workers.build_processes": 0,
-    "handoff.in_flight": 0, "handoff.slot_mb": 0, "source.batch_size": 0,
+    "handoff.in_flight": 0, "handoff.slot_mb": 0, "source.batch_size": 0, "source.image_size": 1,
+    "source.resize": 0,
     "faults.max_attempts": 1, "faults.batch_timeout_s": 0,
 }
 CHOICES = {
-    "source.kind": ("synthetic", "npy", "dataset"),
+    "source.kind": ("synthetic", "npy", "dataset", "images"),
+    "source.layout": ("nhwc", "nchw"),
+    "source.bad_samples": ("fail", "skip"),
     "source.dtype": DTYPES,
     "workers.start_method": START_METHODS,
     "faults.on_error": ("fail", "skip"),

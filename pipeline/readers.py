@@ -47,6 +47,9 @@ def open_source(cfg: SourceConfig):
     if not path:
         raise ConfigError("source.kind = 'npy' needs source.path (--input PATH): a .npy or .npz file, "
                           "or a directory of .npy files")
+    from .images import kind_of, open_images  # a folder of JPEG/PNG/... (images.py)
+    if cfg.kind == "images" or (os.path.isdir(path) and kind_of(path) is None):
+        return open_images(cfg)  # (a folder with neither images nor .npy files: it says so)
     if os.path.isdir(path):
         if cfg.key:
             raise _bad(path, f"--input-key {cfg.key!r} is only for .npz files, not a directory")
