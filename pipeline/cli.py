@@ -185,6 +185,11 @@ def human(s: dict) -> str:
         lines.append(f"restart      worker {r['rank']} (pid {r['pid']}): {r['cause']}, batch {r['batch']}")
     for f in s["failed"]:
         lines.append(f"FAILED       batch {f['batch']} after {f['attempts']} attempt(s): {f['cause']}")
+    if s.get("classes"):  # a folder of class folders (images)
+        lines.append(f"classes      {len(s['classes'])}: {', '.join(s['classes'][:20])}"
+                     + (" ..." if len(s["classes"]) > 20 else ""))
+    for b in s.get("bad_samples") or []:  # images with --bad-samples skip
+        lines.append(f"BAD SAMPLE   {b['file']}: {b['cause']}")
     if s.get("output"):
         lines.append(f"output       {s['output']} ({s.get('skipped', 0)} batch(es) already there, skipped)")
     lines += [f"note         {n}" for n in s["notes"]]

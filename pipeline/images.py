@@ -99,7 +99,8 @@ class ImageFolder:
         except OSError as e:
             raise ConfigError(f"--input {root}: {e.strerror or e}") from None
         if not self.files:
-            raise ConfigError(f"--input {root}: no images in it ({', '.join(EXTENSIONS)}) and no .npy files")
+            raise ConfigError(f"--input {root}: the directory has no .npy files and no images "
+                              f"({', '.join(EXTENSIONS)})")
         pil()
         tops = {f.split("/")[0] for f in self.files}
         labelled = all(f.count("/") == 1 for f in self.files)

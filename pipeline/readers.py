@@ -48,7 +48,7 @@ def open_source(cfg: SourceConfig):
         raise ConfigError("source.kind = 'npy' needs source.path (--input PATH): a .npy or .npz file, "
                           "or a directory of .npy files")
     from .images import kind_of, open_images  # a folder of JPEG/PNG/... (images.py)
-    if cfg.kind == "images" or (os.path.isdir(path) and kind_of(path) is None):
+    if cfg.kind == "images" or (os.path.isdir(path) and not cfg.key and kind_of(path) is None):
         return open_images(cfg)  # (a folder with neither images nor .npy files: it says so)
     if os.path.isdir(path):
         if cfg.key:
