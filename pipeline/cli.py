@@ -46,6 +46,14 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                    help="with --source: B samples per batch (default 0: each item is a batch); with "
                         "Parquet input: B rows per batch (default 0 = 1024)")
     g.add_argument("--drop-last", action="store_true", help="with --batch-size: drop a short last batch")
+    g.add_argument("--image-size", type=int, metavar="S",
+                   help="--input of a folder of images: the S x S centre crop (default 224; batch size default 64)")
+    g.add_argument("--resize", type=int, metavar="R",
+                   help="images: resize the shorter side to R before the crop (default round(S x 256 / 224))")
+    g.add_argument("--layout", metavar="nhwc|nchw", help="images: (B, S, S, 3) (default) or (B, 3, S, S)")
+    g.add_argument("--bad-samples", metavar="fail|skip",
+                   help="images: a file that can't be decoded fails its batch (default) or becomes a zero "
+                        "image with valid = False, listed in the summary's bad_samples")
     g.add_argument("--output", metavar="DIR",
                    help="write each result as DIR/batch-NNNNNN.npy (.npz when the kernel returns a tuple or "
                         "dict of arrays; atomically), with DIR/manifest.jsonl and DIR/summary.json; running "
@@ -62,7 +70,8 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", metavar="D", help="float32 (default), float16, float64, int8..int64, uint8")
     g.add_argument("--seed", type=int, metavar="N")
     g.add_argument("--kernel", metavar="NAME",
-                   help="sum, matmul, fft, mlp, faulty, or package.module:name")
+                   help="sum, matmul, fft, mlp, faulty, torchvision:NAME (a torchvision.models model), "
+                        "or package.module:name")
     g.add_argument("--param", action="append", default=[], metavar="K=V",
                    help="kernel parameter (TOML value), repeatable")
     g.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -96,7 +105,8 @@ def _overrides(args: argparse.Namespace) -> dict:
     names = ("workers", "batches", "rows", "cols", "dtype", "seed", "kernel", "device", "precision", "start_method",
              "threads_per_worker", "build_threads", "in_flight", "batch_timeout_s", "max_attempts", "on_error",
              "input", "input_key", "output", "backend", "ray_address", "source_object", "batch_size",
-             "build_processes", "columns", "keep_columns", "output_format")
+             "build_processes", "columns", "keep_columns", "output_format", "image_size", "resize",
+             "layout", "bad_samples")
     out = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if args.no_progress:
         out["progress"] = False
@@ -193,6 +203,11 @@ def human(s: dict) -> str:
         lines.append(f"restart      worker {r['rank']} (pid {r['pid']}): {r['cause']}, batch {r['batch']}")
     for f in s["failed"]:
         lines.append(f"FAILED       batch {f['batch']} after {f['attempts']} attempt(s): {f['cause']}")
+    if s.get("classes"):  # a folder of class folders (images)
+        lines.append(f"classes      {len(s['classes'])}: {', '.join(s['classes'][:20])}"
+                     + (" ..." if len(s["classes"]) > 20 else ""))
+    for b in s.get("bad_samples") or []:  # images with --bad-samples skip
+        lines.append(f"BAD SAMPLE   {b['file']}: {b['cause']}")
     if s.get("output"):
         lines.append(f"output       {s['output']} ({s.get('skipped', 0)} batch(es) already there, skipped)")
     lines += [f"note         {n}" for n in s["notes"]]

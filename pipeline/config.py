@@ -30,7 +30,7 @@ RING_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 @dataclass(frozen=True)
 class SourceConfig:
-    kind: str = "synthetic"  # synthetic | npy (a .npy/.npz file or a directory of .npy files) | parquet | dataset
+    kind: str = "synthetic"  # synthetic | npy (a .npy/.npz file or a directory of .npy files) | parquet | dataset | images
     batches: int = 64
     rows: int = 4096
     cols: int = 1024
@@ -44,6 +44,10 @@ class SourceConfig:
     drop_last: bool = False  # drop a last batch shorter than batch_size
     columns: list = field(default_factory=list)  # Parquet / a pyarrow.Table: the columns of a batch ([]: every numeric one)
     keep_columns: list = field(default_factory=list)  # Parquet input: columns carried to Parquet output, not computed
+    image_size: int = 224  # images: the S x S centre crop
+    resize: int = 0  # images: the shorter side resized to this first; 0 = round(image_size * 256 / 224)
+    layout: str = "nhwc"  # images: nhwc (B, S, S, 3) or nchw (B, 3, S, S)
+    bad_samples: str = "fail"  # images: a file that can't be decoded fails its batch, or "skip" (valid False)
 
 
 @dataclass(frozen=True)
@@ -140,11 +144,14 @@ KEYS = {
 MINIMUM = {
     "source.batches": 1, "source.rows": 1, "source.cols": 1, "source.seed": 0,
     "workers.count": 0, "workers.threads": 0, "workers.build_threads": 0, "workers.build_processes": 0,
-    "handoff.in_flight": 0, "handoff.slot_mb": 0, "source.batch_size": 0,
+    "handoff.in_flight": 0, "handoff.slot_mb": 0, "source.batch_size": 0, "source.image_size": 1,
+    "source.resize": 0,
     "faults.max_attempts": 1, "faults.batch_timeout_s": 0,
 }
 CHOICES = {
-    "source.kind": ("synthetic", "npy", "parquet", "dataset"),
+    "source.kind": ("synthetic", "npy", "parquet", "dataset", "images"),
+    "source.layout": ("nhwc", "nchw"),
+    "source.bad_samples": ("fail", "skip"),
     "source.dtype": DTYPES,
     "workers.start_method": START_METHODS,
     "faults.on_error": ("fail", "skip"),

@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import fields
+from . import fields, images
 from .errors import ConfigError, KernelError
 from .sources import load_object
 
@@ -178,7 +178,9 @@ def spec_for(kernel: str | Callable, params: dict, precision: str = "fp32") -> K
 
 def _spec_for(kernel: str | Callable, params: dict) -> KernelSpec:
     if isinstance(kernel, str):
-        if kernel not in BUILTINS:
+        if kernel.startswith(images.PREFIX):  # torchvision:NAME, a built-in (images.py)
+            images.torchvision_models(kernel[len(images.PREFIX):])
+        elif kernel not in BUILTINS:
             _import(kernel)
         return KernelSpec(kernel, params)
     if not callable(kernel):
@@ -242,6 +244,10 @@ def make(spec: KernelSpec, device: torch.device) -> Callable[[torch.Tensor], Any
         obj = cloudpickle.loads(spec.payload)
     elif spec.name in BUILTINS:
         obj = BUILTINS[spec.name]
+    elif spec.name.startswith(images.PREFIX):
+        obj = images.TorchVision()
+        obj.setup(device, model=spec.name[len(images.PREFIX):], **spec.params)
+        return obj
     else:
         obj = _import(spec.name)
     if inspect.isclass(obj):

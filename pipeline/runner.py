@@ -38,6 +38,8 @@ OVERRIDES = {
     "source_object": "source.object", "batch_size": "source.batch_size", "drop_last": "source.drop_last",
     "build_processes": "workers.build_processes", "columns": "source.columns",
     "keep_columns": "source.keep_columns", "output_format": "run.output_format",
+    "image_size": "source.image_size", "resize": "source.resize", "layout": "source.layout",
+    "bad_samples": "source.bad_samples",
 }
 FLAGS = {"source_object": "--source"}  # where a CLI flag is not the override's name
 # What the workers were started with: a call on a running Pipeline can't change it.
@@ -68,8 +70,10 @@ def resolve(config: Config | str | os.PathLike | None, overrides: dict[str, Any]
     else:
         cfg = load_config(config, dotted, origins)
     if cfg.source.path and cfg.source.kind == "synthetic":  # --input PATH implies a file source
+        from .images import kind_of  # a folder of images (and no .npy files) is read as images
         from .readers import is_parquet
-        cfg = cfg.replace(**{"source.kind": "parquet" if is_parquet(cfg.source.path) else "npy"})
+        kind = "parquet" if is_parquet(cfg.source.path) else "images" if kind_of(cfg.source.path) == "images" else "npy"
+        cfg = cfg.replace(**{"source.kind": kind})
     if cfg.source.object and cfg.source.kind == "synthetic":  # --source NAME: a dataset
         cfg = cfg.replace(**{"source.kind": "dataset"})
     return cfg
@@ -102,9 +106,9 @@ def make_source(cfg, items: Iterable | None = None, collate: Callable | None = N
             raise ConfigError(f"batch_size and collate group the samples of a map-style dataset (__len__ "
                               f"and __getitem__); a {type(items).__name__} is drawn as batches, one item each")
         return FromIterable(items)
-    if collate is not None or (cfg.batch_size and cfg.kind != "parquet"):
-        raise ConfigError("batch_size and collate are for a dataset (source= or --source) or Parquet input, "
-                          "not for "
+    if collate is not None or (cfg.batch_size and cfg.kind not in ("parquet", "images")):
+        raise ConfigError("batch_size and collate are for a dataset (source= or --source), Parquet input or "
+                          "an image folder, not for "
                           f"{'--input files' if cfg.path else 'synthetic batches'}")
     if cfg.kind == "synthetic":
         return Synthetic(cfg)
@@ -260,6 +264,7 @@ class Pipeline:
                 if b.index not in skip:
                     yield b
         tally.begin()
+        tally.source = src  # its manifest(i) lines and report() entries, when it has them (images)
         if cfg.workers.count == 0:
             yield from self._serial(cfg, batches(), tally)
             return
@@ -373,6 +378,7 @@ class Tally:
         self.per_pid: dict[int, int] = {}
         self.workers: list[dict] = []
         self.executor = None
+        self.source = None
         self.relay = None  # the local executor's Relay: drained before the bar moves
         self.fresh = False  # the workers started with this run: their start-up is part of it
         self.t0 = time.perf_counter()
@@ -393,7 +399,8 @@ class Tally:
             if pid is not None:
                 self.per_pid[pid] = self.per_pid.get(pid, 0) + 1
             if self.sink is not None and not out.info.get("restored"):
-                self.sink.write(out.index, out.result, out.info)
+                extra = getattr(self.source, "manifest", None)
+                self.sink.write(out.index, out.result, out.info, extra(out.index) if extra else None)
         checksum_update(self.sha, out.index, out.result)
         self.n = max(self.n, out.index + 1)
         if self.keep:
@@ -447,6 +454,7 @@ class Tally:
             "error": error,
             "output": self.sink.path if self.sink else None,
             "config": cfg.to_dict(),
+            **(self.source.report() if hasattr(self.source, "report") else {}),  # images: classes, bad_samples
         }
 
 

@@ -292,9 +292,9 @@ class OutputDir:
             raise _error(f"cannot write {final}", e) from None
 
     # -- per batch -------------------------------------------------------------------------------------
-    def write(self, index: int, result, info: dict) -> None:
+    def write(self, index: int, result, info: dict, extra: dict | None = None) -> None:
         """``DIR/batch-<index>.npy`` (or ``.npz`` for a tuple or dict) atomically, then its manifest line
-        (both fsynced)."""
+        (both fsynced), with the source's ``extra`` fields for the batch (an image batch's files)."""
         several = isinstance(result, (tuple, dict))
         name = part_name(index) if self.format == "parquet" else batch_name(index, several)
         members = outputs.arrays(result) if several or self.format == "parquet" else []
@@ -319,7 +319,8 @@ class OutputDir:
         else:
             shapes = {"shape": list(np.shape(result)), "dtype": np.asarray(result).dtype.str}
         record = {"batch": index, "file": name, **shapes, "sha256": out.sha.hexdigest(), "bytes": out.n,
-                  "pid": info.get("pid"), "device": info.get("device"), "seconds": round(seconds, 6)}
+                  "pid": info.get("pid"), "device": info.get("device"), "seconds": round(seconds, 6),
+                  **(extra or {})}
         line = (json.dumps(record) + "\n").encode()
         try:
             while line:

@@ -170,7 +170,7 @@ class MapSource(Indexed):
         self.batched = hasattr(dataset, "__getitems__") and self.batch_size is not None
         self.sample_layout = None
         if self.batch_size is not None and collate is None:
-            first = self._checked(self._fetch(0, 0, 1)[0], 0, 0)
+            first = self._checked(self._first_sample(), 0, 0)
             self.sample_layout = Layout.of(first)
             self.full_layout = self.sample_layout.rows(self.batch_size)
             self.max_nbytes = self.full_layout.nbytes
@@ -178,6 +178,10 @@ class MapSource(Indexed):
             self.max_nbytes = Layout.of(self._produce(0)).nbytes
 
     ref: tuple | None = None  # (source.object, source.params) when it was made from its name
+
+    def _first_sample(self):
+        """The sample whose fields fix the layout (a subclass that knows it may skip the fetch)."""
+        return self._fetch(0, 0, 1)[0]
 
     def __reduce__(self):
         """To a build process: a dataset made from its name is made again there from the name; any other

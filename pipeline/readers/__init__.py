@@ -43,6 +43,9 @@ def open_source(cfg: SourceConfig):
     if cfg.kind == "parquet":
         from .parquet import open_parquet
         return open_parquet(cfg)
+    from ..images import kind_of, open_images  # a folder of JPEG/PNG/... (images.py)
+    if cfg.kind == "images" or (cfg.path and os.path.isdir(cfg.path) and not cfg.key and kind_of(cfg.path) is None):
+        return open_images(cfg)  # (a folder with neither images nor .npy files: it says so)
     for key, flag in (("columns", "--columns"), ("keep_columns", "--keep-columns")):
         if getattr(cfg, key):
             raise ConfigError(f"{flag} (source.{key}) is for Parquet input (a .parquet file, a directory or "
