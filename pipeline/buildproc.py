@@ -165,6 +165,10 @@ class BuildProcesses:
         self._batches, self._report, self._record = batches, report, record_order
         self.drawn = deque()
 
+    def unbind(self) -> None:
+        """Between runs: events go nowhere (a death shows at the next run's ``idle`` check)."""
+        self._batches, self._report = iter(()), _nobody
+
     def idle(self) -> bool:
         """Every process alive and no job unanswered: they may serve another run."""
         return all(p.process.is_alive() and not p.jobs for p in self.procs)

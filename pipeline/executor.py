@@ -317,6 +317,7 @@ class LocalExecutor:
         w.process.join()
         w.conn.close()
         self.workers.remove(w)
+        self.generation += 1  # its pipes are gone from the run's poll object
         causes = self.start_failures.setdefault(w.rank, [])
         causes.append(self._cause(w))
         if len(causes) >= limit:
@@ -473,6 +474,8 @@ class _Run:
                 self.builders.close()  # (build processes that finished every job stay for the next run)
                 if self.builders is self.ex.build_pool:
                     self.ex.build_pool = None
+            else:
+                self.builders.unbind()  # nothing of theirs may reach this run's wake-up pipe once closed
             if not self.builders.stuck():  # one stuck in the caller's iterator
                 os.close(self.wake_r)  # may still write: then the pipe stays open (a reused fd number
                 os.close(self.wake_w)  # would get its byte)
