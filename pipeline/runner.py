@@ -87,6 +87,9 @@ def make_source(cfg, items: Iterable | None = None, collate: Callable | None = N
         src = MapSource(load_dataset(cfg.object, cfg.params), cfg.batch_size, cfg.drop_last, collate)
         src.ref = (cfg.object, dict(cfg.params))
         return src
+    if cfg.params and items is None:
+        raise ConfigError(f"source.params ({', '.join(cfg.params)}) are keyword arguments for source.object "
+                          f"(--source NAME), and none is given")
     if cfg.params and items is not None:
         raise ConfigError("source.params are for source.object (a callable that makes the dataset), not "
                           "for source= objects")

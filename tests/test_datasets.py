@@ -352,3 +352,9 @@ def test_cli_bad_source_is_one_line_exit_2(capsys, name, said):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and said in err[0] and "source.object" in err[0]
     assert ours() == set()
+
+
+def test_source_params_without_a_source_object_are_refused(capsys):
+    """--source-param without --source would be silently ignored: exit 2, one line."""
+    assert main(["run", "--source-param", "root=1", "--workers", "0", "--no-progress"]) == 2
+    assert "source.params (root)" in capsys.readouterr().err
