@@ -192,9 +192,6 @@ class ImageSource(MapSource):
     """An ImageFolder batched (``MapSource``), with each batch's files for its manifest line and the
     classes and bad files for the summary."""
 
-    def __init__(self, folder: ImageFolder, batch_size: int, drop_last: bool = False):
-        super().__init__(folder, batch_size, drop_last)
-
     def _first_sample(self):
         return self.dataset.template()  # the layout needs no decode: a bad first file fails its batch
 

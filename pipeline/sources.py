@@ -390,7 +390,6 @@ class Work:
     def __init__(self, batches: Iterable[Batch], source: Indexed | None = None, max_nbytes: int | None = None):
         self._it = iter(batches)
         self.source, self.max_nbytes = source, max_nbytes
-        self.rebuild = source.batch if source is not None else None
 
     def __iter__(self) -> "Work":
         return self
