@@ -161,15 +161,24 @@ def test_every_note_block_is_summarised():
     assert {n for n in names if f"| {n} |" not in table} == set()
 
 
+def anchors(path: pathlib.Path) -> set[str]:
+    """The #anchors of a Markdown page's headings, as GitHub makes them."""
+    heads = re.findall(r"^#+ (.+)$", path.read_text(), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in heads}
+
+
 def test_relative_links_resolve():
-    """Every relative link and image in README.md and docs/*.md points at a file or folder that exists."""
+    """Every relative link and image in README.md and docs/*.md points at a file or folder that exists, and
+    an #anchor at a heading of that page."""
     link = re.compile(r"\]\(([^)\s]+)\)")
     broken = []
     for path in DOCS:
         for target in link.findall(path.read_text()):
-            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            if re.match(r"[a-z]+:", target):
                 continue
-            if not (path.parent / target.split("#")[0]).exists():
+            file, _, anchor = target.partition("#")
+            where = path.parent / file if file else path
+            if not where.exists() or (anchor and where.suffix == ".md" and anchor not in anchors(where)):
                 broken.append(f"{path.name}: {target}")
     assert not broken
 
