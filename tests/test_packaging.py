@@ -52,7 +52,8 @@ def test_wheel_from_sdist_runs_outside_the_checkout(tmp_path):
     dist.mkdir()
     sdist = build("build_sdist", src, dist)
     with tarfile.open(sdist) as tar:
-        tar.extractall(tmp_path / "unpacked", filter="data")
+        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python >= 3.11.4
+        tar.extractall(tmp_path / "unpacked", **safe)
     (unpacked,) = (tmp_path / "unpacked").iterdir()
     wheel = build("build_wheel", unpacked, dist)
 
