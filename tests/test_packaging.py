@@ -41,7 +41,7 @@ def test_metadata_names_the_distribution():
 
 @pytest.mark.timeout(240)
 def test_wheel_from_sdist_runs_outside_the_checkout(tmp_path):
-    """sdist -> wheel (as `python -m build` does), every module of pipeline/ in the wheel, then
+    """sdist -> wheel (as `python -m build` does), every file of pipeline/ in the wheel, then
     `pip install --no-deps --target` and `python -m pipeline run --workers 2 --batches 4` from elsewhere,
     importing the installed copy (not the checkout, not an editable install)."""
     src = tmp_path / "src"
@@ -57,13 +57,16 @@ def test_wheel_from_sdist_runs_outside_the_checkout(tmp_path):
     (unpacked,) = (tmp_path / "unpacked").iterdir()
     wheel = build("build_wheel", unpacked, dist)
 
-    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "pipeline").rglob("*.py")}
+    # every file of the package, not only modules: a data file added under pipeline/ must reach the wheel
+    # too (list it in [tool.setuptools.package-data])
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "pipeline").rglob("*")
+               if p.is_file() and "__pycache__" not in p.parts}
     with zipfile.ZipFile(wheel) as z:
         names = set(z.namelist())
         info = next(n for n in names if n.endswith(".dist-info/METADATA"))
         meta = email.message_from_bytes(z.read(info))
         entry_points = z.read(info.replace("METADATA", "entry_points.txt")).decode()
-    assert modules - names == set(), "modules missing from the wheel"
+    assert modules - names == set(), "files of pipeline/ missing from the wheel"
     assert meta["Name"] == NAME and meta["Version"] == pipeline.__version__
     assert meta["License-Expression"] == "MIT" and any(n.endswith("licenses/LICENSE") for n in names)
     assert "pipeline = pipeline.cli:main" in entry_points
