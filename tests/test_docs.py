@@ -28,7 +28,7 @@ FOREIGN = {
     "--memory": "docker run", "--rm": "docker run",
     "--head": "ray start", "--port": "ray start", "--address": "ray start", "--num-cpus": "ray start",
     "--include-dashboard": "ray start", "--generate": "ray get-auth-token",
-    "--no-deps": "pip",
+    "--no-deps": "pip", "--no-build-isolation": "pip", "--target": "pip", "--no-isolation": "python -m build",
     "--big": "scripts/bench_parquet.py", "--markdown": "scripts/lessons/09_gpu_data.py",
 }
 # Defaults that depend on the machine: what the docs say instead.
