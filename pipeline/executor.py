@@ -665,8 +665,8 @@ class _Run:
 
     def _inline(self) -> bool:
         """Build on this thread: the source builds batch i on its own, in the main's threads, and its
-        batches take less time to build than handing them to a build thread and back costs (NOTE [ Small
-        batches ] in worker.py). Decided from the builds so far, and again after every build."""
+        batches take less time to build than handing them to a build thread and back costs
+        (NOTE [ Small batches ] in worker.py). Decided from the builds so far, and again after each."""
         return (self.source is not None and not hasattr(self.builders, "procs")
                 and self.counts["built"] >= 2 * self.threads
                 and self.build_cpu < INLINE_CPU_S and self.build_wall < INLINE_WALL_S)
