@@ -15,9 +15,10 @@ that build threads and the consumer write to. Builds run on their own threads (N
 consumer in the caller's thread, so a death or a deadline is noticed at once whatever they are doing.
 Bounds: ``in_flight`` slots; at most ``window`` batches (default 2 x in_flight) started and not yet taken
 by the consumer, results held for reordering included: a slow consumer stops new builds (backpressure),
-it never grows a buffer. Workers compute their tasks in order, so the oldest task a worker holds is the
-one it was computing: a worker that dies loses it (retried on a fresh worker, quarantined after
-``faults.max_attempts``) and the ones queued behind it (sent again).
+it never grows a buffer. A worker's status word (shared memory) names the batch it is computing: a
+worker that dies loses it (retried on a fresh worker, quarantined after ``faults.max_attempts``) and the
+others it held, queued or answered in results it had not sent yet (built again, uncharged). Without the
+word (it died between batches) the oldest task it held is charged.
 
 NOTE [ Slot release ]
 A slot is free again when nothing will read it: on the CPU when the batch's result is back (the kernel
