@@ -58,6 +58,7 @@ from .worker import Task
 MB = 1 << 20
 SMALL_SLOT = 256 << 10  # batches this small get SMALL_DEPTH slots per worker (NOTE [ Small batches ] in worker.py)
 SMALL_DEPTH = 32
+QUEUED_S = 0.004  # small batches: a worker is given about this much work at a time
 INLINE_CPU_S, INLINE_WALL_S = 100e-6, 400e-6  # builds quicker than this are done by the supervisor itself
 STUCK_SEND_S = 10.0  # a run's stop waits this long for the supervisor, then ends the workers it may be sending to
 BREAKDOWN = ("build_s", "dispatch_s", "receive_s", "stage_s", "h2d_s", "compute_s", "d2h_s",
@@ -393,6 +394,8 @@ class _Run:
         self.build_cpu = self.build_wall = 1.0  # moving averages of a build's CPU and wall time (see _inline)
         self.window = max(window or 2 * self.in_flight, self.in_flight)
         self.depth = max(2, math.ceil(self.in_flight / max(1, len(ex.workers))))  # tasks queued per worker
+        self.base_depth = self.depth
+        self.batch_s = 1.0  # moving average of a batch's time in a worker (small batches: see _account)
         self.breakdown = {k: 0.0 for k in BREAKDOWN}
         self.counts = {"batches": 0, "pickled": 0, "direct": 0, "h2d_bytes": 0, "build_cpu_s": 0.0, "built": 0,
                        "sends": 0, "sent": 0, "messages": 0, "answers": 0, "inline": 0}
@@ -458,8 +461,7 @@ class _Run:
             workers = max(1, len(self.ex.workers))
             self.in_flight = max(self.in_flight, self.cfg.build_threads(self.cuda) + SMALL_DEPTH * workers)
             self.window = max(self.asked_window or 2 * self.in_flight, self.in_flight)
-            self.depth = max(self.depth, math.ceil(self.in_flight / max(1, len(self.ex.workers))))
-            self.small = True
+            self.small = True  # (the slots are there; how many a worker gets at once follows its speed)
         self.ring = self.ex._ring_for(self.in_flight, max(1, slot_bytes), self.cfg.handoff.dir)
         self.free = list(range(self.ring.count - 1, -1, -1))
         self.wake_r, self.wake_w = os.pipe()
@@ -823,6 +825,11 @@ class _Run:
             b[k] += t.get(k, 0.0)
         b["return_s"] += max(0.0, time.time() - t["sent"])
         c["batches"] += 1
+        if self.small:  # queue about QUEUED_S of work per worker: deep for quick batches, never a long tail
+            spent = t.get("stage_s", 0.0) + t.get("compute_s", 0.0) + t.get("d2h_s", 0.0)
+            self.batch_s += 0.2 * (spent - self.batch_s)
+            self.depth = max(self.base_depth, min(self.in_flight // max(1, len(self.ex.workers)),
+                                                  int(QUEUED_S / max(self.batch_s, 1e-6))))
         if t.get("h2d_s"):
             c["h2d_bytes"] += t["h2d_bytes"]
             c["direct"] += bool(t.get("direct"))
