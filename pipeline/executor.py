@@ -696,6 +696,8 @@ class _Run:
             if inline:
                 self.counts["inline"] += 1
                 self._take_builds()  # ('exhausted' ends the loop)
+                if time.perf_counter() - t0 > worker.HOLD_S:  # the workers' answers are read meanwhile
+                    break
         starved = not self.exhausted and room > 0 and idle > 0 and not self.free
         if starved and self.ex._t_start is None:  # (waits while workers still start are start-up)
             self.slot_wait_since = self.slot_wait_since or t0
