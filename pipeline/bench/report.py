@@ -60,7 +60,7 @@ def table(report: dict) -> str:
 def breakdown_text(b: dict) -> str:
     """The per-batch breakdown in three groups: the main's own work, the worker's, and waits."""
     main = ("build", "dispatch", "receive")
-    work = ("stage", "h2d", "compute", "d2h")
+    work = ("decode", "stage", "h2d", "compute", "d2h")
     waits = ("slot_wait", "worker_wait", "idle", "return", "order_wait")
 
     def part(keys):
