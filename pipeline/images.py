@@ -201,7 +201,7 @@ def load(path, size: int, resize: int) -> np.ndarray:
     if (nw, nh) != (w, h):
         im = im.resize((nw, nh), Image.BILINEAR)
     left, top = crop_at((nw, nh), size)
-    return np.asarray(im.crop((left, top, left + size, top + size)))
+    return np.array(im.crop((left, top, left + size, top + size)))  # writable (DataLoader's collate wants it)
 
 
 def decode(path, resize: int):
@@ -328,6 +328,15 @@ def open_images(cfg) -> ImageSource:
     ``resize``, ``layout``, ``bad_samples``, ``drop_last``."""
     folder = ImageFolder(cfg.path, cfg.image_size, cfg.resize, cfg.layout, cfg.bad_samples, cfg.decode)
     return ImageSource(folder, cfg.batch_size or DEFAULT_BATCH, cfg.drop_last)
+
+
+def pixel_means(batch):
+    """A cheap kernel for image batches (``configs/bench-images.toml``: the loading decides): each image's
+    mean pixel value (float32), and the batch's 1-D fields (``index``, ``label``, ``valid``) passed through."""
+    img = batch["image"]
+    out = {"mean": img.reshape(img.shape[0], -1).float().mean(1)}
+    out.update({k: v for k, v in batch.items() if k != "image" and v.ndim == 1})
+    return out
 
 
 # -- the torchvision:NAME kernel -------------------------------------------------------------------------
