@@ -219,7 +219,9 @@ def run_bench(cfg: Config, modes: list[str], counts: list[int], repeat: int,
     report = {"machine": machine(), "config": cfg.to_dict(), "tolerance": tol, "calibration": cal,
               "roofline": roof, "results": rows}
     if image_folder:
-        report["images"] = {"decode_tolerance": images.DECODE_TOLERANCE, "goals": images.goals(rows, cal),
+        report["images"] = {"decode_tolerance": images.DECODE_TOLERANCE,
+                            "goals": images.goals(rows, cal, src.batch_size),
+                            "kernel_alone_images_per_s": round(src.batch_size / min(cal["kernel_s_by_threads"].values()), 1),
                             "decode_agreement_cpu": images.decode_agreement(cfg)}
     return report
 
