@@ -84,13 +84,16 @@ def test_worker_side_decode_agrees_with_main_decode(tmp_path, layout):
 
 @pytest.mark.timeout(120)
 def test_workers_decode_same_results_as_serial_and_close_to_main(tmp_path):
-    """2 workers decoding the bytes give serial's checksum exactly, and agree with --decode main."""
+    """2 workers decoding the bytes (read by build threads or a build process) give serial's checksum
+    exactly, and agree with --decode main."""
     root = folder(tmp_path / "a", 7, classes=["a", "b"])
     serial = run(root, decode="device")
     workers = run(root, decode="device", workers=2)
     assert workers.summary["checksum"] == serial.summary["checksum"]
     assert workers.summary["breakdown_ms_per_batch"]["decode_ms"] > 0
     assert workers.summary["config"]["source"]["decode"] == "device"
+    procs = run(root, decode="device", workers=1, build_processes=1)  # the bytes read in a build process
+    assert procs.summary["checksum"] == serial.summary["checksum"]
     main_ = run(root)
     assert [set(r) for r in main_.results] == [set(r) for r in workers.results]
     assert max_rel_diff(workers.results, main_.results) < 0.05  # row sums of 16 pixels, 1-grey-level differences
