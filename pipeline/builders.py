@@ -112,33 +112,39 @@ class Builders:
             if isinstance(job, _Shared):  # a hand with another thread's batch
                 self._chunks(job)
                 continue
-            if self._stopped:
-                continue
-            slot, index, batch = job
-            t0, c0 = time.perf_counter(), time.thread_time()
-            try:
-                if index is None:
-                    with self._draw:
-                        batch = next(self._batches, None)
-                        if batch is not None and self._record:
-                            self.drawn.append(batch.index)
-                    if batch is None:
-                        self._report(("exhausted", slot))
-                        continue
-                elif batch is None:
-                    batch = self._rebuild(index)
-                shared = self._share(batch, slot)
-                if shared is not None:
-                    self._chunks(shared, time.perf_counter() - t0, time.thread_time() - c0)
-                    continue
-                built = self._fill(batch, slot)
-            except BaseException as e:  # noqa: BLE001 - the supervisor decides: one clear error
-                self._report(("error", slot, e, batch.index if batch is not None else index))
-                continue
-            built.seconds, built.cpu = time.perf_counter() - t0, time.thread_time() - c0
-            if self._rebuild is None:  # a caller's batch: its record goes with it, for a retry
-                built.batch = batch
-            self._report(("built", built))
+            if not self._stopped:
+                self._job(*job)
+
+    def build_here(self, slot: int, index: int | None = None, batch: Batch | None = None) -> None:
+        """``submit``'s job, done in the caller's thread (the supervisor's, for batches that build in less
+        time than a hand-off to a thread costs: NOTE [ Small batches ] in worker.py); reported the same way."""
+        self._job(slot, index, batch, share=False)
+
+    def _job(self, slot: int, index: int | None, batch: Batch | None, share: bool = True) -> None:
+        t0, c0 = time.perf_counter(), time.thread_time()
+        try:
+            if index is None:
+                with self._draw:
+                    batch = next(self._batches, None)
+                    if batch is not None and self._record:
+                        self.drawn.append(batch.index)
+                if batch is None:
+                    self._report(("exhausted", slot))
+                    return
+            elif batch is None:
+                batch = self._rebuild(index)
+            shared = self._share(batch, slot) if share else None
+            if shared is not None:
+                self._chunks(shared, time.perf_counter() - t0, time.thread_time() - c0)
+                return
+            built = self._fill(batch, slot)
+        except BaseException as e:  # noqa: BLE001 - the supervisor decides: one clear error
+            self._report(("error", slot, e, batch.index if batch is not None else index))
+            return
+        built.seconds, built.cpu = time.perf_counter() - t0, time.thread_time() - c0
+        if self._rebuild is None:  # a caller's batch: its record goes with it, for a retry
+            built.batch = batch
+        self._report(("built", built))
 
     def _share(self, batch: Batch, slot: int) -> _Shared | None:
         """A batch of rows that fits its slot, split into contiguous chunks that idle threads may help

@@ -73,7 +73,7 @@ class HandoffConfig:
     in_flight: int = 0  # 0: build threads + 2 x workers
     slot_mb: float = 0.0  # 0: the largest batch
     pinned: bool = True
-    dir: str = RING_DIR  # the slot ring's directory (a tmpfs); see README "Running in containers"
+    dir: str = RING_DIR  # the slot ring's directory (a tmpfs); see docs/containers.md
 
 
 @dataclass(frozen=True)

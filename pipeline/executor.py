@@ -15,9 +15,10 @@ that build threads and the consumer write to. Builds run on their own threads (N
 consumer in the caller's thread, so a death or a deadline is noticed at once whatever they are doing.
 Bounds: ``in_flight`` slots; at most ``window`` batches (default 2 x in_flight) started and not yet taken
 by the consumer, results held for reordering included: a slow consumer stops new builds (backpressure),
-it never grows a buffer. Workers compute their tasks in order, so the oldest task a worker holds is the
-one it was computing: a worker that dies loses it (retried on a fresh worker, quarantined after
-``faults.max_attempts``) and the ones queued behind it (sent again).
+it never grows a buffer. A worker's status word (shared memory) names the batch it is computing: a
+worker that dies loses it (retried on a fresh worker, quarantined after ``faults.max_attempts``) and the
+others it held, queued or answered in results it had not sent yet (built again, uncharged). Without the
+word (it died between batches) the oldest task it held is charged.
 
 NOTE [ Slot release ]
 A slot is free again when nothing will read it: on the CPU when the batch's result is back (the kernel
@@ -43,6 +44,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from typing import Any, Iterator
 
+import numpy as np
+
 from . import devices, worker
 from .builders import Builders, Built
 from .config import Config
@@ -53,6 +56,10 @@ from .outputs import Relay
 from .worker import Task
 
 MB = 1 << 20
+SMALL_SLOT = 256 << 10  # batches this small get SMALL_DEPTH slots per worker (NOTE [ Small batches ] in worker.py)
+SMALL_DEPTH = 32
+QUEUED_S = 0.004  # small batches: a worker is given about this much work at a time
+INLINE_CPU_S, INLINE_WALL_S = 100e-6, 400e-6  # builds quicker than this are done by the supervisor itself
 STUCK_SEND_S = 10.0  # a run's stop waits this long for the supervisor, then ends the workers it may be sending to
 BREAKDOWN = ("build_s", "dispatch_s", "receive_s", "stage_s", "h2d_s", "compute_s", "d2h_s",
              "slot_wait_s", "worker_wait_s", "idle_s", "return_s", "order_wait_s")
@@ -119,6 +126,8 @@ class LocalExecutor:
         self.run_notes: list[str] = []  # the last run's own notes
         self.build_pool = None  # build processes kept from the last run (buildproc.BuildProcesses)
         self.ring: SlotRing | None = None
+        self.status: SlotRing | None = None  # the workers' status words (``computing``)
+        self.computing = None
         self._t_start: float | None = None
         self.relay = Relay()  # workers' stdout and stderr -> our stderr; the runner sets relay.bar
 
@@ -138,6 +147,11 @@ class LocalExecutor:
             return
         self._t_start = time.perf_counter()
         remove_stale(self.cfg.handoff.dir)
+        try:  # a word per worker: the batch it is computing (NOTE [ Small batches ] in worker.py)
+            self.status = SlotRing(1, 8 * max(1, self.cfg.workers.count), self.cfg.handoff.dir)
+            self.computing = np.frombuffer(self.status._mm, np.int64)
+        except OSError:  # no room even for that: workers send every result at once, as before
+            self.status = self.computing = None
         for rank in range(self.cfg.workers.count):
             self.workers.append(self._spawn(rank))
 
@@ -151,12 +165,15 @@ class LocalExecutor:
         return bool(self.workers)
 
     def _spawn(self, rank: int) -> Handle:
+        if self.computing is not None:
+            self.computing[rank] = 0
         parent, child = self.ctx.Pipe(duplex=True)
         out = self.relay.pipe()  # the worker's stdout and stderr
         p = self.ctx.Process(
             target=worker.main, name=f"pipeline-worker-{rank}", daemon=True,
             args=(rank, child, self.spec, self.cfg.workers.device, self.threads,
-                  self.cfg.handoff.pinned, os.getpid(), self.cfg.handoff.dir, out),
+                  self.cfg.handoff.pinned, os.getpid(), self.cfg.handoff.dir, out,
+                  self.status.path if self.status is not None else None),
         )
         try:
             with devices.thread_env(self.threads), _no_phantom_main_file(), _sigint_blocked():
@@ -198,6 +215,10 @@ class LocalExecutor:
         if self.ring is not None:
             self.ring.close()
             self.ring = None
+        if self.status is not None:
+            self.computing = None
+            self.status.close()
+            self.status = None
 
     def worker_info(self) -> list[dict]:
         """Every worker this executor started (device None: it never got ready, e.g. the run was over)."""
@@ -367,13 +388,22 @@ class _Run:
         self.ordered = ordered
         self.cuda = _cuda(self.cfg)
         self.in_flight = self.cfg.in_flight(self.cuda)
+        self.asked_window = window
+        self.small = False  # small batches (NOTE [ Small batches ] in worker.py): set in _setup
+        self.ready_since = 0.0  # when the oldest batch waiting for a worker became ready (small batches)
+        self.build_cpu = self.build_wall = 1.0  # moving averages of a build's CPU and wall time (see _inline)
         self.window = max(window or 2 * self.in_flight, self.in_flight)
         self.depth = max(2, math.ceil(self.in_flight / max(1, len(ex.workers))))  # tasks queued per worker
+        self.base_depth = self.depth
+        self.batch_s = 1.0  # moving average of a batch's time in a worker (small batches: see _account)
         self.breakdown = {k: 0.0 for k in BREAKDOWN}
-        self.counts = {"batches": 0, "pickled": 0, "direct": 0, "h2d_bytes": 0, "build_cpu_s": 0.0, "built": 0}
+        self.counts = {"batches": 0, "pickled": 0, "direct": 0, "h2d_bytes": 0, "build_cpu_s": 0.0, "built": 0,
+                       "sends": 0, "sent": 0, "messages": 0, "answers": 0, "inline": 0}
         self.notes: list[str] = []  # this run's own notes (the executor's are for every run)
         self.cond = threading.Condition()
         self.held: dict[int, Outcome] = {}  # done, not yet taken by the consumer
+        self.outbox: list[Outcome] = []  # done, not yet handed to the consumer (the supervisor's own)
+        self.asleep = False  # the supervisor is (about to be) waiting in poll: build threads must wake it
         self.taken = 0
         self.error: BaseException | None = None
         self.finished = False
@@ -427,6 +457,11 @@ class _Run:
             slot_bytes = first.nbytes
             rest = self.batches
             self.batches = (b for it in ([first], rest) for b in it)
+        if not self.cfg.handoff.in_flight and slot_bytes <= SMALL_SLOT:  # NOTE [ Small batches ] in worker.py
+            workers = max(1, len(self.ex.workers))
+            self.in_flight = max(self.in_flight, self.cfg.build_threads(self.cuda) + SMALL_DEPTH * workers)
+            self.window = max(self.asked_window or 2 * self.in_flight, self.in_flight)
+            self.small = True  # (the slots are there; how many a worker gets at once follows its speed)
         self.ring = self.ex._ring_for(self.in_flight, max(1, slot_bytes), self.cfg.handoff.dir)
         self.free = list(range(self.ring.count - 1, -1, -1))
         self.wake_r, self.wake_w = os.pipe()
@@ -515,6 +550,9 @@ class _Run:
             "pickled_fallbacks": c["pickled"],
             "h2d_gbps": round(c["h2d_bytes"] / h2d / 1e9, 2) if h2d and c["h2d_bytes"] else None,
             "h2d_from_slot": (c["direct"] == c["batches"]) if c["h2d_bytes"] else None,
+            "built_inline": c["inline"],
+            "tasks_per_send": round(c["sent"] / c["sends"], 2) if c["sends"] else None,
+            "answers_per_message": round(c["answers"] / c["messages"], 2) if c["messages"] else None,
         }
 
     # -- wake-ups ----------------------------------------------------------------------------------
@@ -525,9 +563,11 @@ class _Run:
             pass  # already awake (pipe full) or closed
 
     def _built(self, event: tuple) -> None:
-        """Called by build threads."""
+        """Called by build threads: the supervisor is woken only when it waits (or is about to: ``_pump``
+        looks at the queue after it says so); when busy it takes every finished build on its next turn."""
         self.done_q.put(event)
-        self._wake()
+        if self.asleep:
+            self._wake()
 
     # -- the supervisor thread -----------------------------------------------------------------------
     def _supervise(self) -> None:
@@ -541,11 +581,16 @@ class _Run:
                 if self.exhausted and not (self.jobs or self.ready or self.rebuilds or at_workers):
                     break
                 due = self.ex.respawn_due()
-                self._pump(self._tick() if due is None else min(self._tick(), due))
+                tick = self._tick() if due is None else min(self._tick(), due)
+                if self.ready_since:  # (a held dispatch: see _dispatch)
+                    tick = min(tick, max(0.0, self.ready_since + worker.HOLD_S - time.perf_counter()))
+                self._pump(tick)
+                self._post()
         except BaseException as e:  # noqa: BLE001 - the consumer raises it
             with self.cond:
                 self.error = e
         finally:
+            self._post()
             with self.cond:
                 self.finished = True
                 self.cond.notify_all()
@@ -609,6 +654,8 @@ class _Run:
         self.breakdown["build_s"] += b.seconds
         self.counts["build_cpu_s"] += b.cpu
         self.counts["built"] += 1
+        self.build_cpu += 0.2 * (b.cpu - self.build_cpu)  # (moving averages: see _inline)
+        self.build_wall += 0.2 * (b.seconds - self.build_wall)
         attempt = self.attempts.pop(b.index, 1)
         if b.desc is None:  # larger than a slot: the array travels pickled
             self.free.append(b.slot)
@@ -624,22 +671,38 @@ class _Run:
             task.batch = b.batch  # a caller's batch: kept (a reference, no copy) to build it again
         self.ready.append(task)
 
+    def _inline(self) -> bool:
+        """Build on this thread: the source builds batch i on its own, in the main's threads, and its
+        batches take less time to build than handing them to a build thread and back costs
+        (NOTE [ Small batches ] in worker.py). Decided from the builds so far, and again after each."""
+        return (self.source is not None and not hasattr(self.builders, "procs")
+                and self.counts["built"] >= 2 * self.threads
+                and self.build_cpu < INLINE_CPU_S and self.build_wall < INLINE_WALL_S)
+
     def _issue_builds(self) -> None:
         """Jobs for idle build threads only: a slot is taken when a thread can fill it, so 'no free slot
-        while a build thread is idle' (``slot_wait``) means the workers hold them all."""
+        while a build thread is idle' (``slot_wait``) means the workers hold them all. Batches that build
+        quicker than a hand-off are built here instead, a few at a time (``_inline``)."""
         t0 = time.perf_counter()
-        idle = self.threads - self.jobs
+        inline = self._inline()
+        submit = self.builders.build_here if inline else self.builders.submit
+        idle = 2 * self.depth * max(1, len(self.ex.workers)) if inline else self.threads - self.jobs
         while self.free and self.rebuilds and idle > 0:
             index, attempt, batch = self.rebuilds.popleft()
             self.attempts[index] = attempt
-            self.builders.submit(self.free.pop(), index, batch)
+            submit(self.free.pop(), index, batch)
             self.jobs, idle = self.jobs + 1, idle - 1
         with self.cond:
             room = self.window - (self.started - self.taken)
         while not self.exhausted and room > 0 and self.free and idle > 0:
-            self.builders.submit(self.free.pop())
             self.jobs, idle, room = self.jobs + 1, idle - 1, room - 1
             self.started += 1
+            submit(self.free.pop())
+            if inline:
+                self.counts["inline"] += 1
+                self._take_builds()  # ('exhausted' ends the loop)
+                if time.perf_counter() - t0 > worker.HOLD_S:  # the workers' answers are read meanwhile
+                    break
         starved = not self.exhausted and room > 0 and idle > 0 and not self.free
         if starved and self.ex._t_start is None:  # (waits while workers still start are start-up)
             self.slot_wait_since = self.slot_wait_since or t0
@@ -648,30 +711,46 @@ class _Run:
             self.slot_wait_since = 0.0
 
     def _dispatch(self) -> None:
+        """Ready batches to the workers with room, the idlest first; each worker's share in one message
+        (NOTE [ Small batches ] in worker.py)."""
+        t0 = time.perf_counter()
+        sends: dict[int, tuple[Handle, list[Task]]] = {}
+        # Small batches: a worker with nothing to do (waiting in its pipe) is woken with a full share, not
+        # one batch at a time, while another still computes (it frees slots soon) and for HOLD_S at most.
+        if self.small and self.ready and not self.ready_since:
+            self.ready_since = t0
+        hold = (self.small and not self.exhausted and t0 - self.ready_since < worker.HOLD_S
+                and any(w.tasks for w in self.ex.workers))
         while self.ready:
             # A pickled batch goes only to an idle worker: one that is computing would not read it while
             # it sends its own result, and both sends would block for ever once they exceed a pipe's buffer.
             depth = 1 if self.ready[0].array is not None else self.depth
-            room = [w for w in self.ex.workers if w.ready and len(w.tasks) < depth]
+            full = not hold or len(self.ready) >= self.depth // 2
+            room = [w for w in self.ex.workers if w.ready and len(w.tasks) < depth and (w.tasks or full)]
             if not room:
                 if self.ex._t_start is None:  # waits for workers still starting are start-up, not waits
-                    self.worker_wait_since = self.worker_wait_since or time.perf_counter()
-                return
-            self._send(min(room, key=lambda w: len(w.tasks)), self.ready.popleft())
-        if self.worker_wait_since:
-            self.breakdown["worker_wait_s"] += time.perf_counter() - self.worker_wait_since
-            self.worker_wait_since = 0.0
-
-    def _send(self, w: Handle, task: Task) -> None:
-        t0 = time.perf_counter()
-        if not w.tasks:
-            w.head_since = time.monotonic()
-        w.tasks.append(task)
-        try:
-            w.conn.send(task)
-        except OSError:
-            pass  # the worker died; its sentinel tells us, and the task is sent again from w.tasks
-        self.breakdown["dispatch_s"] += time.perf_counter() - t0
+                    self.worker_wait_since = self.worker_wait_since or t0
+                break
+            w = min(room, key=lambda w: len(w.tasks))
+            if not w.tasks:
+                w.head_since = time.monotonic()
+            task = self.ready.popleft()
+            w.tasks.append(task)
+            sends.setdefault(w.rank, (w, []))[1].append(task)
+        else:
+            self.ready_since = 0.0
+            if self.worker_wait_since:
+                self.breakdown["worker_wait_s"] += t0 - self.worker_wait_since
+                self.worker_wait_since = 0.0
+        for w, tasks in sends.values():
+            self.counts["sends"] += 1
+            self.counts["sent"] += len(tasks)
+            try:
+                w.conn.send(tasks[0] if len(tasks) == 1 else tasks)
+            except OSError:
+                pass  # the worker died; its sentinel tells us, and the tasks are sent again from w.tasks
+        if sends:
+            self.breakdown["dispatch_s"] += time.perf_counter() - t0
 
     def _pump(self, timeout: float) -> None:
         """Wait for the next thing to happen (a message, a death, a build, the consumer) and handle it.
@@ -686,7 +765,9 @@ class _Run:
                     self._fds[fd] = (w, sentinel)
                     self._poll.register(fd, select.POLLIN)
             self._polled = self.ex.generation
-        events = self._poll.poll(timeout * 1000)
+        self.asleep = True  # (then the queue is looked at: a build reported before this is not missed)
+        events = self._poll.poll(0 if not self.done_q.empty() else timeout * 1000)
+        self.asleep = False
         look = not events  # a quiet tick: look at every worker anyway
         for fd, _ in events:
             entry = self._fds.get(fd)
@@ -700,11 +781,15 @@ class _Run:
             try:
                 t0 = time.perf_counter()
                 msg = w.conn.recv()
-                self.breakdown["receive_s"] += time.perf_counter() - t0
             except (EOFError, OSError):
                 look = True  # died mid-message; the sentinel follows
                 continue
-            self._on_message(w, msg)
+            several = msg[1] if msg[0] == "several" else (msg,)
+            for m in several:
+                self._on_message(w, m)
+            self.counts["messages"] += 1
+            self.counts["answers"] += len(several)
+            self.breakdown["receive_s"] += time.perf_counter() - t0
         if look:
             for w in list(self.ex.workers):
                 if not w.process.is_alive():
@@ -749,6 +834,11 @@ class _Run:
             b["decode_s"] = b.get("decode_s", 0.0) + t["decode_s"]
         b["return_s"] += max(0.0, time.time() - t["sent"])
         c["batches"] += 1
+        if self.small:  # queue about QUEUED_S of work per worker: deep for quick batches, never a long tail
+            spent = t.get("stage_s", 0.0) + t.get("compute_s", 0.0) + t.get("d2h_s", 0.0)
+            self.batch_s += 0.2 * (spent - self.batch_s)
+            self.depth = max(self.base_depth, min(self.in_flight // max(1, len(self.ex.workers)),
+                                                  int(QUEUED_S / max(self.batch_s, 1e-6))))
         if t.get("h2d_s"):
             c["h2d_bytes"] += t["h2d_bytes"]
             c["direct"] += bool(t.get("direct"))
@@ -759,9 +849,15 @@ class _Run:
             self.free.append(task.desc.slot)
 
     def _deliver(self, out: Outcome) -> None:
-        with self.cond:
-            self.held[out.index] = out
-            self.cond.notify_all()
+        self.outbox.append(out)  # handed over by ``_post``: one lock and one wake-up for all of them
+
+    def _post(self) -> None:
+        if self.outbox:
+            with self.cond:
+                for out in self.outbox:
+                    self.held[out.index] = out
+                self.cond.notify_all()
+            self.outbox.clear()
 
     def _on_death(self, w: Handle, cause: str) -> None:
         if not w.ready:  # it held no batch yet (NOTE [ Restarts while starting ])
@@ -770,7 +866,13 @@ class _Run:
         lost = list(w.tasks)
         batch = lost[0].index if lost else None
         if lost:
+            # the batch it was computing, as the worker said in its status word; else the oldest it held
+            # (a worker that died between batches: the one it was about to start)
+            k = int(self.ex.computing[w.rank]) - 1 if self.ex.computing is not None else -1
+            at = next((j for j, t in enumerate(lost) if t.index == k), 0)
+            lost.insert(0, lost.pop(at))
             head = lost[0]
+            batch = head.index
             head.attempt += 1
             if head.attempt > self.cfg.faults.max_attempts:
                 self._release(head)
@@ -812,8 +914,9 @@ class _Run:
                 try:
                     while w is not None and w.conn.poll():
                         msg = w.conn.recv()
-                        if msg[0] in ("result", "error"):
-                            w.tasks.popleft()
+                        for m in msg[1] if msg[0] == "several" else (msg,):
+                            if m[0] in ("result", "error"):
+                                w.tasks.popleft()
                 except (EOFError, OSError):
                     pass
             busy = [w for w in busy if w.tasks and w.process.is_alive()]

@@ -19,7 +19,7 @@ torchvision's ``ImageFolder`` loader does: ``convert("RGB")``), L/P/CMYK/YCbCr c
 A file that cannot be decoded raises ``SampleError`` naming its path relative to DIR and Pillow's message:
 its batch fails, under ``faults.on_error``. With ``bad_samples = "skip"`` it is a zero image with
 ``valid = False`` instead, and the summary's ``bad_samples`` lists it (collected in the main: samples
-decoded in build processes are not seen there, see the README).
+decoded in build processes are not seen there, see docs/data.md).
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """What a kernel returns, and where a worker's prints go.
 
-The kernel contract (README "Kernels"):
+The kernel contract (docs/kernels.md):
 
   a kernel gets      one batch as a torch tensor on its worker's device
   it may return      a tensor or numpy array of a numeric or bool dtype (a Python or numpy number becomes a

@@ -2,11 +2,21 @@
 
 Module level, so that spawn can import the entry point by name. Messages are tiny tuples:
 
-  main -> worker   Task(index, attempt, ring, desc, array) | None (stop)
+  main -> worker   Task(index, attempt, ring, desc, array) | [Task, ...] | None (stop)
   worker -> main   ("ready", pid, device) | ("fatal", error) | ("note", text)
                    ("copied", index)   (CUDA: the batch is on the device, its slot may be reused)
                    ("retire", index, cause)   (a sticky CUDA error: the worker exits, NOTE [ CUDA faults ])
                    ("result", index, array, timings) | ("error", index, error)
+                   ("several", [("result", ...) | ("error", ...), ...])
+
+NOTE [ Small batches ]
+A message costs the same few microseconds of pickling, a syscall and a wake-up whatever it carries, and
+for a batch of a few KB that fixed cost is the whole cost. So the main sends every task a worker has room
+for in one message (a list), and a worker that still holds received tasks keeps the results of quick ones
+(computed in under ``HOLD_S``) and sends them together: as soon as it has nothing left in hand, before it
+waits, once the first held result is ``HOLD_S`` old, or once they add up to ``HOLD_BYTES``. A slow batch
+goes back at once, as before. Faults keep their meaning per batch: a held result is lost with its worker like
+the task it answers, and the main, which still counts that task as the worker's, computes it again.
 
 NOTE [ Shutdown ]
 Workers ignore SIGINT: Ctrl-C reaches the whole process group, and the main decides what happens (stop
@@ -20,6 +30,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -29,6 +40,10 @@ import torch
 from . import decoding, devices, fields, kernels, outputs
 from .errors import pack_error  # noqa: F401 - pipeline.worker.pack_error, as before
 from .handoff import Descriptor, SlotReader, _alive, remove_stale, watchdog
+
+HOLD_S = 0.001  # NOTE [ Small batches ]: a quick result waits at most this long for others to share a send
+HOLD_BYTES = 64 << 10  # held results are sent once they add up to more than this
+HOLD_COUNT = 64
 
 
 @dataclass
@@ -42,8 +57,8 @@ class Task:
     released: bool = False  # (main side) its slot went back to the ring (NOTE [ Slot release ])
     batch: Any = None  # (main side) a caller's batch record, to build it again for a retry
 
-    def __getstate__(self):  # what travels: no main-side bookkeeping
-        return {k: v for k, v in self.__dict__.items() if k not in ("released", "batch")}
+    def __reduce__(self):  # what travels: no main-side bookkeeping (and a tuple pickles faster than a dict)
+        return (Task, (self.index, self.attempt, self.ring, self.slot_bytes, self.desc, self.array))
 
 
 @dataclass
@@ -190,8 +205,9 @@ actor replies "retire" instead of a result, and the main kills it so that Ray re
 
 
 def main(rank: int, conn, spec: kernels.KernelSpec, device_spec: str, threads: int, pinned: bool,
-         main_pid: int, ring_dir: str, out=None) -> None:
-    """Entry point of a worker process. ``out``: the write end of the main's relay (NOTE [ Worker output ])."""
+         main_pid: int, ring_dir: str, out=None, status: str | None = None) -> None:
+    """Entry point of a worker process. ``out``: the write end of the main's relay (NOTE [ Worker output ]);
+    ``status``: the file of the workers' status words (NOTE [ Small batches ])."""
     outputs.worker_stdio(out)  # fd 1 and 2 -> the relay pipe: stdout belongs to the main's summary
     outputs.warn_once()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # born with SIGINT blocked: see executor._sigint_blocked
@@ -207,16 +223,36 @@ def main(rank: int, conn, spec: kernels.KernelSpec, device_spec: str, threads: i
         except BaseException as e:  # noqa: BLE001 - reported to the main, which raises it
             conn.send(("fatal", pack_error(e)))
             return
+        words = np.frombuffer(SlotReader(status, 0)._mm, np.int64) if status else None
         conn.send(("ready", os.getpid(), str(device)))
-        _loop(rank, conn, computer)
+        _loop(rank, conn, computer, words)
     except (EOFError, OSError):  # the pipe broke: if the main is gone, leave nothing behind
         if not _alive(main_pid) or os.getppid() == 1:
             remove_stale(ring_dir, dead=main_pid)
 
 
-def _loop(rank: int, conn, computer: Computer) -> None:
+def _loop(rank: int, conn, computer: Computer, words=None) -> None:
+    """``words[rank]``: 1 + the batch being computed, 0 between batches: what the main blames if this
+    process dies. Without it, the main blames the oldest unanswered batch, so no result may be held."""
     cuda = computer.device.type == "cuda"
     readers: dict[str, SlotReader] = {}
+    pending: deque = deque()  # tasks received and not started (a message may carry several)
+    held: list = []  # results not sent yet (NOTE [ Small batches ])
+    held_since, held_bytes = 0.0, 0
+
+    def receive() -> None:
+        msg = conn.recv()
+        if isinstance(msg, list):
+            pending.extend(msg)
+        else:
+            pending.append(msg)
+
+    def flush() -> None:
+        nonlocal held_since, held_bytes
+        if held:
+            conn.send(held[0] if len(held) == 1 else ("several", list(held)))
+            held.clear()
+        held_since, held_bytes = 0.0, 0
 
     def view(task):
         """The task's batch (a view of its slot, or the pickled array) and whether CUDA can DMA from it."""
@@ -238,8 +274,10 @@ def _loop(rank: int, conn, computer: Computer) -> None:
 
     def prefetch():
         try:
-            if conn.poll():
-                task = conn.recv()
+            if not pending and conn.poll():
+                receive()
+            if pending:
+                task = pending.popleft()
                 if task is None:
                     ahead.append((None, None, None))
                 else:
@@ -249,13 +287,20 @@ def _loop(rank: int, conn, computer: Computer) -> None:
             ahead.append((e, None, None))
 
     while True:
-        t0 = time.perf_counter()
-        task, arr, staged = ahead.pop() if ahead else (conn.recv(), None, None)
-        idle = time.perf_counter() - t0
+        idle = 0.0
+        if not ahead and not pending:
+            flush()  # nothing left in hand: what is held goes now, before waiting
+            t0 = time.perf_counter()
+            receive()
+            idle = time.perf_counter() - t0
+        task, arr, staged = ahead.pop() if ahead else (pending.popleft(), None, None)
         if isinstance(task, BaseException):
             raise task
         if task is None:
+            flush()
             return
+        if words is not None:
+            words[rank] = task.index + 1
         registered = False
         if arr is None:
             arr, registered = view(task)
@@ -266,11 +311,22 @@ def _loop(rank: int, conn, computer: Computer) -> None:
         except BaseException as e:  # noqa: BLE001 - SystemExit and KeyboardInterrupt too: never hang
             msg = ("error", task.index, pack_error(cuda_fault(e, computer.device)))
             if devices.sticky(e):  # NOTE [ CUDA faults ]
+                flush()
                 conn.send(("retire", task.index, msg[2][1]))
                 os._exit(75)
+            quick = False
         else:
             timings["idle_s"] = idle
             timings["sent"] = time.time()
             msg = ("result", task.index, out, timings)
+            held_bytes += fields.nbytes(out)
+            quick = words is not None and timings["compute_s"] < HOLD_S
+        if words is not None:
+            words[rank] = 0
         del arr, staged
-        conn.send(msg)
+        held.append(msg)
+        now = time.perf_counter()
+        held_since = held_since or now
+        if (not quick or not (pending or ahead) or now - held_since >= HOLD_S or held_bytes > HOLD_BYTES
+                or len(held) >= HOLD_COUNT):
+            flush()

@@ -1,5 +1,5 @@
 """A Ray cluster of three nodes on this machine, through the `ray` CLI: run the pipeline on it, then kill
-a node in the middle of a run. The README's "On a Ray cluster" recipe, runnable and checked.
+a node in the middle of a run. The recipe of docs/ray.md, runnable and checked.
 
   python scripts/ray_cluster_demo.py [--port 6391]
 

@@ -33,7 +33,7 @@ CUDA_FACT_KEYS = FACT_KEYS - {"nonleaf_requires_grad", "pickled_pool_vs_serial"}
 
 @pytest.mark.timeout(150)
 def test_gpu_facts_json_without_cuda(tmp_path):
-    """`09_gpu_data.py --json/--markdown` writes every fact of the README table; without CUDA the CUDA
+    """`09_gpu_data.py --json/--markdown` writes every fact of the docs/handoff.md table; without CUDA the CUDA
     rows are skipped with the reason and the CPU rows run."""
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():

@@ -16,7 +16,7 @@ from conftest import TINY, workers_alive, ours
 
 
 class SeedCheck:
-    """Fails a batch whose input is not exactly the bytes ``default_rng([seed, index])`` defines."""
+    """Fails a batch whose input is not exactly the bytes its seed and index define."""
 
     def setup(self, device, seed=0, rows=16, cols=8, sleep=0.0):
         self.src = Synthetic(SourceConfig(batches=1, rows=rows, cols=cols, seed=seed))

@@ -59,7 +59,9 @@ def _pipeline(cfg, spec, src, repeat):
                  "pickled_fallbacks": figures.get("pickled_fallbacks")}
         extra.update(build_threads=figures.get("build_threads"), build_threads_asked=cfg.workers.build_threads,
                      build_processes=figures.get("build_processes"),
-                     slots=figures.get("slots"), h2d_from_slot=figures.get("h2d_from_slot"))
+                     slots=figures.get("slots"), h2d_from_slot=figures.get("h2d_from_slot"),
+                     tasks_per_send=figures.get("tasks_per_send"),
+                     answers_per_message=figures.get("answers_per_message"))
         return results, seconds, ex.startup_s, extra
 
 

@@ -27,7 +27,7 @@ tensor that requires grad, raises `pipeline.HandoffError`, a subclass of
 Without CUDA this lesson runs the CPU/meta set (a `meta` tensor is a non-CPU
 device that exists without a GPU); with CUDA it also runs the CUDA set.
 
-`--json PATH` (and/or `--markdown PATH`) measures the facts of the README table
+`--json PATH` (and/or `--markdown PATH`) measures the facts of the docs/handoff.md table
 "what really happens to tensors crossing processes" instead of running the
 checks, and writes them with the machine they were measured on: one entry per
 row, each saying what happened (ok, the error, a timeout, a speed) or
@@ -196,13 +196,13 @@ def cuda_set(torch, pipeline, check):
               f"{type(err).__name__}: {str(err)[:90]}...")
 
 
-# --- the README's facts, measured (--json / --markdown) -----------------------
+# --- docs/handoff.md's facts, measured (--json / --markdown) -----------------------
 
 FORK_HANG_S = 10      # a fork pool that has not answered by then is reported as hung
 SUBPROCESS_S = 40     # hard limit for a fact run in a process of its own
 H2D_MB = 256          # host-to-device copy size for the bandwidth row
 
-# key -> the README row it measures (order = the table's order)
+# key -> the docs/handoff.md row it measures (order = the table's order)
 FACTS = {
     "pickle_cuda_tensor": "`pickle.dumps(cuda_tensor)`",
     "spawn_pool_apply_cuda_tensor": "stdlib spawn `Pool.apply(f, (cuda_tensor,))`",
@@ -477,7 +477,7 @@ def markdown(report):
 
 def write_facts(json_path, markdown_path):
     import torch
-    print(f"Lesson 9 facts: measuring the README table (torch {torch.__version__}, "
+    print(f"Lesson 9 facts: measuring the docs/handoff.md table (torch {torch.__version__}, "
           f"CUDA {'yes' if torch.cuda.is_available() else 'no'})")
     t0 = time.perf_counter()
     report = {"machine": machine(torch), "facts": measure_facts(torch)}
@@ -497,7 +497,7 @@ def write_facts(json_path, markdown_path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Lesson 9: tensors crossing process boundaries")
-    parser.add_argument("--json", metavar="PATH", help="measure the README table's facts; write them as JSON")
+    parser.add_argument("--json", metavar="PATH", help="measure the docs/handoff.md table's facts; write them as JSON")
     parser.add_argument("--markdown", metavar="PATH", help="... and/or as a Markdown table")
     parser.add_argument("--fact", help=argparse.SUPPRESS)  # internal: one fact in a process of its own
     args = parser.parse_args(argv)
