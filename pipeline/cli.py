@@ -54,6 +54,10 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bad-samples", metavar="fail|skip",
                    help="images: a file that can't be decoded fails its batch (default) or becomes a zero "
                         "image with valid = False, listed in the summary's bad_samples")
+    g.add_argument("--decode", metavar="main|device",
+                   help="images: decode on the main's build threads with Pillow (default), or send the files' "
+                        "bytes and decode in each worker (nvJPEG on CUDA, Pillow on the CPU), then resize and "
+                        "crop on its device")
     g.add_argument("--output", metavar="DIR",
                    help="write each result as DIR/batch-NNNNNN.npy (.npz when the kernel returns a tuple or "
                         "dict of arrays; atomically), with DIR/manifest.jsonl and DIR/summary.json; running "
@@ -106,7 +110,7 @@ def _overrides(args: argparse.Namespace) -> dict:
              "threads_per_worker", "build_threads", "in_flight", "batch_timeout_s", "max_attempts", "on_error",
              "input", "input_key", "output", "backend", "ray_address", "source_object", "batch_size",
              "build_processes", "columns", "keep_columns", "output_format", "image_size", "resize",
-             "layout", "bad_samples")
+             "layout", "bad_samples", "decode")
     out = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
     if args.no_progress:
         out["progress"] = False

@@ -48,6 +48,7 @@ class SourceConfig:
     resize: int = 0  # images: the shorter side resized to this first; 0 = round(image_size * 256 / 224)
     layout: str = "nhwc"  # images: nhwc (B, S, S, 3) or nchw (B, 3, S, S)
     bad_samples: str = "fail"  # images: a file that can't be decoded fails its batch, or "skip" (valid False)
+    decode: str = "main"  # images: decoded on the main's build threads, or "device": bytes in, decoded by each worker
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,7 @@ CHOICES = {
     "source.kind": ("synthetic", "npy", "parquet", "dataset", "images"),
     "source.layout": ("nhwc", "nchw"),
     "source.bad_samples": ("fail", "skip"),
+    "source.decode": ("main", "device"),
     "source.dtype": DTYPES,
     "workers.start_method": START_METHODS,
     "faults.on_error": ("fail", "skip"),

@@ -660,6 +660,11 @@ class _Run:
         if b.desc is None:  # larger than a slot: the array travels pickled
             self.free.append(b.slot)
             self.counts["pickled"] += 1
+            if self.counts["pickled"] == 1:
+                self._note(f"handoff: batch {b.index} ({b.nbytes / MB:.2f} MiB) was larger than a slot "
+                           f"({self.ring.slot_bytes / MB:.2f} MiB) and travelled pickled through a worker's "
+                           f"pipe, slower (pickled_fallbacks counts such batches); --set handoff.slot_mb="
+                           f"{-(-b.nbytes // MB)} or more keeps them in shared memory")
             task = Task(b.index, attempt, array=b.array)
         else:
             task = Task(b.index, attempt, self.ring.path, self.ring.slot_bytes, b.desc)
@@ -825,6 +830,8 @@ class _Run:
         b, c = self.breakdown, self.counts
         for k in ("stage_s", "h2d_s", "compute_s", "d2h_s", "idle_s"):
             b[k] += t.get(k, 0.0)
+        if "decode_s" in t:  # an encoded image batch, decoded by the worker (decoding.py)
+            b["decode_s"] = b.get("decode_s", 0.0) + t["decode_s"]
         b["return_s"] += max(0.0, time.time() - t["sent"])
         c["batches"] += 1
         if self.small:  # queue about QUEUED_S of work per worker: deep for quick batches, never a long tail

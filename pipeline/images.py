@@ -29,9 +29,10 @@ import threading
 
 import numpy as np
 
+from . import decoding
 from .errors import ConfigError, KernelError, SampleError
 from .fields import Layout
-from .sources import MapSource
+from .sources import Batch, MapSource
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 DEFAULT_BATCH = 64
@@ -85,7 +86,7 @@ class ImageFolder:
     module docstring), ``identity()`` for resume, ``classes`` (None without class folders)."""
 
     def __init__(self, root: str, image_size: int = 224, resize: int = 0, layout: str = "nhwc",
-                 bad_samples: str = "fail"):
+                 bad_samples: str = "fail", decode: str = "main"):
         if not os.path.isdir(root):
             raise ConfigError(f"--input {root}: not a directory of images")
         self.root, self.size = root, int(image_size)
@@ -93,7 +94,7 @@ class ImageFolder:
         if self.resize < self.size:
             raise ConfigError(f"source.resize = {self.resize}: must be >= source.image_size ({self.size}): "
                               f"the shorter side is resized to it, then the centre is cropped")
-        self.layout, self.skip = layout, bad_samples == "skip"
+        self.layout, self.skip, self.decode = layout, bad_samples == "skip", decode
         try:
             self.files = list_images(root)
         except OSError as e:
@@ -126,7 +127,8 @@ class ImageFolder:
             digest.update(f"{f}:{st.st_size}:{st.st_mtime_ns}\n".encode())
         return {"kind": "images", "path": os.path.abspath(self.root), "files": len(self.files),
                 "stat_sha256": digest.hexdigest(), "image_size": self.size, "resize": self.resize,
-                "layout": self.layout, "labels": self.classes is not None, "bad_samples": "skip" if self.skip else "fail"}
+                "layout": self.layout, "labels": self.classes is not None, "bad_samples": "skip" if self.skip else "fail",
+                "decode": self.decode}
 
     def template(self) -> dict:
         """A sample's fields with their shapes and dtypes (zeros), without decoding anything."""
@@ -155,25 +157,92 @@ class ImageFolder:
             return self._sample(i, np.zeros((self.size, self.size, 3), np.uint8), False)
         return self._sample(i, image, True)
 
+    # -- decode = "device": the files' bytes, decoded by the workers (NOTE [ Encoded batches ]) -----------
+    def entries(self) -> np.ndarray:
+        """Bytes each sample takes in an encoded batch (its path, a NUL, its file), from the files'
+        sizes now: int64 (samples,). A file that has changed size when it is read is a bad file."""
+        names = [len(f.encode()) + 1 for f in self.files]
+        try:
+            sizes = [os.stat(os.path.join(self.root, f)).st_size for f in self.files]
+        except OSError as e:
+            raise ConfigError(f"--input {self.root}: {e.filename}: {e.strerror or e}") from None
+        self.sizes = np.asarray(sizes, np.int64)
+        return np.asarray(names, np.int64) + self.sizes
 
-def load(path: str, size: int, resize: int) -> np.ndarray:
-    """One file as uint8 (size, size, 3): decoded (reduced-scale for a large JPEG), EXIF orientation
-    applied, 8-bit RGB, shorter side resized to ``resize`` (bilinear, antialiased), centre cropped."""
+    def read_into(self, views: dict, base: int, lo: int, hi: int) -> None:
+        """Samples ``base + lo .. base + hi`` (rows lo..hi of an encoded batch whose ``offsets`` are already
+        known) into ``views``: each one's path, a NUL and its file's bytes; ``index``, ``label``, ``valid``."""
+        data, offs = views[decoding.ENCODED], views[decoding.OFFSETS]
+        for row in range(lo, hi):
+            i = base + row
+            rel, at, end = self.files[i], int(offs[row]), int(offs[row + 1])
+            name = rel.encode() + b"\0"
+            data[at:at + len(name)] = np.frombuffer(name, np.uint8)
+            why = _read_exactly(os.path.join(self.root, rel), data[at + len(name):end], int(self.sizes[i]))
+            if why is not None and not self.skip:
+                raise SampleError(f"file {rel}: {why}")
+            if why is not None:
+                with self._lock:
+                    self.bad[i] = why
+                data[at + len(name):end] = 0
+            views["index"][row] = i
+            if self.labels is not None:
+                views["label"][row] = self.labels[i]
+            if self.skip:
+                views["valid"][row] = why is None
+
+
+def load(path, size: int, resize: int) -> np.ndarray:
+    """One file (a path or a binary file object) as uint8 (size, size, 3): ``decode``, then the shorter
+    side resized to ``resize`` (bilinear, antialiased), centre cropped."""
+    Image, _ = pil()
+    im = decode(path, resize)
+    (w, h), (nw, nh) = im.size, resized(im.size, resize)
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), Image.BILINEAR)
+    left, top = crop_at((nw, nh), size)
+    return np.array(im.crop((left, top, left + size, top + size)))  # writable (DataLoader's collate wants it)
+
+
+def decode(path, resize: int):
+    """One file as an 8-bit RGB Pillow image, EXIF orientation applied; a JPEG at least ``2 * resize`` on
+    its shorter side decoded at a reduced DCT scale (its shorter side stays >= ``resize``)."""
     Image, ImageOps = pil()
     with Image.open(path) as im:
         if im.format == "JPEG" and min(im.size) >= 2 * resize:
             im.draft("RGB", (resize, resize))  # DCT scaling: both sides stay >= resize
         im.load()
-        im = _rgb(ImageOps.exif_transpose(im), Image)
-    w, h = im.size
-    if w <= h:
-        nw, nh = resize, int(resize * h / w)
-    else:
-        nw, nh = int(resize * w / h), resize
-    if (nw, nh) != (w, h):
-        im = im.resize((nw, nh), Image.BILINEAR)
-    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
-    return np.asarray(im.crop((left, top, left + size, top + size)))
+        return _rgb(ImageOps.exif_transpose(im), Image)
+
+
+def resized(wh: tuple, resize: int) -> tuple[int, int]:
+    """(width, height) after the shorter side is resized to ``resize`` (torchvision's ``Resize(int)``)."""
+    w, h = wh
+    return (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
+
+
+def crop_at(wh: tuple, size: int) -> tuple[int, int]:
+    """(left, top) of the centre ``size`` x ``size`` crop of a (width, height) image (``CenterCrop``)."""
+    return int(round((wh[0] - size) / 2.0)), int(round((wh[1] - size) / 2.0))
+
+
+def _read_exactly(path: str, out: np.ndarray, size: int) -> str | None:
+    """The file's ``size`` bytes into ``out``; None, or why not (unreadable, or it changed size)."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            view, got = memoryview(out), 0
+            while got < size:
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+            more = f.read(1)
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror or e}"
+    if got != size or more:
+        return (f"OSError: the file changed size since the folder was listed ({size} bytes then, "
+                f"{'more' if more else got} now): run again")
+    return None
 
 
 def _rgb(im, Image):
@@ -190,10 +259,51 @@ def _rgb(im, Image):
 
 class ImageSource(MapSource):
     """An ImageFolder batched (``MapSource``), with each batch's files for its manifest line and the
-    classes and bad files for the summary."""
+    classes and bad files for the summary; with ``decode = "device"`` its batches are the files' bytes
+    (NOTE [ Encoded batches ] in decoding.py), decoded by the workers."""
+
+    def __init__(self, dataset: ImageFolder, batch_size: int = DEFAULT_BATCH, drop_last: bool = False):
+        super().__init__(dataset, batch_size, drop_last)
+        if dataset.decode == "device":
+            self.starts = np.concatenate([[0], np.cumsum(dataset.entries())])  # sample i's bytes: starts[i]..
+            sizes = [self.encoded_layout(k).nbytes for k in range(self.n)]
+            full = sorted(sizes[: self.samples // self.batch_size] or sizes)
+            # slots hold the largest batch, or twice the median one when a few huge files make it larger:
+            # those batches travel pickled (counted in the summary's handoff line), the ring stays small
+            self.max_nbytes = min(max(sizes), 2 * full[len(full) // 2])
 
     def _first_sample(self):
         return self.dataset.template()  # the layout needs no decode: a bad first file fails its batch
+
+    def encoded_layout(self, index: int) -> Layout:
+        """Batch ``index`` as the files' bytes (NOTE [ Encoded batches ]): its fields and their shapes."""
+        lo, rows = index * self.batch_size, self.rows_of(index)
+        nbytes = int(self.starts[lo + rows] - self.starts[lo])
+        fields = {decoding.ENCODED: (np.uint8, (nbytes,)), decoding.OFFSETS: (np.int64, (rows + 1,)),
+                  decoding.TRANSFORM: (np.int64, (3,)), "index": (np.int64, (rows,))}
+        if self.dataset.labels is not None:
+            fields["label"] = (np.int64, (rows,))
+        if self.dataset.skip:
+            fields["valid"] = (np.bool_, (rows,))
+        return Layout.make("dict", tuple(fields), [s for _, s in fields.values()], [d for d, _ in fields.values()])
+
+    def batch(self, index: int) -> Batch:
+        if self.dataset.decode != "device":
+            return super().batch(index)
+        layout, rows, base = self.encoded_layout(index), self.rows_of(index), index * self.batch_size
+        ds = self.dataset
+
+        def fill_rows(views, lo, hi):
+            views[decoding.OFFSETS][lo:hi + 1] = self.starts[base + lo:base + hi + 1] - self.starts[base]
+            if lo == 0:
+                views[decoding.TRANSFORM][:] = (ds.size, ds.resize, ds.layout == "nchw")
+            ds.read_into(views, base, lo, hi)
+        return Batch(index, layout, lambda out: fill_rows(out, 0, rows), layout.nbytes, rows, fill_rows)
+
+    def record_bad(self, bad: dict) -> None:
+        """Bad files found where the batch was decoded (a worker, with decode = "device"): {sample: why}."""
+        with self.dataset._lock:
+            self.dataset.bad.update({int(i): why for i, why in bad.items()})
 
     def manifest(self, index: int) -> dict:
         """Extra fields of batch ``index``'s manifest line: its files, relative to DIR (and bad ones)."""
@@ -216,8 +326,17 @@ class ImageSource(MapSource):
 def open_images(cfg) -> ImageSource:
     """The ImageSource of ``cfg`` (a SourceConfig): ``path``, ``batch_size`` (0: 64), ``image_size``,
     ``resize``, ``layout``, ``bad_samples``, ``drop_last``."""
-    folder = ImageFolder(cfg.path, cfg.image_size, cfg.resize, cfg.layout, cfg.bad_samples)
+    folder = ImageFolder(cfg.path, cfg.image_size, cfg.resize, cfg.layout, cfg.bad_samples, cfg.decode)
     return ImageSource(folder, cfg.batch_size or DEFAULT_BATCH, cfg.drop_last)
+
+
+def pixel_means(batch):
+    """A cheap kernel for image batches (``configs/bench-images.toml``: the loading decides): each image's
+    mean pixel value (float32), and the batch's 1-D fields (``index``, ``label``, ``valid``) passed through."""
+    img = batch["image"]
+    out = {"mean": img.reshape(img.shape[0], -1).float().mean(1)}
+    out.update({k: v for k, v in batch.items() if k != "image" and v.ndim == 1})
+    return out
 
 
 # -- the torchvision:NAME kernel -------------------------------------------------------------------------

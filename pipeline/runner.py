@@ -39,7 +39,7 @@ OVERRIDES = {
     "build_processes": "workers.build_processes", "columns": "source.columns",
     "keep_columns": "source.keep_columns", "output_format": "run.output_format",
     "image_size": "source.image_size", "resize": "source.resize", "layout": "source.layout",
-    "bad_samples": "source.bad_samples",
+    "bad_samples": "source.bad_samples", "decode": "source.decode",
 }
 FLAGS = {"source_object": "--source"}  # where a CLI flag is not the override's name
 # What the workers were started with: a call on a running Pipeline can't change it.
@@ -83,6 +83,10 @@ def make_source(cfg, items: Iterable | None = None, collate: Callable | None = N
     """The batches of ``cfg`` (a SourceConfig): the caller's dataset or iterable, ``source.object``,
     synthetic, or files on disk. A map-style dataset (``__len__``, ``__getitem__``) builds batch k on its
     own, on any build thread or process; an iterable is drawn in order."""
+    if cfg.decode == "device" and (items is not None or cfg.object or cfg.kind != "images"):
+        what = "source= objects" if items is not None else f"source.kind = {cfg.kind!r}"
+        raise ConfigError(f"source.decode = 'device' (--decode device) is for a folder of images (--input DIR), "
+                          f"not for {what}: leave it at 'main'")
     if items is None and cfg.object:
         src = MapSource(load_dataset(cfg.object, cfg.params), cfg.batch_size, cfg.drop_last, collate)
         src.ref = (cfg.object, dict(cfg.params))
@@ -401,6 +405,8 @@ class Tally:
             pid = out.info.get("pid")
             if pid is not None:
                 self.per_pid[pid] = self.per_pid.get(pid, 0) + 1
+            if out.info.get("bad_samples") and hasattr(self.source, "record_bad"):  # decoded by a worker
+                self.source.record_bad(out.info["bad_samples"])
             if self.sink is not None and not out.info.get("restored"):
                 extra = getattr(self.source, "manifest", None)
                 self.sink.write(out.index, out.result, out.info, extra(out.index) if extra else None)

@@ -37,7 +37,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import devices, fields, kernels, outputs
+from . import decoding, devices, fields, kernels, outputs
 from .errors import pack_error  # noqa: F401 - pipeline.worker.pack_error, as before
 from .handoff import Descriptor, SlotReader, _alive, remove_stale, watchdog
 
@@ -91,13 +91,15 @@ class Stager:
 
     def start(self, batch, registered: bool = False) -> Staged:
         """Start the copy of ``batch`` (an array, or a tuple or dict of arrays: each field) to the device."""
-        arrays = fields.flatten(batch)
-        xs = [torch.from_numpy(a if a.flags.writeable else a.copy()) for a in arrays]
+        arrays = fields.flatten(batch)  # (a field already on the device, decoded there: passed through)
+        xs = [a if isinstance(a, torch.Tensor) else torch.from_numpy(a if a.flags.writeable else a.copy())
+              for a in arrays]
         if self.stream is None:
             return Staged(fields.like(batch, xs))
         direct = self.pinned and registered
         if self.pinned and not registered:
-            sizes = [x.numel() * x.element_size() for x in xs]
+            host = [x.device.type == "cpu" for x in xs]
+            sizes = [x.numel() * x.element_size() if h else 0 for x, h in zip(xs, host)]
             starts = [0]
             for n in sizes:
                 starts.append(starts[-1] + -(-n // fields.FIELD_ALIGN) * fields.FIELD_ALIGN)
@@ -105,10 +107,12 @@ class Stager:
             if self.bufs[self.turn] is None or self.bufs[self.turn].numel() < starts[-1]:
                 self.bufs[self.turn] = torch.empty(starts[-1], dtype=torch.uint8, pin_memory=True)
             staged = []
-            for x, o, n in zip(xs, starts, sizes):
-                v = self.bufs[self.turn][o:o + n].view(x.dtype).view(x.shape)
-                v.copy_(x)
-                staged.append(v)
+            for x, o, n, h in zip(xs, starts, sizes, host):
+                if h:
+                    v = self.bufs[self.turn][o:o + n].view(x.dtype).view(x.shape)
+                    v.copy_(x)
+                    x = v
+                staged.append(x)
             xs = staged
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         with torch.cuda.stream(self.stream):
@@ -140,6 +144,11 @@ class Computer:
         self.kernel = kernels.make(spec, device)
         self.stager = Stager(device, pinned)
 
+    def start(self, arr, registered: bool = False) -> Staged | None:
+        """Start the copy of a batch received ahead (NOTE [ Overlap ]); None for an encoded image batch,
+        which ``__call__`` decodes first (decoding.py)."""
+        return None if decoding.is_encoded(arr) else self.stager.start(arr, registered)
+
     def __call__(self, arr, index: int = -1, attempt: int = 1, staged: Staged | None = None,
                  meanwhile: Callable[[], None] | None = None,
                  copied: Callable[[], None] | None = None, registered: bool = False) -> tuple[Any, dict]:
@@ -153,7 +162,10 @@ class Computer:
         """
         kernels.current.update(index=index, attempt=attempt)
         t0 = time.perf_counter()
-        h = staged or self.stager.start(arr, registered)
+        decoded, bad = (decoding.decode(arr, self.device, index) if staged is None and decoding.is_encoded(arr)
+                        else (arr, None))
+        t_decoded = time.perf_counter()
+        h = staged or self.stager.start(decoded, registered)
         x = self.stager.ready(h)
         t1 = time.perf_counter()
         with devices.precision(self.precision, self.device):
@@ -170,7 +182,9 @@ class Computer:
         out = outputs.host_result(y, where=f"kernel {self.name!r}, batch {index}", avoid=fields.flatten(arr))
         t3 = time.perf_counter()
         timings = {"h2d_s": self.stager.seconds(h), "h2d_bytes": fields.nbytes(arr), "direct": h.direct,
-                   "stage_s": (t1 - t0) if staged is None else 0.0, "compute_s": t2 - t1, "d2h_s": t3 - t2}
+                   "stage_s": (t1 - t_decoded) if staged is None else 0.0, "compute_s": t2 - t1, "d2h_s": t3 - t2}
+        if bad is not None:  # an encoded image batch (decoding.py): decoded here
+            timings.update(decode_s=t_decoded - t0, **({"bad_samples": bad} if bad else {}))
         if self.device.type == "cuda":
             timings["gpu_reserved_mb"] = torch.cuda.memory_reserved(self.device) / 2**20
         return out, timings
@@ -268,7 +282,7 @@ def _loop(rank: int, conn, computer: Computer, words=None) -> None:
                     ahead.append((None, None, None))
                 else:
                     arr, registered = view(task)
-                    ahead.append((task, arr, computer.stager.start(arr, registered)))
+                    ahead.append((task, arr, computer.start(arr, registered)))
         except (EOFError, OSError) as e:  # the main is gone: raised below, not blamed on the kernel
             ahead.append((e, None, None))
 

@@ -15,28 +15,10 @@ import numpy as np
 
 
 def make_jpegs(root: str, n: int = 256, seed: int = 0, quality: int = 90) -> list[str]:
-    """``n`` JPEGs of ImageNet-like sizes (about 500x375) in ``root``, made once: smooth gradients and
-    blobs plus noise, so that they compress like photographs rather than like noise or flat colour."""
-    from PIL import Image
-    os.makedirs(root, exist_ok=True)
-    paths = [os.path.join(root, f"img-{i:05d}.jpg") for i in range(n)]
-    rng = np.random.default_rng(seed)
-    for i, path in enumerate(paths):
-        w, h = int(rng.integers(400, 640)), int(rng.integers(300, 480))
-        if os.path.exists(path):
-            continue
-        y, x = np.mgrid[0:h, 0:w].astype(np.float32)
-        img = np.empty((h, w, 3), np.float32)
-        for c in range(3):
-            a, b, f = rng.uniform(-1, 1, 3)
-            cx, cy = rng.uniform(0, w), rng.uniform(0, h)
-            img[..., c] = (128 + 60 * (a * x / w + b * y / h)
-                           + 50 * np.sin(f * 8 * np.hypot(x - cx, y - cy) / w))
-        img += rng.normal(0, 12, img.shape).astype(np.float32)
-        tmp = f"{path}.tmp"
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(tmp, "JPEG", quality=quality)
-        os.replace(tmp, path)
-    return paths
+    """``n`` JPEGs of ImageNet-like sizes in ``root``, made once: ``pipeline.bench.images.make_jpegs`` (the
+    image bench's maker), imported here only when called (this module stays free of torch)."""
+    from pipeline.bench.images import make_jpegs as make
+    return make(root, n, seed, quality)
 
 
 class Jpegs:

@@ -6,7 +6,8 @@
 #   4. file input: 64 x 64 MB .npy on the GPU, serial vs pipeline vs DataLoader at 4 workers
 #   5. bench-handoff at 2, 8, 16 workers (when there are 16 cores)
 #   6. your own data: a JPEG dataset through the pipeline, DataLoader and SPDL (when installed)
-#   7. lesson 09's facts about tensors crossing processes (docs/gpu-facts/)
+#   7. images: the CUDA decode test (nvJPEG), bench-images and bench-images-resnet (resnet50, bf16)
+#   8. lesson 09's facts about tensors crossing processes (docs/gpu-facts/)
 # then a short table (scripts/gpu_summary.py). Each step writes its JSON/log to OUTDIR as it finishes,
 # so a step that runs out of time leaves the others' results. bench-gpu also runs the ray and ray.data
 # modes when Ray Data is installed (pip install -e '.[ray]').
@@ -82,6 +83,16 @@ dmodes=serial,pipeline,DataLoader
 PYTHONPATH="$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}" timeout 150 "$py" -m pipeline bench \
   --source bench_data:Jpegs --source-param "root=\"$jpegs\"" --batch-size 32 --kernel bench_data:pixel_sums \
   --modes "$dmodes" --workers-list 2,4,8 --json "$out/bench-jpeg.json" 2>&1 | tee -a "$log" | grep -v "^pipeline x"
+
+step "images: --decode device on CUDA (nvJPEG), then bench-images and bench-images-resnet (resnet50, bf16)"
+timeout 90 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_decoding.py 2>&1 | tail -n 3 | tee -a "$log"
+imodes=serial,pipeline,pipeline.device,DataLoader
+"$py" -c "import spdl.pipeline" 2>/dev/null && imodes="$imodes,spdl"
+"$py" -c "import ray.data" 2>/dev/null && imodes="$imodes,ray.data"
+timeout 150 "$py" -m pipeline bench --config configs/bench-images.toml --batches 32 --device cuda --modes "$imodes" \
+  --workers-list 2,4 --json "$out/bench-images.json" 2>&1 | tee -a "$log" | grep -v "^pipeline x"
+timeout 150 "$py" -m pipeline bench --config configs/bench-images-resnet.toml --modes "${imodes%,ray.data}" \
+  --workers-list 4 --json "$out/bench-images-resnet.json" 2>&1 | tee -a "$log" | grep -v "^pipeline x"
 
 step "lesson 09: tensors crossing processes"
 timeout 75 "$py" scripts/lessons/09_gpu_data.py --json "$out/gpu-facts.json" --markdown "$out/gpu-facts.md" \

@@ -49,19 +49,20 @@ from ..outputs import max_rel_diff  # noqa: F401 - pipeline.bench.max_rel_diff, 
 from ..runner import checksum, make_source, resolve
 from ..sources import MapSource
 from ..worker import Computer
-from . import peers, ray_modes
+from . import images, peers, ray_modes
 from .calibration import bound, calibrate, roofline  # noqa: F401 - pipeline.bench.calibrate etc., as before
 from .peers import _dataloader, _executor, _has_spdl, _pipeline, _pool, _spdl, _timed  # noqa: F401 - as before the split
 from .ray_modes import _has_ray, _has_ray_data, _ray, _ray_data, _start_ray  # noqa: F401 - as before
 from .report import breakdown_text, machine, plot, table  # noqa: F401 - pipeline.bench.table etc., as before
 
-RUNNERS = {**peers.RUNNERS, **ray_modes.RUNNERS}  # mode -> (cfg, spec, src, repeat) -> (results, s, startup, extra)
+RUNNERS = {**peers.RUNNERS, **images.RUNNERS, **ray_modes.RUNNERS}  # mode -> (cfg, spec, src, repeat) -> (results, s, startup, extra)
 MODES = ("serial", *RUNNERS)
 RAY_MODES = tuple(ray_modes.RUNNERS)
 QUICK = {"source.batches": 6, "source.rows": 64, "source.cols": 32}
 
 
-EXTRAS = {"ray": ("Ray", "ray"), "ray.data": ("Ray Data", "ray"), "spdl": ("SPDL", "spdl")}  # mode -> (what, extra)
+EXTRAS = {"ray": ("Ray", "ray"), "ray.data": ("Ray Data", "ray"), "spdl": ("SPDL", "spdl"),
+          "spdl.io": ("SPDL's decoder (spdl.io, with FFmpeg's libraries)", "spdl")}  # mode -> (what, extra)
 
 
 def bench(args, overrides: dict) -> int:
@@ -72,7 +73,10 @@ def bench(args, overrides: dict) -> int:
     overrides.setdefault("progress", False)
     counts = _counts(args, overrides)
     cfg = resolve(args.config, overrides)
-    modes = _modes(args.modes, bool(cfg.source.object))
+    if cfg.source.kind == "images" and not cfg.source.path:  # the image bench: its own set of JPEGs
+        cfg, took = images.image_set(cfg)
+        print(f"pipeline bench: {cfg.source.path} ({took:.1f} s to make or find)", file=sys.stderr)
+    modes = _modes(args.modes, bool(cfg.source.object), cfg.source.kind == "images")
     devices.check(cfg.workers.device)
     build_lists = _build_lists(args)
     report = run_bench(cfg, modes, counts, args.repeat, build_lists)
@@ -85,28 +89,37 @@ def bench(args, overrides: dict) -> int:
     bad = [r for r in report["results"] if not r["agrees"]]
     for r in bad:
         print(f"pipeline bench: {r['mode']} x{r['workers']} disagrees with serial: max_rel_diff "
-              f"{r['max_rel_diff_vs_serial']:.3g} > {report['tolerance']:g}", file=sys.stderr)
+              f"{r['max_rel_diff_vs_serial']:.3g} > {r.get('tolerance', report['tolerance']):g}", file=sys.stderr)
     return ExitCode.FAILED if bad else ExitCode.OK
 
 
-def _modes(text: str, dataset: bool) -> list[str]:
+def _modes(text: str, dataset: bool, image_folder: bool = False) -> list[str]:
     """``--modes``: a comma list, or ``all``: every mode whose extra is installed (pipeline.procs only for a
-    dataset; ray.data not for one, with a note). A mode whose extra is missing: ConfigError naming it."""
+    dataset; ray.data not for one, with a note; pipeline.device and spdl.io only for an image folder). A
+    mode whose extra is missing: ConfigError naming it."""
     present = {"ray": _has_ray(), "ray.data": _has_ray_data(), "spdl": _has_spdl()}
+    if image_folder or "spdl.io" in text:
+        why = images.has_spdl_io()
+        present["spdl.io"] = why is None
+        if why and text == "all":
+            print(f"pipeline bench: spdl.io left out of 'all': it can't decode here ({why})", file=sys.stderr)
     if text == "all":
         if dataset and present["ray.data"]:
             print("pipeline bench: ray.data left out of 'all' for a dataset (its mode takes one array per "
                   "batch); ask for it with --modes ray.data", file=sys.stderr)
         return [m for m in MODES if present.get(m, True) and (m != "pipeline.procs" or dataset)
-                and not (m == "ray.data" and dataset)]
+                and not (m == "ray.data" and dataset) and (m not in images.IMAGE_MODES or image_folder)]
     modes = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise ConfigError(f"--modes: unknown mode(s) {', '.join(unknown)}; known: {', '.join(MODES)}")
+    for m in modes:
+        if m in images.IMAGE_MODES and not image_folder:
+            raise ConfigError(f"--modes {m} is for a folder of images (--input DIR, or configs/bench-images.toml)")
     missing = [m for m in modes if m in present and not present[m]]
     if missing:
         what, extra = EXTRAS[missing[0]]
-        raise ConfigError(f"--modes {missing[0]} needs {what}, which is not installed: "
+        raise ConfigError(f"--modes {missing[0]} needs {what}, which is not installed or can't load: "
                           f"pip install -e '.[{extra}]'")
     return modes
 
@@ -147,22 +160,27 @@ def run_bench(cfg: Config, modes: list[str], counts: list[int], repeat: int,
     n = len(src)
     batch_bytes, samples = _sizes(src)
     procs = (cfg.workers.build_processes or devices.usable_cpus()) if "pipeline.procs" in modes else 0
-    if "ray.data" in modes and not isinstance(src.get(0), np.ndarray):
+    image_folder = isinstance(src, images.ImageSource)
+    if "ray.data" in modes and not image_folder and not isinstance(src.get(0), np.ndarray):
         raise ConfigError("--modes ray.data takes one array per batch; this source's batches are tuples or "
                           "dicts of fields: leave ray.data out (the ray mode takes them)")
-    cal = calibrate(cfg, spec, src, counts, build_lists, procs=procs)  # first, on a quiet machine
+    # first, on a quiet machine; for images also on one build thread (the decode's scaling: a goal)
+    cal = calibrate(cfg, spec, src, counts, (build_lists or []) + [1] * image_folder or None, procs=procs)
     ref, serial_time = _serial(cfg, spec, src, repeat)
     rows = []
     tol = 5e-2 if cfg.source.dtype == "float16" else 1e-3
 
     def record(mode, workers, results, seconds, startup, extra=None):
         diff = max_rel_diff(results, ref)
+        # (a decoder or resampler other than serial's Pillow: its own tolerance, images.DECODE_TOLERANCE)
+        within = images.DECODE_TOLERANCE if image_folder and mode in images.IMAGE_MODES else tol
         rows.append({
             "mode": mode, "workers": workers, "batches": n, "seconds": round(seconds, 4),
             "batches_per_s": round(n / seconds, 3), "mb_per_s": round(batch_bytes / seconds / 1e6, 2),
             **({"samples_per_s": round(samples / seconds, 1)} if samples else {}),
             "speedup_vs_serial": round(serial_time / seconds, 3), "startup_s": round(startup, 3),
-            "checksum": checksum(results), "max_rel_diff_vs_serial": diff, "agrees": diff <= tol,
+            "checksum": checksum(results), "max_rel_diff_vs_serial": diff, "agrees": diff <= within,
+            "tolerance": within,
             **(extra or {}),
         })
 
@@ -198,8 +216,14 @@ def run_bench(cfg: Config, modes: list[str], counts: list[int], repeat: int,
             r["calibration_off"] = r["roofline_efficiency"] > 1.05
         else:
             r["roofline_efficiency"] = None
-    return {"machine": machine(), "config": cfg.to_dict(), "tolerance": tol, "calibration": cal,
-            "roofline": roof, "results": rows}
+    report = {"machine": machine(), "config": cfg.to_dict(), "tolerance": tol, "calibration": cal,
+              "roofline": roof, "results": rows}
+    if image_folder:
+        report["images"] = {"decode_tolerance": images.DECODE_TOLERANCE,
+                            "goals": images.goals(rows, cal, src.batch_size),
+                            "kernel_alone_images_per_s": round(src.batch_size / min(cal["kernel_s_by_threads"].values()), 1),
+                            "decode_agreement_cpu": images.decode_agreement(cfg)}
+    return report
 
 
 def _sizes(src) -> tuple[int, int | None]:

@@ -15,7 +15,9 @@ import torch
 
 from .. import devices
 from ..config import Config
+from ..images import ImageSource
 from ..worker import Computer
+from .images import ray_data_images
 from .peers import _pipeline
 
 
@@ -77,6 +79,8 @@ def _ray_data_run(cfg, spec, src, repeat):
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # results in batch order, for the checksum
     ctx.enable_progress_bars = False
+    if isinstance(src, ImageSource):  # an image folder: Ray Data's own image recipe (bench/images.py)
+        return ray_data_images(cfg, spec, src, repeat)
     t0 = time.perf_counter()
     batches = list(src)
     refs = [ray.put(b.array()) for b in batches]  # the driver builds them, as for every mode

@@ -50,6 +50,13 @@ def table(report: dict) -> str:
                          + breakdown_text(r["breakdown_ms_per_batch"])
                          + (f"; host-to-device {r['h2d_gbps']} GB/s"
                             f"{' from the slots' if r.get('h2d_from_slot') else ''}" if r.get("h2d_gbps") else ""))
+    if report.get("images"):  # the image bench: --decode device's pixels vs main's, and the issue's goals
+        im = report["images"]
+        a = im["decode_agreement_cpu"]
+        lines.append(f"--decode device vs main on the CPU, {a['images']} images: max {a['max_abs']} grey levels, "
+                     f"mean {a['mean_abs']}; rows with another decoder agree within {im['decode_tolerance']:g}")
+        lines += [f"goal {k:<16}{v['measured']:>7.2f}  (>= {v['goal']})  {'met' if v['met'] else 'MISSED'}"
+                  for k, v in im["goals"].items()]
     off = [r for r in report["results"] if r.get("calibration_off")]
     for r in off:
         lines.append(f"warning: {r['mode']} x{r['workers']} ran at {r['roofline_efficiency']:.0%} of the roofline: "
@@ -60,7 +67,7 @@ def table(report: dict) -> str:
 def breakdown_text(b: dict) -> str:
     """The per-batch breakdown in three groups: the main's own work, the worker's, and waits."""
     main = ("build", "dispatch", "receive")
-    work = ("stage", "h2d", "compute", "d2h")
+    work = ("decode", "stage", "h2d", "compute", "d2h")
     waits = ("slot_wait", "worker_wait", "idle", "return", "order_wait")
 
     def part(keys):
@@ -86,8 +93,10 @@ def plot(report: dict, path: str) -> None:
     roof = report["roofline"]["bound_batches_per_s"]
     ax.plot([int(w) for w in roof], list(roof.values()), color="black", linestyle=":", label="roofline")
     cfg = report["config"]["source"]
+    what = (f"{cfg['image_size']}px images, batches of {cfg['batch_size']}" if cfg["kind"] == "images"
+            else f"{cfg['rows']}x{cfg['cols']} {cfg['dtype']}")
     ax.set(xlabel="workers", ylabel="batches/s",
-           title=f"{report['config']['kernel']['name']}, {cfg['rows']}x{cfg['cols']} {cfg['dtype']} "
+           title=f"{report['config']['kernel']['name']}, {what} "
                  f"({', '.join(report['machine']['devices'])}, {report['machine']['cpus']} cpus)")
     ax.set_xticks(sorted({r["workers"] for r in rows if r["workers"]}))
     ax.set_ylim(bottom=0)

@@ -1,0 +1,77 @@
+"""The image bench: its own JPEG set, the image modes (pipeline.device, spdl.io, Ray Data's recipe), goals."""
+import json
+import os
+
+import pytest
+
+import pipeline.bench.images as bi
+from pipeline.cli import main
+
+TINY = ["--config", "configs/bench-images.toml", "--batches", "2", "--batch-size", "4", "--image-size", "32",
+        "--workers-list", "2", "--threads-per-worker", "1"]
+
+
+def test_image_set_is_deterministic(tmp_path):
+    """The maker gives the same bytes for the same seed, ImageNet-like sizes, and keeps what is there."""
+    a, b = bi.make_jpegs(str(tmp_path / "a"), 2), bi.make_jpegs(str(tmp_path / "b"), 2)
+    from pathlib import Path
+    assert [Path(p).read_bytes() for p in a] == [Path(p).read_bytes() for p in b]
+    from PIL import Image
+    for p in a:
+        with Image.open(p) as im:
+            assert 400 <= im.size[0] < 640 and 300 <= im.size[1] < 480 and im.format == "JPEG"
+    mtime = os.stat(a[0]).st_mtime_ns
+    bi.make_jpegs(str(tmp_path / "a"), 2)
+    assert os.stat(a[0]).st_mtime_ns == mtime
+
+
+@pytest.mark.timeout(300)
+def test_image_bench_modes_agree_and_report_goals(tmp_path, monkeypatch, capsys):
+    """bench-images.toml without --input makes its set in the cache dir; serial, pipeline (both decodes),
+    DataLoader and spdl agree; the report has the decode agreement and the issue's ratios."""
+    monkeypatch.setattr(bi, "CACHE", str(tmp_path / "cache"))
+    modes = "serial,pipeline,pipeline.device,DataLoader" + (",spdl" if bi_has_spdl() else "")
+    path = tmp_path / "r.json"
+    assert main(["bench", *TINY, "--modes", modes, "--json", str(path)]) == 0, capsys.readouterr().err
+    out, err = capsys.readouterr()
+    assert os.path.isdir(tmp_path / "cache" / "jpeg-8") and "jpeg-8" in err
+    r = json.loads(path.read_text())
+    rows = {x["mode"]: x for x in r["results"]}
+    assert set(rows) == set(modes.split(",")) and all(x["agrees"] for x in rows.values())
+    assert rows["pipeline"]["max_rel_diff_vs_serial"] == 0 and rows["pipeline.device"]["tolerance"] == bi.DECODE_TOLERANCE
+    assert rows["serial"]["samples_per_s"] > 0 and r["config"]["source"]["kind"] == "images"
+    im = r["images"]
+    assert im["decode_agreement_cpu"]["max_abs"] <= 2 and im["decode_agreement_cpu"]["images"] == 8
+    assert {"vs_serial", "vs_DataLoader", "build_scaling"} <= set(im["goals"])
+    assert "1" in r["calibration"]["build_s_by_threads"] and "goal vs_serial" in out
+
+
+def bi_has_spdl():
+    from pipeline.bench import _has_spdl
+    return _has_spdl()
+
+
+@pytest.mark.ray_daemons
+@pytest.mark.timeout(300)
+def test_ray_data_image_recipe_agrees_with_serial(tmp_path, monkeypatch, capsys):
+    """On an image folder ray.data is read_images + map (the same transform) + map_batches: same results."""
+    pytest.importorskip("ray.data")
+    monkeypatch.setattr(bi, "CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "r.json"
+    tiny = [*TINY, "--image-size", "224"]  # (the last wins: no reduced-scale decode, read_images has none)
+    assert main(["bench", *tiny, "--modes", "serial,ray.data", "--json", str(path)]) == 0, capsys.readouterr().err
+    r = json.loads(path.read_text())
+    rows = {x["mode"]: x for x in r["results"]}
+    assert rows["ray.data"]["max_rel_diff_vs_serial"] == 0 and rows["ray.data"]["batches"] == 2
+    assert "vs_ray.data" not in r["images"]["goals"]  # (no pipeline row to compare with)
+
+
+def test_image_modes_need_an_image_folder_and_spdl_io_its_libraries(monkeypatch, capsys):
+    """pipeline.device on synthetic batches, or spdl.io where it can't decode: exit 2, one line each."""
+    assert main(["bench", "--quick", "--modes", "serial,pipeline.device"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "for a folder of images" in err
+    monkeypatch.setattr(bi, "has_spdl_io", lambda: "RuntimeError: Failed to import libspdl")
+    assert main(["bench", *TINY, "--modes", "serial,spdl.io"]) == 2
+    err = capsys.readouterr().err
+    assert "spdl.io" in err and "SPDL's decoder" in err and err.strip().count("\n") <= 1
