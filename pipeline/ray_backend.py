@@ -97,7 +97,7 @@ class _Actor:
         except Exception as e:  # noqa: BLE001 - deterministic: ``info`` says so, the driver raises it
             self.who = ("fatal", pack_error(e))  # (Ray would keep only its text, and restart nothing)
         self.lock = threading.Lock()  # one kernel call at a time (its tasks run on QUEUE threads)
-        self.opening = threading.Lock()
+        self.opened = threading.Condition()
         self.run: _ActorRun | None = None
 
     def info(self):
@@ -107,20 +107,34 @@ class _Actor:
         """Placement: which of ``paths`` this node lacks, and whether it sees the output dir's ``probe``."""
         return self.who, [p for p in paths if not os.path.exists(p)], probe is not None and os.path.exists(probe)
 
-    def _open(self, key: str, ref: list) -> "_ActorRun":
-        with self.opening:
+    def _open(self, key: str, ref: list | None) -> "_ActorRun | None":
+        """The run ``key`` (NOTE [ Actor builds ]): opened from ``ref`` (the first task of a run on this
+        actor carries it), or, without it, the one a concurrent task is opening; None if there is none
+        (a restart the driver has not seen): the driver sends the source again."""
+        with self.opened:
+            if ref is None:
+                self.opened.wait_for(lambda: self.run is not None and self.run.key == key, timeout=2.0)
+                return self.run if self.run is not None and self.run.key == key else None
             if self.run is None or self.run.key != key:
                 if self.run is not None:
                     self.run.close()
                 self.run = None
                 self.run = _ActorRun(key, ray.get(ref[0]))
+                self.opened.notify_all()
             return self.run
+
+    def build(self, job: tuple):
+        """Actor-built: ``job`` = (index, attempt, run key, [source ref] or None); one argument, because
+        each argument of a Ray task costs the driver its own serialisation (NOTE [ Actor builds ])."""
+        return self.compute(job[0], job[1], None, job[2], job[3])
 
     def compute(self, index: int, attempt: int, arr, key: str | None = None, ref: list | None = None):
         run, slot, timings = None, None, {}
         try:
             if arr is None:  # actor-built (NOTE [ Actor builds ])
                 run = self._open(key, ref)
+                if run is None:
+                    return ("reopen", index, self.who)
                 t0 = time.perf_counter()
                 arr, slot = run.build(index)
                 build_s = time.perf_counter() - t0
@@ -549,6 +563,7 @@ class _Run:
         self.ex, self.it, self.ordered, self.faults = ex, it, ordered, faults
         self.args = args  # compute's extra arguments: (run key, [source ref]) when the actors build
         self.learn = getattr(source, "learn", None)  # the driver's source learns what the actors found
+        self.sent: set[int] = set()  # ranks whose actor was sent the source's ref in this run
         self.in_flight, self.window = in_flight, window
         self.limit = faults.batch_timeout_s
         self.queues: list[deque[_Task]] = [deque() for _ in ex.actors]
@@ -598,7 +613,13 @@ class _Run:
             rank = min(free, key=lambda r: len(self.queues[r]))
             if not self.queues[rank]:
                 self.since[rank] = time.monotonic()
-            ref = self.ex.actors[rank].compute.remote(index, attempt, obj, *self.args)
+            if self.args:  # actor-built: the source's ref goes with a rank's first task only (it costs)
+                key, source = self.args
+                ref = self.ex.actors[rank].build.remote((index, attempt, key,
+                                                         None if rank in self.sent else source))
+                self.sent.add(rank)
+            else:
+                ref = self.ex.actors[rank].compute.remote(index, attempt, obj)
             self.queues[rank].append(_Task(ref, index, attempt, obj, solo))
 
     def next_ready(self) -> Outcome | None:
@@ -638,6 +659,18 @@ class _Run:
             return
         if msg[0] == "retire":
             self.on_retire(rank, task, msg)
+            return
+        if msg[0] == "reopen":  # restarted unseen: it lost the run's source; sent again with the batch
+            self.sent.discard(rank)
+            self.todo.appendleft((task.index, task.attempt, None, task.solo))
+            who = msg[2]
+            pids = [w[1] for w in self.ex.seen if w[0] == rank]
+            if who not in self.ex.seen:  # a new incarnation, not a task that merely came early
+                self.ex.restarts.append({"rank": rank, "pid": pids[-1] if pids else None, "batch": None,
+                                         "node": self.ex.node_of[rank],
+                                         "cause": "ray actor restarted while idle (seen at its next task)"})
+                self.ex.seen[who] = 0
+                self.ex.node_of[rank] = who[3]
             return
         self.on_message(msg, task.attempt)
 
@@ -708,6 +741,7 @@ class _Run:
         with a WorkerError after NODE_GRACE_S without a capable node, or RECOVER_WAIT_S without any actor.
         """
         self.ex.up_restarts[rank] += 1  # Ray restarts it: that restart is not a death while starting
+        self.sent.discard(rank)  # the new incarnation needs the run's source
         pids = [who[1] for who in self.ex.seen if who[0] == rank]  # in the order incarnations came up
         pid = pids[-1] if pids else None
         self.ex.restarts.append({"rank": rank, "pid": pid, "cause": cause, "node": self.ex.node_of[rank],

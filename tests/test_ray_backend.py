@@ -206,3 +206,33 @@ def test_images_built_by_actors_report_bad_files(tmp_path):
     with open(tmp_path / "ray" / "manifest.jsonl") as f:
         lines = [json.loads(line) for line in f]
     assert {r["batch"]: r.get("bad_samples") for r in lines}[1] == {"im02.png": s["bad_samples"][0]["cause"]}
+
+
+@pytest.mark.timeout(180)
+def test_actor_restarted_unseen_gets_the_source_again():
+    """An actor killed while idle (no task lost, so the driver did not see it) has lost the run's source:
+    its next task answers 'reopen' and is sent again with the source; every batch computed, same checksum."""
+    from pipeline import kernels
+    from pipeline.ray_backend import RayExecutor
+    from pipeline.runner import make_source, resolve
+    from pipeline.outputs import checksum
+    cfg = resolve(None, dict(RAY, workers=1, kernel="sum"))
+    src = make_source(cfg.source)
+    with RayExecutor(cfg, kernels.spec_for("sum", {})) as ex:
+        got = {}
+        for o in ex.stream(src, window=1):  # one batch at a time: nothing in flight while we are here
+            got[o.index] = o.result
+            if o.index == 1:
+                pid = o.info["pid"]
+                ray.kill(ex.actors[0], no_restart=False)
+                while True:  # until Ray has restarted it
+                    try:
+                        if ray.get(ex.actors[0].info.remote(), timeout=60)[1] != pid:
+                            break
+                    except ray.exceptions.RayActorError:
+                        time.sleep(0.2)
+        assert [(r["rank"], r["pid"], r["batch"]) for r in ex.restarts] == [(0, pid, None)]
+        assert "restarted while idle" in ex.restarts[0]["cause"]
+        done = {w["pid"]: w["batches"] for w in ex.worker_info()}
+        assert done[pid] == 2 and sum(done.values()) == 6 and len(done) == 2  # the new incarnation: the rest
+    assert checksum(got[i] for i in range(6)) == pipeline.run(kernel="sum", workers=0, **dict(RAY, backend="local")).summary["checksum"]
