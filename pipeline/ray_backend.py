@@ -103,9 +103,17 @@ class _Actor:
     def info(self):
         return self.who
 
-    def check(self, paths: list[str], probe: str | None):
-        """Placement: which of ``paths`` this node lacks, and whether it sees the output dir's ``probe``."""
-        return self.who, [p for p in paths if not os.path.exists(p)], probe is not None and os.path.exists(probe)
+    def check(self, paths: list[str], probe: str | None, key: str, ref: list):
+        """Before an actor-built run: which of ``paths`` this node lacks, whether it sees the output dir's
+        ``probe``, and why the run's source can't be opened here (None: it was, for the first task)."""
+        missing = [p for p in paths if not os.path.exists(p)]
+        why = None
+        if not missing:
+            try:
+                self._open(key, ref)
+            except Exception as e:  # noqa: BLE001 - a module the driver has and this node lacks, mostly
+                why = f"{type(e).__name__}: {e}"
+        return self.who, missing, probe is not None and os.path.exists(probe), why
 
     def _open(self, key: str, ref: list | None) -> "_ActorRun | None":
         """The run ``key`` (NOTE [ Actor builds ]): opened from ``ref`` (the first task of a run on this
@@ -495,17 +503,30 @@ class RayExecutor:
                 raise ConfigError(f"run.ray_build = 'actors': {why}; use run.ray_build = 'auto'")
             self.run_notes.append(why)
             return ()
-        sees_output = self._placement(cfg, sink)
-        if output is not None and not sees_output:
+        args = (hashlib.sha1(payload).hexdigest(), [ray.put(payload)])
+        answers = self._placement(cfg, sink, args)
+        why = next((w for _, _, _, w in answers if w), None)
+        if why is not None:
+            why = (f"the actors can't load the source ({why[:120]}), so the driver builds every batch and puts "
+                   f"it in the object store; make what defines it importable on every node")
+            if mode == "actors":
+                raise ConfigError(f"run.ray_build = 'actors': {why}")
+            self.run_notes.append(why)
+            return ()
+        blind = sorted({who[4] for who, _, sees, _ in answers if not sees}) if sink is not None else []
+        if blind:
+            self.run_notes.append(f"--output {sink.path} is not visible to the actors on {', '.join(blind)}: "
+                                  f"their results come back and the driver writes them")
             payload = cloudpickle.dumps((src, None, keep, threads, os.getcwd()))
+            args = (hashlib.sha1(payload).hexdigest(), [ray.put(payload)])
         elif output is not None:
             self.figures["written_by"] = "actors"
         self.figures.update(transport="built by the actors", source_bytes=len(payload))
-        return hashlib.sha1(payload).hexdigest(), [ray.put(payload)]
+        return args
 
-    def _placement(self, cfg: Config, sink) -> bool:
-        """Every actor's node has the input (else ConfigError naming the node); True if every actor sees the
-        output directory (a probe file in it), else a note: the driver writes the results."""
+    def _placement(self, cfg: Config, sink, args: tuple) -> list[tuple]:
+        """Every actor's answer to ``check``: ConfigError naming the node when one lacks the input; the
+        others say whether they see the output directory (a probe file in it) and opened the source."""
         paths = [os.path.abspath(cfg.source.path)] if cfg.source.path else []
         probe = os.path.join(sink.path, f"{TMP}probe-{secrets.token_hex(4)}") if sink is not None else None
         if probe:
@@ -513,7 +534,7 @@ class RayExecutor:
                 pass
         try:
             answers = []
-            for ref in [a.check.remote(paths, probe) for a in self.actors]:
+            for ref in [a.check.remote(paths, probe, *args) for a in self.actors]:
                 try:
                     answers.append(ray.get(ref, timeout=START_WAIT_S))
                 except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
@@ -523,16 +544,12 @@ class RayExecutor:
             if probe:
                 with contextlib.suppress(OSError):
                     os.unlink(probe)
-        for who, missing, _ in answers:
+        for who, missing, _, _ in answers:
             if missing:
                 raise ConfigError(f"--input {missing[0]}: not found on node {who[4]} (Ray actor of worker "
                                   f"{who[0]}); every node must see the input at the same path (shared storage, "
                                   f"or a copy on each node), or let the driver build: --set run.ray_build=driver")
-        blind = sorted({who[4] for who, _, sees in answers if not sees}) if sink is not None else []
-        if blind:
-            self.run_notes.append(f"--output {sink.path} is not visible to the actors on {', '.join(blind)}: "
-                                  f"their results come back and the driver writes them")
-        return not blind
+        return answers
 
     def amend_node_losses(self) -> None:
         """Restarts recorded as a lost actor whose node Ray has since declared dead: say so.
