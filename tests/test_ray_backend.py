@@ -236,3 +236,18 @@ def test_actor_restarted_unseen_gets_the_source_again():
         done = {w["pid"]: w["batches"] for w in ex.worker_info()}
         assert done[pid] == 2 and sum(done.values()) == 6 and len(done) == 2  # the new incarnation: the rest
     assert checksum(got[i] for i in range(6)) == pipeline.run(kernel="sum", workers=0, **dict(RAY, backend="local")).summary["checksum"]
+
+
+@pytest.mark.timeout(180)
+def test_a_sample_that_fails_on_the_actor_fails_its_batch():
+    """A sample that does not fit its batch, found by the actor building it: on_error=skip fails that batch
+    alone (the rest computed, as serial); on_error=fail raises SampleError naming the sample and batch."""
+    samples = [np.full(3, i, np.float32) for i in range(6)]
+    samples[3] = np.zeros(4, np.float32)
+    kw = dict(source=samples, batch_size=2, kernel="sum", progress=False)
+    ref = pipeline.run(workers=0, on_error="skip", **kw).summary
+    s = pipeline.run(workers=2, backend="ray", on_error="skip", **kw).summary
+    assert s["handoff"]["transport"] == "built by the actors" and s["checksum"] == ref["checksum"]
+    assert [f["batch"] for f in s["failed"]] == [1] and "sample 3 (batch 1)" in s["failed"][0]["cause"]
+    with pytest.raises(pipeline.SampleError, match=r"^batch 1 \(ray actor pid \d+.*sample 3 \(batch 1\): shape"):
+        pipeline.run(workers=2, backend="ray", **kw)
