@@ -90,6 +90,7 @@ class RunConfig:
     overwrite: bool = False
     backend: str = "local"  # local | ray
     ray_address: str = ""  # "": start a local Ray; "auto": join this machine's cluster; or host:port
+    ray_build: str = "auto"  # who builds a Ray run's batches: auto (the actors when they can) | actors | driver
     output_format: str = "npy"  # npy (batch-N.npy / .npz) | parquet (part-N.parquet)
 
 
@@ -159,6 +160,7 @@ CHOICES = {
     "faults.on_error": ("fail", "skip"),
     "kernel.precision": ("fp32", "tf32", "bf16", "fp16"),
     "run.backend": ("local", "ray"),
+    "run.ray_build": ("auto", "actors", "driver"),
     "run.output_format": ("npy", "parquet"),
 }
 PARAMS = ("kernel", "source")  # sections with a free-form ``params`` table (keyword arguments)

@@ -312,6 +312,18 @@ class ImageSource(MapSource):
         bad = {self.dataset.files[i]: why for i, why in sorted(self.dataset.bad.items()) if lo <= i < hi}
         return {"files": self.dataset.files[lo:hi], **({"bad_samples": bad} if bad else {})}
 
+    def learned(self, index: int) -> dict:
+        """What building batch ``index`` here found out (its bad files, sample -> why), for the copy of the
+        source where the summary and manifest are made (``learn``: a Ray actor built it)."""
+        lo = index * self.batch_size
+        hi = lo + self.rows_of(index)
+        with self.dataset._lock:
+            return {i: why for i, why in self.dataset.bad.items() if lo <= i < hi}
+
+    def learn(self, found: dict) -> None:
+        with self.dataset._lock:
+            self.dataset.bad.update(found)
+
     def report(self) -> dict:
         """Extra summary entries: ``classes`` (with class folders), ``bad_samples`` (with skip)."""
         ds = self.dataset

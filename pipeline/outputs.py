@@ -166,9 +166,10 @@ def _hash_array(h, a: np.ndarray) -> None:
     h.update(a.reshape(-1).view(np.uint8))
 
 
-def checksum_update(h, index: int, result) -> None:
-    """Add batch ``index``'s result to sha256 ``h``: dtype, shape and bytes of each array, with its dict key
-    or tuple position (a failed batch: its index)."""
+def batch_digest(index: int, result) -> bytes:
+    """sha256 of batch ``index``'s result: dtype, shape and bytes of each array, with its dict key or tuple
+    position (a failed batch: its index). Computed where the result is (a Ray actor that writes it)."""
+    h = hashlib.sha256()
     if result is None:
         h.update(f"failed:{index};".encode())
     elif isinstance(result, dict):
@@ -183,10 +184,17 @@ def checksum_update(h, index: int, result) -> None:
             _hash_array(h, a)
     else:
         _hash_array(h, result)
+    return h.digest()
+
+
+def checksum_update(h, index: int, result, digest: bytes | None = None) -> None:
+    """Add batch ``index`` to the run's sha256 ``h``: its ``batch_digest`` (given as ``digest`` when it was
+    computed elsewhere, so that the result itself need not travel)."""
+    h.update(digest if digest is not None else batch_digest(index, result))
 
 
 def checksum(results) -> str:
-    """sha256 over every result in batch order (see ``checksum_update``)."""
+    """sha256 over the per-batch digests (``batch_digest``) of every result, in batch order."""
     h = hashlib.sha256()
     for i, r in enumerate(results):
         checksum_update(h, i, r)

@@ -1,26 +1,55 @@
-"""The same contract on Ray: one actor per worker, batches through Ray's object store.
+"""The same contract on Ray: one actor per worker; the actors build their own batches when they can.
 
- main (this module)                                   Ray actors (one per worker), spread over nodes
- ------------------                                   ----------------------------------------------
- source -> ray.put(batch) -> actor.compute.remote --> kernel set up once per actor on its device
- ray.wait over the head task of each actor <--------- ("result", i, array, timings, who) | ("error", ...)
-   -> Outcome(index, result, info, failure), in batch order or as they complete (``stream``)
+ driver (this module)                                 Ray actors (one per worker), spread over nodes
+ --------------------                                 ----------------------------------------------
+ the source, cloudpickled once per run ------------>  opened once per run (again after a restart)
+ batch indices: actor.compute.remote(i, attempt) -->  build threads fill batch i into a local slot
+                                                      (builders.Builders, as in the local backend);
+                                                      the next tasks build while this one computes
+ ray.wait over the head task of each actor <--------  kernel on its device -> ("result", i, array, ...)
+   -> Outcome(index, result, info, failure)           with --output: the actor writes batch-i itself
+ --output: the manifest line appended, checksum       (sinks.BatchFiles: atomic) and returns its
+   from the batch digests                             manifest line and digest, not the array
 
-Bounds (``stream``): at most ``cfg.in_flight()`` batches at the actors, and at most ``window`` batches
-started and not yet yielded (results held for reordering count), so a slow consumer slows the actors.
+A caller's iterator, or a source that can't be pickled, is built by the driver instead and each batch
+``ray.put`` (NOTE [ Actor builds ]).
+
+Bounds (``stream``): at most ``cfg.in_flight()`` batches at the actors (``QUEUE`` per actor), and at most
+``window`` batches started and not yet yielded (results held for reordering count), so a slow consumer
+slows the actors.
 
 Host-only rule: batches and params are checked (``handoff.to_host``) before anything is put in the object
 store. Faults: actors are created with ``max_restarts=-1`` so Ray restarts a lost actor (its setup runs
 again, on any node that can host it), and the lost batch is resubmitted by us with ``attempt + 1``
 (``max_task_retries=0``): that keeps ``faults.max_attempts``, quarantine and the ``restarts`` accounting
 identical to the local backend. A node that goes away costs its actors; their batches are resubmitted
-uncharged (NOTE [ Node loss ]).
+uncharged (NOTE [ Node loss ]). An actor that dies while starting is restarted by Ray and the run goes on;
+``faults.max_attempts`` deaths in a row before it is up fail the run (NOTE [ Ray restarts while starting ]).
+
+NOTE [ Actor builds ]
+When the source builds batch k on its own (``Work.source``: synthetic, files, a map-style dataset) and
+cloudpickles, the driver puts it in the object store once per run and sends each actor only (index,
+attempt, run key): nothing of a batch passes through the driver, so it steers many nodes. The actor
+builds with the local backend's ``Builders`` (build threads, ``workers.build_threads`` or 2) into
+``QUEUE`` local slots; Ray runs up to ``QUEUE`` of its tasks at once (a threaded actor), so the next
+batches build while one computes (the kernel runs one batch at a time, under a lock). A batch lost with an
+actor is simply built again by whichever actor takes it. Placement: before the first batch every actor
+checks that ``source.path`` exists on its node (else ConfigError, exit 2: one line naming the node) and
+whether it sees the output directory (a probe file the driver writes there); if it does, each actor writes
+its results there itself (the same atomic files as the local backend) and returns the manifest line and
+the result's digest (``outputs.batch_digest``: the checksum is a digest of per-batch digests for every
+backend); the driver appends the line. Otherwise the results come back and the driver writes them, with a
+note. ``run.ray_build = "driver"`` makes the driver build; ``"actors"`` refuses a source they can't build.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
+import queue
+import secrets
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -28,12 +57,16 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from . import devices
+from . import devices, outputs
+from .builders import Builders
 from .config import Config
-from .errors import ConfigError, WorkerError
+from .errors import ConfigError, OutputError, WorkerError
 from .executor import Outcome, remote_error
+from .fields import nbytes as batch_nbytes
+from .handoff import Descriptor, aligned
 from .kernels import KernelSpec
-from .sources import Batch
+from .sinks import TMP, BatchFiles
+from .sources import Batch, Indexed
 from .worker import Computer, cuda_fault, pack_error
 
 try:
@@ -44,10 +77,12 @@ except ImportError:  # the [ray] extra is optional
 START_WAIT_S = 120.0  # actors not up by then: the cluster is busy or short of resources
 RECOVER_WAIT_S = 60.0  # every actor lost and none back by then: give up
 NODE_GRACE_S = 5.0  # no alive node can host an actor for this long: give up (Ray would wait forever)
+QUEUE = 3  # tasks on one actor at once: one computing, the next ones building meanwhile
 
 
 class _Actor:
-    """A worker on Ray: the kernel is built once per actor (and again if Ray restarts the actor)."""
+    """A worker on Ray: the kernel is built once per actor (and again if Ray restarts the actor); an
+    actor-built run's source is opened at its first task (NOTE [ Actor builds ])."""
 
     def __init__(self, rank: int, spec: KernelSpec, device_spec: str, threads: int, pinned: bool):
         import torch
@@ -55,22 +90,148 @@ class _Actor:
         self.rank = rank
         self.device = devices.choose("cuda" if device_spec.startswith("cuda") or
                                      (device_spec == "auto" and devices.gpu_count()) else "cpu", 0)
-        self.computer = Computer(spec, self.device, pinned)
         self.who = (rank, os.getpid(), str(self.device), ray.get_runtime_context().get_node_id(),
                     ray.util.get_node_ip_address())
+        try:
+            self.computer = Computer(spec, self.device, pinned)
+        except Exception as e:  # noqa: BLE001 - deterministic: ``info`` says so, the driver raises it
+            self.who = ("fatal", pack_error(e))  # (Ray would keep only its text, and restart nothing)
+        self.lock = threading.Lock()  # one kernel call at a time (its tasks run on QUEUE threads)
+        self.opened = threading.Condition()
+        self.run: _ActorRun | None = None
 
     def info(self):
         return self.who
 
-    def compute(self, index: int, attempt: int, arr: np.ndarray):
+    def check(self, paths: list[str], probe: str | None, key: str, ref: list):
+        """Before an actor-built run: which of ``paths`` this node lacks, whether it sees the output dir's
+        ``probe``, and why the run's source can't be opened here (None: it was, for the first task)."""
+        missing = [p for p in paths if not os.path.exists(p)]
+        why = None
+        if not missing:
+            try:
+                self._open(key, ref)
+            except Exception as e:  # noqa: BLE001 - a module the driver has and this node lacks, mostly
+                why = f"{type(e).__name__}: {e}"
+        return self.who, missing, probe is not None and os.path.exists(probe), why
+
+    def _open(self, key: str, ref: list | None) -> "_ActorRun | None":
+        """The run ``key`` (NOTE [ Actor builds ]): opened from ``ref`` (the first task of a run on this
+        actor carries it), or, without it, the one a concurrent task is opening; None if there is none
+        (a restart the driver has not seen): the driver sends the source again."""
+        with self.opened:
+            if ref is None:
+                self.opened.wait_for(lambda: self.run is not None and self.run.key == key, timeout=2.0)
+                return self.run if self.run is not None and self.run.key == key else None
+            if self.run is None or self.run.key != key:
+                if self.run is not None:
+                    self.run.close()
+                self.run = None
+                self.run = _ActorRun(key, ray.get(ref[0]))
+                self.opened.notify_all()
+            return self.run
+
+    def build(self, job: tuple):
+        """Actor-built: ``job`` = (index, attempt, run key, [source ref] or None); one argument, because
+        each argument of a Ray task costs the driver its own serialisation (NOTE [ Actor builds ])."""
+        return self.compute(job[0], job[1], None, job[2], job[3])
+
+    def compute(self, index: int, attempt: int, arr, key: str | None = None, ref: list | None = None):
+        run, slot, timings = None, None, {}
         try:
-            out, timings = self.computer(arr, index, attempt)
+            if arr is None:  # actor-built (NOTE [ Actor builds ])
+                run = self._open(key, ref)
+                if run is None:
+                    return ("reopen", index, self.who)
+                t0 = time.perf_counter()
+                arr, slot = run.build(index)
+                build_s = time.perf_counter() - t0
+            with self.lock:
+                out, timings = self.computer(arr, index, attempt)
+            if run is not None:
+                arr = None
+                if slot is not None:
+                    run.release(slot)
+                    slot = None
+                timings["build_s"] = build_s
+                learned = getattr(run.source, "learned", None)  # bad image files: for the driver's summary
+                if learned is not None:
+                    timings["learned"] = learned(index)
+                if run.files is not None:
+                    extra = getattr(run.source, "manifest", None)
+                    timings["record"] = run.files.write(index, out, {"pid": self.who[1], "device": self.who[2],
+                                                                     **timings}, extra(index) if extra else None)
+                    timings["digest"] = outputs.batch_digest(index, out)
+                    if not run.keep:
+                        out = None
         except BaseException as e:  # noqa: BLE001 - as in the local worker: errors travel as data
+            if slot is not None:
+                run.release(slot)
             packed = pack_error(cuda_fault(e, self.device))
             if devices.sticky(e):  # NOTE [ CUDA faults ] in worker.py: the main kills and Ray restarts us
                 return ("retire", index, packed[1], self.who)
             return ("error", index, packed, self.who)
         return ("result", index, out, timings, self.who)
+
+
+class _ActorRun:
+    """One actor-built run on an actor: the source, ``Builders`` over ``QUEUE`` local slots (the ring
+    interface: ``slot_bytes``, ``view``), and the output directory's writer when the actors write it."""
+
+    def __init__(self, key: str, payload: bytes):
+        import cloudpickle
+        self.key = key
+        self.source, output, self.keep, threads, cwd = cloudpickle.loads(payload)
+        if os.path.isdir(cwd):  # relative paths (--input data.npy) mean what they mean on the driver
+            os.chdir(cwd)
+        self.slot_bytes = aligned(getattr(self.source, "max_nbytes", None) or 0)
+        self.slots = [np.empty(self.slot_bytes, np.uint8) for _ in range(QUEUE)]
+        self.free: queue.SimpleQueue = queue.SimpleQueue()
+        for i in range(QUEUE):
+            self.free.put(i)
+        self.boxes: dict[int, list] = {}  # slot -> [Event, the build's event once reported]
+        self.builders = Builders(None, self.source.batch, self, threads, self._report, record_order=False)
+        self.files = None
+        if output is not None:
+            path, fmt, keep_columns = output
+            self.files = BatchFiles(path, fmt, self.source if keep_columns else None)
+
+    def view(self, slot: int, layout):
+        return layout.views(self.slots[slot]), Descriptor(slot, layout)
+
+    def _report(self, event: tuple) -> None:
+        box = self.boxes.pop(event[1].slot if event[0] == "built" else event[1])
+        box.append(event)
+        box[0].set()
+
+    def build(self, index: int):
+        """Batch ``index`` built by the build threads: (its arrays, the slot they lie in, or None)."""
+        slot = self.free.get()
+        box = [threading.Event()]
+        self.boxes[slot] = box
+        self.builders.submit(slot, index)
+        box[0].wait()
+        event = box[1]
+        if event[0] == "error":
+            self.free.put(slot)
+            raise event[2]
+        built = event[1]
+        if built.desc is None:  # larger than a slot (a dataset item that is a whole batch): built apart
+            self.free.put(slot)
+            return built.array, None
+        return built.desc.layout.views(self.slots[slot]), slot
+
+    def release(self, slot: int) -> None:
+        self.free.put(slot)
+
+    def close(self) -> None:
+        """A new run replaces this one: stop the build threads; a task still waiting for a build ends."""
+        self.builders.close()
+        for slot in list(self.boxes):
+            box = self.boxes.pop(slot, None)
+            if box is not None:
+                box.append(("error", slot, WorkerError("the run ended (a new one started on this actor)"), None))
+                box[0].set()
 
 
 @dataclass
@@ -134,7 +295,10 @@ class RayExecutor:
         self.figures = {"slots": 0, "slot_bytes": 0, "pickled_fallbacks": 0, "h2d_gbps": None,
                         "transport": "ray object store"}
         self.notes: list[str] = []
+        self.run_notes: list[str] = []  # this run's: who builds the batches and why, who writes the output
         self.startup_s = 0.0
+        self.up_restarts: list[int] = []  # per rank: Ray's restart count when its actor was last up (or lost)
+        self.start_fails: list[int] = []  # per rank: deaths before it came up, in a row, recorded
         self.actors: list = []
         self.node_of: list[str] = []  # the node each rank's actor was last seen on
         self.seen: dict[tuple, int] = {}  # (rank, pid, device, node, ip) -> batches computed
@@ -175,24 +339,74 @@ class RayExecutor:
         self.actors = [remote.remote(r, self.spec, self.cfg.workers.device, self.threads,
                                      self.cfg.handoff.pinned) for r in range(self.cfg.workers.count)]
         pings = [a.info.remote() for a in self.actors]
-        ready, _ = ray.wait(pings, num_returns=len(pings), timeout=START_WAIT_S)
+        self.up_restarts = [0] * len(self.actors)
+        self.start_fails = [0] * len(self.actors)
+        deadline = time.monotonic() + START_WAIT_S
+        ready: list = []
+        while len(ready) < len(pings) and time.monotonic() < deadline:
+            ready, _ = ray.wait(pings, num_returns=len(pings), timeout=0.5)
+            for rank, ping in enumerate(pings):
+                if ping not in ready:
+                    self.check_starting(rank)
         if len(ready) < len(pings):
             raise WorkerError(f"{len(pings) - len(ready)} of {len(pings)} Ray actors not started after "
                               f"{START_WAIT_S:g} s (cluster: {describe_cluster()}); the cluster is busy "
                               f"or short of what each asks for ({self._need()}): free it, or lower --workers")
         try:
             infos = ray.get(pings)
-        except Exception as e:  # setup failed: surface the kernel's own error
+        except Exception as e:  # the actor could not be created at all
             raise _unwrap(e, f"a Ray actor failed to set up kernel '{self.spec.name}'") from None
-        self.node_of = [who[3] for who in infos]
         for who in infos:
+            self.fatal(who)
+        self.node_of = [who[3] for who in infos]
+        for rank, who in enumerate(infos):
             self.seen.setdefault(who, 0)
+            self.came_up(rank)
         self.startup_s = time.perf_counter() - t0
 
+    def check_starting(self, rank: int) -> None:
+        """NOTE [ Ray restarts while starting ]
+        An actor whose process dies while it starts or sets its kernel up (a signal, an exit: the OOM
+        killer, a preempted node) is restarted by Ray at once (``max_restarts=-1``), and the run goes on
+        with the actors that are up. A kernel setup that raises is deterministic: Ray does not restart
+        it, and ``start`` raises the kernel's own error at once. The restarts are read from GCS (its
+        actor table's restart count) while a rank is not up: ``faults.max_attempts`` deaths in a row
+        before it came up fail the run with one line, as on the local backend."""
+        now = _restarts(self.actors[rank])
+        if now is None:
+            return
+        fails = now - self.up_restarts[rank]
+        node = self.node_of[rank] if rank < len(self.node_of) else None
+        while self.start_fails[rank] < fails:
+            self.start_fails[rank] += 1
+            self.restarts.append({"rank": rank, "pid": None, "node": node, "batch": None,
+                                  "cause": "ray actor died while starting (Ray restarted it)"})
+        limit = self.cfg.faults.max_attempts
+        if fails >= limit:
+            raise WorkerError(f"the Ray actor of worker {rank} died while starting, {fails} times in a row "
+                              f"(faults.max_attempts = {limit}): its process ended before kernel "
+                              f"'{self.spec.name}' was set up (killed, out of memory, or an exit in setup); "
+                              f"its log on its node (ray logs) says how")
+
+    def fatal(self, who: tuple) -> None:
+        """An actor's kernel setup raised (deterministic: a config or code error): the run fails at once,
+        with the kernel's own error (its type, one line, the actor's traceback as ``__cause__``)."""
+        if who[0] == "fatal":
+            raise remote_error(who[1], f"a Ray actor failed to set up kernel '{self.spec.name}'")
+
+    def came_up(self, rank: int) -> None:
+        """Rank's actor answered: its deaths while starting are forgiven."""
+        now = _restarts(self.actors[rank])
+        if now is not None:
+            self.up_restarts[rank] = now
+        self.start_fails[rank] = 0
+
     def _actor_options(self) -> dict:
-        """One CPU per actor, GPUs on CUDA; spread over nodes. Refuses what the cluster can never host."""
+        """One CPU per actor, GPUs on CUDA; spread over nodes; ``QUEUE`` tasks at once (a threaded actor:
+        building overlaps computing) plus one for pings. Refuses what the cluster can never host."""
         res, device, n = ray.cluster_resources(), self.cfg.workers.device, self.cfg.workers.count
-        opts = {"max_restarts": -1, "max_task_retries": 0, "num_cpus": 1, "scheduling_strategy": "SPREAD"}
+        opts = {"max_restarts": -1, "max_task_retries": 0, "num_cpus": 1, "scheduling_strategy": "SPREAD",
+                "max_concurrency": QUEUE + 1}
         gpus = res.get("GPU", 0)
         if device.startswith("cuda") and not gpus:
             raise ConfigError(f"workers.device = '{device}': the Ray cluster has no GPU ({describe_cluster()});"
@@ -240,7 +454,10 @@ class RayExecutor:
         window = 2 * in_flight if window is None else window
         if window < 1:
             raise ConfigError(f"window = {window}: must be >= 1")
-        run = _Run(self, iter(batches), ordered, min(in_flight, window), window, cfg.faults)
+        self.run_notes = []
+        args = self._plan(batches, cfg)
+        run = _Run(self, iter(batches), ordered, min(in_flight, window), window, cfg.faults, args,
+                   getattr(batches, "source", None))
         try:
             while True:
                 run.fill()
@@ -254,6 +471,85 @@ class RayExecutor:
         finally:
             run.abandon()  # after an early close or an error: nothing left running on the actors
             self.amend_node_losses()
+
+    def _plan(self, work, cfg: Config) -> tuple:
+        """Who builds this run's batches (NOTE [ Actor builds ]): ``compute``'s extra arguments (the run
+        key and the source's ObjectRef) when the actors do, () when the driver does (a note says why)."""
+        self.figures.update(transport="ray object store", put_bytes=0, source_bytes=0, written_by="driver")
+        src = work if isinstance(work, Indexed) else getattr(work, "source", None)
+        mode = cfg.run.ray_build
+        if mode == "driver":
+            self.run_notes.append("run.ray_build = 'driver': the driver builds every batch and puts it in the "
+                                  "object store")
+            return ()
+        why = None
+        if src is None:
+            why = ("the source is drawn in order (an iterable of batches), so the driver builds every batch and "
+                   "puts it in the object store; a map-style dataset, synthetic batches or files are built by "
+                   "the actors")
+        else:
+            import cloudpickle
+            sink, keep = getattr(work, "sink", None), getattr(work, "keep", True)
+            output = (sink.spec() if sink is not None else None)
+            threads = cfg.workers.build_threads or 2
+            try:
+                payload = cloudpickle.dumps((src, output, keep, threads, os.getcwd()))
+            except Exception as e:  # noqa: BLE001 - a lock, an open file, a generator in the dataset
+                name = type(getattr(src, "dataset", src)).__name__
+                why = (f"the source ({name}) can't be pickled ({type(e).__name__}: {str(e)[:80]}), so the driver "
+                       f"builds every batch and puts it in the object store")
+        if why is not None:
+            if mode == "actors":
+                raise ConfigError(f"run.ray_build = 'actors': {why}; use run.ray_build = 'auto'")
+            self.run_notes.append(why)
+            return ()
+        args = (hashlib.sha1(payload).hexdigest(), [ray.put(payload)])
+        answers = self._placement(cfg, sink, args)
+        why = next((w for _, _, _, w in answers if w), None)
+        if why is not None:
+            why = (f"the actors can't load the source ({why[:120]}), so the driver builds every batch and puts "
+                   f"it in the object store; make what defines it importable on every node")
+            if mode == "actors":
+                raise ConfigError(f"run.ray_build = 'actors': {why}")
+            self.run_notes.append(why)
+            return ()
+        blind = sorted({who[4] for who, _, sees, _ in answers if not sees}) if sink is not None else []
+        if blind:
+            self.run_notes.append(f"--output {sink.path} is not visible to the actors on {', '.join(blind)}: "
+                                  f"their results come back and the driver writes them")
+            payload = cloudpickle.dumps((src, None, keep, threads, os.getcwd()))
+            args = (hashlib.sha1(payload).hexdigest(), [ray.put(payload)])
+        elif output is not None:
+            self.figures["written_by"] = "actors"
+        self.figures.update(transport="built by the actors", source_bytes=len(payload))
+        return args
+
+    def _placement(self, cfg: Config, sink, args: tuple) -> list[tuple]:
+        """Every actor's answer to ``check``: ConfigError naming the node when one lacks the input; the
+        others say whether they see the output directory (a probe file in it) and opened the source."""
+        paths = [os.path.abspath(cfg.source.path)] if cfg.source.path else []
+        probe = os.path.join(sink.path, f"{TMP}probe-{secrets.token_hex(4)}") if sink is not None else None
+        if probe:
+            with open(probe, "w"):
+                pass
+        try:
+            answers = []
+            for ref in [a.check.remote(paths, probe, *args) for a in self.actors]:
+                try:
+                    answers.append(ray.get(ref, timeout=START_WAIT_S))
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                        ray.exceptions.GetTimeoutError):
+                    continue  # lost meanwhile: the run notices and restarts it
+        finally:
+            if probe:
+                with contextlib.suppress(OSError):
+                    os.unlink(probe)
+        for who, missing, _, _ in answers:
+            if missing:
+                raise ConfigError(f"--input {missing[0]}: not found on node {who[4]} (Ray actor of worker "
+                                  f"{who[0]}); every node must see the input at the same path (shared storage, "
+                                  f"or a copy on each node), or let the driver build: --set run.ray_build=driver")
+        return answers
 
     def amend_node_losses(self) -> None:
         """Restarts recorded as a lost actor whose node Ray has since declared dead: say so.
@@ -280,8 +576,11 @@ class _Run:
     """The state of one ``stream``: per-actor task queues, retries, reordering; short named steps."""
 
     def __init__(self, ex: RayExecutor, it: Iterator[Batch], ordered: bool, in_flight: int, window: int,
-                 faults):
+                 faults, args: tuple = (), source=None):
         self.ex, self.it, self.ordered, self.faults = ex, it, ordered, faults
+        self.args = args  # compute's extra arguments: (run key, [source ref]) when the actors build
+        self.learn = getattr(source, "learn", None)  # the driver's source learns what the actors found
+        self.sent: set[int] = set()  # ranks whose actor was sent the source's ref in this run
         self.in_flight, self.window = in_flight, window
         self.limit = faults.batch_timeout_s
         self.queues: list[deque[_Task]] = [deque() for _ in ex.actors]
@@ -303,7 +602,8 @@ class _Run:
             if not self.todo and (self.exhausted or len(self.opened) >= self.window):
                 return
             solo = bool(self.todo) and self.todo[0][3]
-            free = [r for r in usable if not self.queues[r] or (not solo and not self.queues[r][0].solo)]
+            free = [r for r in usable if not self.queues[r] or (len(self.queues[r]) < QUEUE and not solo
+                                                                and not self.queues[r][0].solo)]
             if not free:
                 return
             if self.todo:
@@ -314,20 +614,29 @@ class _Run:
                 if batch is None:
                     self.exhausted = True
                     return
-                index, attempt = batch.index, 1
+                index, attempt, obj = batch.index, 1, None
                 self.opened[index] = None
-                try:
-                    obj = ray.put(batch.array())
-                except Exception as e:  # a dataset's sample, a file: that batch fails (faults.on_error)
-                    if self.faults.on_error != "skip":
-                        raise
-                    self.fail({"batch": index, "cause": f"{type(e).__name__}: {e}", "attempts": 1})
-                    continue
-                self.ex.breakdown["build_s"] += time.perf_counter() - t0
+                if not self.args:  # the driver builds (NOTE [ Actor builds ])
+                    try:
+                        arr = batch.array()
+                        obj = ray.put(arr)
+                    except Exception as e:  # a dataset's sample, a file: that batch fails (faults.on_error)
+                        if self.faults.on_error != "skip":
+                            raise
+                        self.fail({"batch": index, "cause": f"{type(e).__name__}: {e}", "attempts": 1})
+                        continue
+                    self.ex.figures["put_bytes"] += batch_nbytes(arr)
+                    self.ex.breakdown["build_s"] += time.perf_counter() - t0
             rank = min(free, key=lambda r: len(self.queues[r]))
             if not self.queues[rank]:
                 self.since[rank] = time.monotonic()
-            ref = self.ex.actors[rank].compute.remote(index, attempt, obj)
+            if self.args:  # actor-built: the source's ref goes with a rank's first task only (it costs)
+                key, source = self.args
+                ref = self.ex.actors[rank].build.remote((index, attempt, key,
+                                                         None if rank in self.sent else source))
+                self.sent.add(rank)
+            else:
+                ref = self.ex.actors[rank].compute.remote(index, attempt, obj)
             self.queues[rank].append(_Task(ref, index, attempt, obj, solo))
 
     def next_ready(self) -> Outcome | None:
@@ -368,6 +677,18 @@ class _Run:
         if msg[0] == "retire":
             self.on_retire(rank, task, msg)
             return
+        if msg[0] == "reopen":  # restarted unseen: it lost the run's source; sent again with the batch
+            self.sent.discard(rank)
+            self.todo.appendleft((task.index, task.attempt, None, task.solo))
+            who = msg[2]
+            pids = [w[1] for w in self.ex.seen if w[0] == rank]
+            if who not in self.ex.seen:  # a new incarnation, not a task that merely came early
+                self.ex.restarts.append({"rank": rank, "pid": pids[-1] if pids else None, "batch": None,
+                                         "node": self.ex.node_of[rank],
+                                         "cause": "ray actor restarted while idle (seen at its next task)"})
+                self.ex.seen[who] = 0
+                self.ex.node_of[rank] = who[3]
+            return
         self.on_message(msg, task.attempt)
 
     def on_message(self, msg: tuple, attempt: int) -> None:
@@ -376,13 +697,16 @@ class _Run:
             _, index, out, timings, who = msg
             ex.seen[who] = ex.seen.get(who, 0) + 1
             ex.node_of[who[0]] = who[3]
-            for k in ("h2d_s", "d2h_s", "compute_s"):
-                ex.breakdown[k] += timings[k]
+            for k in ("h2d_s", "d2h_s", "compute_s", "build_s"):
+                ex.breakdown[k] += timings.get(k, 0.0)
+            found = timings.pop("learned", None)
+            if found and self.learn is not None:
+                self.learn(found)
             self.ready[index] = Outcome(index, out, {"pid": who[1], "device": who[2], "node": who[3],
                                                      **timings}, None)
             return
         _, index, packed, who = msg
-        if self.faults.on_error == "skip":
+        if self.faults.on_error == "skip" and not isinstance(packed[0], OutputError):  # a full disk: fatal
             self.fail({"batch": index, "cause": packed[1], "attempts": attempt})
         else:
             raise remote_error(packed, f"batch {index} (ray actor pid {who[1]}, device {who[2]}, "
@@ -433,6 +757,8 @@ class _Run:
         that can host it. If none can, Ray would keep it pending forever: ``check_recovering`` gives up
         with a WorkerError after NODE_GRACE_S without a capable node, or RECOVER_WAIT_S without any actor.
         """
+        self.ex.up_restarts[rank] += 1  # Ray restarts it: that restart is not a death while starting
+        self.sent.discard(rank)  # the new incarnation needs the run's source
         pids = [who[1] for who in self.ex.seen if who[0] == rank]  # in the order incarnations came up
         pid = pids[-1] if pids else None
         self.ex.restarts.append({"rank": rank, "pid": pid, "cause": cause, "node": self.ex.node_of[rank],
@@ -460,11 +786,13 @@ class _Run:
             if ping in done:
                 try:
                     who = ray.get(ping)
+                    self.ex.fatal(who)
                     if who[1] == killed:  # answered before the kill landed: ask the next incarnation
                         time.sleep(0.05)
                         entry[0] = self.ex.actors[rank].info.remote()
                         continue
                     del self.recovering[rank]  # restarted: its kernel is set up again
+                    self.ex.came_up(rank)
                     self.ex.amend_node_losses()
                     self.ex.seen.setdefault(who, 0)
                     self.ex.node_of[rank] = who[3]
@@ -474,6 +802,7 @@ class _Run:
                     entry[0] = self.ex.actors[rank].info.remote()
             if hostable is None or now - lost_at < 1.0:
                 continue
+            self.ex.check_starting(rank)  # died again while starting? (NOTE [ Ray restarts while starting ])
             if hostable:
                 entry[2] = None
             elif unhostable is None:
@@ -513,6 +842,15 @@ class _Run:
         self.todo.clear()
         self.ready.clear()
         self.opened.clear()
+
+
+def _restarts(actor) -> int | None:
+    """How many times Ray has restarted ``actor`` (GCS's actor table), or None if it can't say."""
+    try:
+        info = ray._private.state.actors(actor._actor_id.hex())
+        return int(info.get("NumRestarts", 0))
+    except Exception:  # noqa: BLE001 - a Ray version without it: restarts while starting are not counted
+        return None
 
 
 def _can_host(opts: dict) -> bool:

@@ -34,7 +34,7 @@ OVERRIDES = {
     "in_flight": "handoff.in_flight", "slot_mb": "handoff.slot_mb", "pinned": "handoff.pinned",
     "max_attempts": "faults.max_attempts", "batch_timeout_s": "faults.batch_timeout_s",
     "on_error": "faults.on_error", "precision": "kernel.precision", "input": "source.path", "input_key": "source.key", "output": "run.output",
-    "overwrite": "run.overwrite", "backend": "run.backend", "ray_address": "run.ray_address",
+    "overwrite": "run.overwrite", "backend": "run.backend", "ray_address": "run.ray_address", "ray_build": "run.ray_build",
     "source_object": "source.object", "batch_size": "source.batch_size", "drop_last": "source.drop_last",
     "build_processes": "workers.build_processes", "columns": "source.columns",
     "keep_columns": "source.keep_columns", "output_format": "run.output_format",
@@ -246,6 +246,8 @@ class Pipeline:
         finally:
             tally.close()
             if sink is not None:
+                if cfg.run.backend == "ray":
+                    sink.sweep()  # an actor that died mid-write left its temp file (we hold the lock)
                 sink.close()  # releases the output directory (a no-op after finish)
         return RunResult(summary, tally.results)
 
@@ -280,7 +282,8 @@ class Pipeline:
         if getattr(ex, "relay", None) is not None:
             ex.relay.bar = tally.bar if not tally.bar.disable else None  # workers' prints go above the bar
             tally.relay = ex.relay
-        work = Work(batches(), src if isinstance(src, Indexed) else None, getattr(src, "max_nbytes", None))
+        work = Work(batches(), src if isinstance(src, Indexed) else None, getattr(src, "max_nbytes", None),
+                    tally.sink, tally.keep)
         ex.start()  # local: returns at once (start-up overlaps the first builds); Ray: actors up
         yield from ex.stream(work, ordered, settle=not self._one_shot, cfg=cfg)
 
@@ -407,10 +410,12 @@ class Tally:
                 self.per_pid[pid] = self.per_pid.get(pid, 0) + 1
             if out.info.get("bad_samples") and hasattr(self.source, "record_bad"):  # decoded by a worker
                 self.source.record_bad(out.info["bad_samples"])
-            if self.sink is not None and not out.info.get("restored"):
+            if "record" in out.info:  # written by the Ray actor that computed it: its manifest line
+                self.sink.append(out.info["record"])
+            elif self.sink is not None and not out.info.get("restored"):
                 extra = getattr(self.source, "manifest", None)
                 self.sink.write(out.index, out.result, out.info, extra(out.index) if extra else None)
-        checksum_update(self.sha, out.index, out.result)
+        checksum_update(self.sha, out.index, out.result, out.info.get("digest"))
         self.n = max(self.n, out.index + 1)
         if self.keep:
             self.results.extend([None] * (out.index + 1 - len(self.results)))

@@ -38,6 +38,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import zipfile
 
 import numpy as np
@@ -295,6 +296,68 @@ class OutputDir:
     def write(self, index: int, result, info: dict, extra: dict | None = None) -> None:
         """``DIR/batch-<index>.npy`` (or ``.npz`` for a tuple or dict) atomically, then its manifest line
         (both fsynced), with the source's ``extra`` fields for the batch (an image batch's files)."""
+        self.append(self.files().write(index, result, info, extra))
+
+    def files(self) -> "BatchFiles":
+        """What writes this directory's batch files (a Ray actor makes its own from ``spec()``)."""
+        return BatchFiles(self.path, self.format, self.kept_from)
+
+    def spec(self) -> tuple[str, str, bool]:
+        """(path, format, keep columns?): enough for ``BatchFiles`` elsewhere, with that place's source."""
+        return self.path, self.format, self.kept_from is not None
+
+    def append(self, record: dict) -> None:
+        """A finished batch's manifest line (its file already in place), appended and fsynced."""
+        line = (json.dumps(record) + "\n").encode()
+        try:
+            while line:
+                line = line[os.write(self._manifest_fd, line):]
+            os.fsync(self._manifest_fd)
+        except OSError as e:
+            raise _error(f"cannot append to {self._join(self.MANIFEST)}", e) from None
+
+    def sweep(self) -> None:
+        """Remove hidden temp files (a writer elsewhere, a Ray actor, that died mid-write left them)."""
+        try:
+            names = os.listdir(self.path)
+        except OSError:
+            return
+        for n in names:
+            if n.startswith(TMP):
+                _remove(self._join(n))
+
+
+    def finish(self, summary: dict) -> None:
+        """``DIR/summary.json`` (atomically); then release the directory."""
+        try:
+            self._atomic_write(self.SUMMARY, json.dumps(summary, indent=1, default=str) + "\n")
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Close the manifest and release the lock; safe to call twice."""
+        for attr in ("_manifest_fd", "_dir_fd"):
+            fd = getattr(self, attr)
+            if fd is not None:
+                setattr(self, attr, None)
+                try:
+                    os.close(fd)  # closing the last descriptor releases the flock
+                except OSError:
+                    pass
+
+
+class BatchFiles:
+    """Batch files of one output directory, written atomically (temp file, fsync, rename), each returned as
+    its manifest line: by the run's OutputDir, or by a Ray actor that computed the batch (the driver then
+    appends the line). ``kept_from``: the source whose ``keep_table(index)`` adds --keep-columns."""
+
+    def __init__(self, path: str, output_format: str, kept_from=None):
+        self.path, self.format, self.kept_from = path, output_format, kept_from
+
+    def _join(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def write(self, index: int, result, info: dict, extra: dict | None = None) -> dict:
         several = isinstance(result, (tuple, dict))
         name = part_name(index) if self.format == "parquet" else batch_name(index, several)
         members = outputs.arrays(result) if several or self.format == "parquet" else []
@@ -318,20 +381,15 @@ class OutputDir:
                                  for k, a in members}}
         else:
             shapes = {"shape": list(np.shape(result)), "dtype": np.asarray(result).dtype.str}
-        record = {"batch": index, "file": name, **shapes, "sha256": out.sha.hexdigest(), "bytes": out.n,
-                  "pid": info.get("pid"), "device": info.get("device"), "seconds": round(seconds, 6),
-                  **(extra or {})}
-        line = (json.dumps(record) + "\n").encode()
-        try:
-            while line:
-                line = line[os.write(self._manifest_fd, line):]
-            os.fsync(self._manifest_fd)
-        except OSError as e:
-            raise _error(f"cannot append to {self._join(self.MANIFEST)}", e) from None
+        return {"batch": index, "file": name, **shapes, "sha256": out.sha.hexdigest(), "bytes": out.n,
+                "pid": info.get("pid"), "device": info.get("device"), "seconds": round(seconds, 6),
+                **(extra or {})}
 
     def _write_file(self, name: str, writer) -> "_Hashing":
-        """``writer(out)`` into a hidden temp file, fsynced, renamed to DIR/``name``; the bytes hashed."""
-        final, tmp = self._join(name), self._join(f"{TMP}{os.getpid()}-{name}")
+        """``writer(out)`` into a hidden temp file, fsynced, renamed to DIR/``name``; the bytes hashed. The
+        temp name is the writer's pid and a random token: writers on several machines never collide."""
+        final = self._join(name)
+        tmp = self._join(f"{TMP}{os.getpid()}-{secrets.token_hex(4)}-{name}")
         try:
             with open(tmp, "wb") as f:
                 out = _Hashing(f)
@@ -345,25 +403,6 @@ class OutputDir:
                 raise _error(f"cannot write {final}", e) from None
             raise
         return out
-
-    def finish(self, summary: dict) -> None:
-        """``DIR/summary.json`` (atomically); then release the directory."""
-        try:
-            self._atomic_write(self.SUMMARY, json.dumps(summary, indent=1, default=str) + "\n")
-        finally:
-            self.close()
-
-    def close(self) -> None:
-        """Close the manifest and release the lock; safe to call twice."""
-        for attr in ("_manifest_fd", "_dir_fd"):
-            fd = getattr(self, attr)
-            if fd is not None:
-                setattr(self, attr, None)
-                try:
-                    os.close(fd)  # closing the last descriptor releases the flock
-                except OSError:
-                    pass
-
 
 def open_output(cfg, source, spec) -> OutputDir:
     """The output directory of ``cfg.run.output`` (``--output``), checked against this run's identity."""

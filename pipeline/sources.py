@@ -406,12 +406,15 @@ def _columns(samples: list, layout: Layout) -> list | None:
 
 class Work:
     """The batches of one run for an executor: an iterator of ``Batch`` in batch order, with the ``source``
-    when it can build batch i on its own (``source.batch(i)``: rebuilds, build processes), and the
-    largest batch's size when it is known."""
+    when it can build batch i on its own (``source.batch(i)``: rebuilds, build processes, Ray actors), the
+    largest batch's size when it is known, and the run's output directory (``sink``, an OutputDir, or
+    None) and whether the caller keeps the results (``keep``): a Ray actor may write its results itself."""
 
-    def __init__(self, batches: Iterable[Batch], source: Indexed | None = None, max_nbytes: int | None = None):
+    def __init__(self, batches: Iterable[Batch], source: Indexed | None = None, max_nbytes: int | None = None,
+                 sink=None, keep: bool = True):
         self._it = iter(batches)
         self.source, self.max_nbytes = source, max_nbytes
+        self.sink, self.keep = sink, keep
 
     def __iter__(self) -> "Work":
         return self

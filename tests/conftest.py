@@ -44,7 +44,9 @@ def ours() -> set[str]:
 def local_ray(num_cpus: int):
     """A local Ray instance for a test module (its daemons are not workers of ours)."""
     import ray
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # address="local": a new instance, never another process's cluster on this machine (ray.init would join it)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
     try:
         yield
     finally:

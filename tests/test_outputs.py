@@ -182,12 +182,19 @@ def test_checksum_covers_keys_positions_and_structure():
     assert outputs.checksum([{"x": a, "y": b}]) == outputs.checksum([{"y": b, "x": a}])  # dicts are unordered
 
 
-def test_checksum_of_one_array_is_unchanged_and_delegated():
-    """Single arrays hash as before (dtype, shape, bytes); runner.checksum is outputs.checksum."""
+def test_checksum_is_a_digest_of_batch_digests_and_delegated():
+    """The checksum is sha256 over each batch's digest (dtype, shape, bytes; a failed batch its index), so a
+    digest computed where the result is (a Ray actor) stands for it; runner.checksum is outputs.checksum."""
     from pipeline.runner import checksum
     a = np.arange(6, dtype=np.float64).reshape(2, 3)
-    h = hashlib.sha256(f"{a.dtype.str}{a.shape};".encode() + a.tobytes() + b"failed:1;")
+    one = hashlib.sha256(f"{a.dtype.str}{a.shape};".encode() + a.tobytes()).digest()
+    h = hashlib.sha256(one + hashlib.sha256(b"failed:1;").digest())
     assert checksum([a, None]) == h.hexdigest() and checksum is outputs.checksum
+    assert outputs.batch_digest(0, a) == one
+    g = hashlib.sha256()
+    outputs.checksum_update(g, 0, None, digest=one)
+    outputs.checksum_update(g, 1, None)
+    assert g.hexdigest() == h.hexdigest()
 
 
 def test_max_rel_diff_on_structures():

@@ -1,4 +1,8 @@
 """The Ray backend on a local Ray instance (2 CPUs): same checksum, retried lost actors, handoff rule."""
+import os
+import threading
+import time
+
 import pytest
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.[ray]')")
@@ -29,7 +33,13 @@ def test_checksum_equals_local_backend(kernel):
     r = pipeline.run(kernel=kernel, workers=2, **RAY)
     assert r.summary["checksum"] == pipeline.run(kernel=kernel, workers=0, **dict(RAY, backend="local")).summary["checksum"]
     assert sum(w["batches"] for w in r.summary["workers"]) == 6
+    # synthetic batches are built by the actors: no batch bytes through the driver (NOTE [ Actor builds ])
+    assert r.summary["handoff"]["transport"] == "built by the actors" and r.summary["handoff"]["put_bytes"] == 0
+    assert r.summary["notes"] == []
+    r = pipeline.run(kernel=kernel, workers=2, ray_build="driver", **RAY)
+    assert r.summary["checksum"] == pipeline.run(kernel=kernel, workers=0, **dict(RAY, backend="local")).summary["checksum"]
     assert r.summary["handoff"]["transport"] == "ray object store"
+    assert r.summary["handoff"]["put_bytes"] == 6 * 16 * 8 * 4 and "run.ray_build = 'driver'" in r.summary["notes"][0]
 
 
 @pytest.mark.timeout(180)
@@ -110,3 +120,134 @@ def test_imap_and_streaming_run_on_ray():
     assert [r.tobytes() for _, r in got] == [r.tobytes() for r in local.results]
     r = pipeline.run(kernel="fft", workers=2, keep_results=False, **RAY)
     assert r.results == [] and r.summary["checksum"] == local.summary["checksum"]
+
+
+class Locked:
+    """A map-style dataset that holds a lock: it can't be pickled, so the actors can't build from it."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return np.full((2, 3), i, np.float32)
+
+
+@pytest.mark.timeout(180)
+def test_unpicklable_dataset_and_iterator_are_built_by_the_driver():
+    """A dataset that can't be pickled, or a generator of batches, is built by the driver (put in the object
+    store), same results, and the summary's notes say why in one line; ray_build='actors' refuses it."""
+    ref = pipeline.run(source=Locked(), kernel="sum", workers=0, progress=False).summary["checksum"]
+    s = pipeline.run(source=Locked(), kernel="sum", workers=2, backend="ray", progress=False).summary
+    assert s["checksum"] == ref and s["handoff"]["put_bytes"] == 4 * 2 * 3 * 4
+    assert len(s["notes"]) == 1 and "source (Locked) can't be pickled (TypeError" in s["notes"][0]
+    assert "\n" not in s["notes"][0]
+    s = pipeline.run(source=(Locked()[i] for i in range(4)), kernel="sum", workers=2, backend="ray",
+                     progress=False).summary
+    assert s["checksum"] == ref and "drawn in order" in s["notes"][0]
+    with pytest.raises(pipeline.ConfigError, match="run.ray_build = 'actors': the source .Locked. can't be pickled"):
+        pipeline.run(source=Locked(), kernel="sum", workers=2, backend="ray", ray_build="actors", progress=False)
+
+
+def dies_while_starting():
+    """A kernel class (sent by value) whose setup exits the process while ``marker`` counts fewer than
+    ``deaths`` starts; then it sums rows, as ``sum`` does."""
+    class DiesWhileStarting:
+        def setup(self, device, marker, deaths):
+            n = int(open(marker).read()) if os.path.exists(marker) else 0
+            with open(marker, "w") as f:
+                f.write(str(n + 1))
+            if n < deaths:
+                os._exit(1)
+
+        def __call__(self, x):
+            return x.sum(1)
+    return DiesWhileStarting
+
+
+@pytest.mark.timeout(240)
+def test_actor_dying_while_starting_is_restarted_until_max_attempts(tmp_path):
+    """NOTE [ Ray restarts while starting ]: an actor that dies setting its kernel up is restarted and the
+    run goes on; max_attempts deaths in a row fail the run in one line; a setup that raises fails at once."""
+    clean = pipeline.run(kernel="sum", workers=0, **dict(RAY, backend="local")).summary["checksum"]
+    kw = dict(RAY, workers=1, kernel=dies_while_starting())
+    s = pipeline.run(**kw, **{"kernel.params.marker": str(tmp_path / "a"), "kernel.params.deaths": 1}).summary
+    assert s["checksum"] == clean and s["failed"] == []
+    assert [(r["rank"], r["batch"], r["cause"]) for r in s["restarts"]] == [
+        (0, None, "ray actor died while starting (Ray restarted it)")]
+    with pytest.raises(pipeline.WorkerError, match=r"^the Ray actor of worker 0 died while starting, 2 times in a "
+                                                   r"row \(faults.max_attempts = 2\)") as e:
+        pipeline.run(max_attempts=2, **kw, **{"kernel.params.marker": str(tmp_path / "b"),
+                                              "kernel.params.deaths": 99})
+    assert "\n" not in str(e.value) and int((tmp_path / "b").read_text()) >= 2
+    t0 = time.monotonic()
+    with pytest.raises(pipeline.KernelError, match="^a Ray actor failed to set up kernel 'faulty': kernel "
+                                                   "'faulty': unknown params") as e:
+        pipeline.run(kernel="faulty", workers=1, **{"kernel.params.bogus": 1}, **RAY)
+    assert "\n" not in str(e.value) and time.monotonic() - t0 < 60
+
+
+@pytest.mark.timeout(180)
+def test_images_built_by_actors_report_bad_files(tmp_path):
+    """A folder of images with a bad file, bad_samples = skip, built and written by the actors: checksum,
+    summary's bad_samples and the manifest line's as serial's (the driver learns what the actors found)."""
+    import json
+    from test_images import folder
+    root = folder(tmp_path / "imgs", n=5)
+    (root / "im02.png").write_bytes(b"not a png")
+    kw = dict(input=str(root), kernel="sum", progress=False, image_size=16, batch_size=2, bad_samples="skip",
+              keep_results=False)
+    ref = pipeline.run(workers=0, output=str(tmp_path / "serial"), **kw).summary
+    s = pipeline.run(workers=2, backend="ray", output=str(tmp_path / "ray"), **kw).summary
+    assert s["checksum"] == ref["checksum"] and s["handoff"]["written_by"] == "actors"
+    assert s["bad_samples"] == ref["bad_samples"] and [b["file"] for b in s["bad_samples"]] == ["im02.png"]
+    with open(tmp_path / "ray" / "manifest.jsonl") as f:
+        lines = [json.loads(line) for line in f]
+    assert {r["batch"]: r.get("bad_samples") for r in lines}[1] == {"im02.png": s["bad_samples"][0]["cause"]}
+
+
+@pytest.mark.timeout(180)
+def test_actor_restarted_unseen_gets_the_source_again():
+    """An actor killed while idle (no task lost, so the driver did not see it) has lost the run's source:
+    its next task answers 'reopen' and is sent again with the source; every batch computed, same checksum."""
+    from pipeline import kernels
+    from pipeline.ray_backend import RayExecutor
+    from pipeline.runner import make_source, resolve
+    from pipeline.outputs import checksum
+    cfg = resolve(None, dict(RAY, workers=1, kernel="sum"))
+    src = make_source(cfg.source)
+    with RayExecutor(cfg, kernels.spec_for("sum", {})) as ex:
+        got = {}
+        for o in ex.stream(src, window=1):  # one batch at a time: nothing in flight while we are here
+            got[o.index] = o.result
+            if o.index == 1:
+                pid = o.info["pid"]
+                ray.kill(ex.actors[0], no_restart=False)
+                while True:  # until Ray has restarted it
+                    try:
+                        if ray.get(ex.actors[0].info.remote(), timeout=60)[1] != pid:
+                            break
+                    except ray.exceptions.RayActorError:
+                        time.sleep(0.2)
+        assert [(r["rank"], r["pid"], r["batch"]) for r in ex.restarts] == [(0, pid, None)]
+        assert "restarted while idle" in ex.restarts[0]["cause"]
+        done = {w["pid"]: w["batches"] for w in ex.worker_info()}
+        assert done[pid] == 2 and sum(done.values()) == 6 and len(done) == 2  # the new incarnation: the rest
+    assert checksum(got[i] for i in range(6)) == pipeline.run(kernel="sum", workers=0, **dict(RAY, backend="local")).summary["checksum"]
+
+
+@pytest.mark.timeout(180)
+def test_a_sample_that_fails_on_the_actor_fails_its_batch():
+    """A sample that does not fit its batch, found by the actor building it: on_error=skip fails that batch
+    alone (the rest computed, as serial); on_error=fail raises SampleError naming the sample and batch."""
+    samples = [np.full(3, i, np.float32) for i in range(6)]
+    samples[3] = np.zeros(4, np.float32)
+    kw = dict(source=samples, batch_size=2, kernel="sum", progress=False)
+    ref = pipeline.run(workers=0, on_error="skip", **kw).summary
+    s = pipeline.run(workers=2, backend="ray", on_error="skip", **kw).summary
+    assert s["handoff"]["transport"] == "built by the actors" and s["checksum"] == ref["checksum"]
+    assert [f["batch"] for f in s["failed"]] == [1] and "sample 3 (batch 1)" in s["failed"][0]["cause"]
+    with pytest.raises(pipeline.SampleError, match=r"^batch 1 \(ray actor pid \d+.*sample 3 \(batch 1\): shape"):
+        pipeline.run(workers=2, backend="ray", **kw)

@@ -126,5 +126,9 @@ def test_a_dataset_of_dict_samples_on_ray():
     ref = pipeline.run(source=Records(n=18), workers=0, **{k: v for k, v in kw.items() if k != "workers"})
     r = pipeline.run(source=Records(n=18), backend="ray", **kw)
     assert r.summary["checksum"] == ref.summary["checksum"]
+    # Records is pickled by reference to test_datasets, which the actors can't import: the driver builds
+    assert len(r.summary["notes"]) == 1 and r.summary["handoff"]["transport"] == "ray object store"
+    assert "the actors can't load the source (ModuleNotFoundError: No module named 'test_datasets')" \
+        in r.summary["notes"][0]
     r = pipeline.run(source=Records(n=18, fail_at=9), backend="ray", on_error="skip", **kw)
     assert [f["batch"] for f in r.summary["failed"]] == [2] and "record 9.bin" in r.summary["failed"][0]["cause"]
