@@ -125,6 +125,7 @@ class SlotRing:
         self.name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         self.path = os.path.join(self.directory, self.name)
         self._mm = None
+        self._views: dict = {}  # slot -> (layout, views, descriptor): see ``view``
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
             os.posix_fallocate(fd, 0, self.count * self.slot_bytes)
@@ -136,8 +137,14 @@ class SlotRing:
             os.close(fd)
 
     def view(self, slot: int, layout):
-        """Slot ``slot``'s fields in ``layout`` (views to fill), and their descriptor for the worker."""
-        return layout.views(self._mm, slot * self.slot_bytes), Descriptor(slot, layout)
+        """Slot ``slot``'s fields in ``layout`` (views to fill), and their descriptor for the worker; kept
+        per slot, so that the next batch of the same layout in that slot (every batch of most sources)
+        costs a lookup, not a view per field."""
+        kept = self._views.get(slot)
+        if kept is None or kept[0] is not layout:
+            kept = self._views[slot] = (layout, layout.views(self._mm, slot * self.slot_bytes),
+                                        Descriptor(slot, layout))
+        return kept[1], kept[2]
 
     def close(self) -> None:
         """Unmap and unlink; safe to call twice. Views handed out earlier must be dropped first."""
@@ -145,6 +152,7 @@ class SlotRing:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+        self._views.clear()
         if self._mm is not None:
             try:
                 self._mm.close()

@@ -70,21 +70,25 @@ class Indexed:
 _rngs = threading.local()
 
 
+_M64 = (1 << 64) - 1
+
+
 def rng(seed: int, index: int) -> np.random.Generator:
     """Batch ``index``'s generator: PCG64 (numpy's default, fast in bulk) whose 128-bit state and stream
-    come from Philox, a counter-based generator keyed by (seed, index), so each batch has a stream of its
-    own at a seeding cost of a few microseconds (``default_rng([seed, index])`` hashes its seed, which
-    costs a tiny batch more than its bytes). One generator per thread, set afresh each time."""
+    are four SplitMix64 outputs started from (seed, index), as generators of the xoshiro family seed
+    themselves: a stream per batch for a few microseconds (``default_rng([seed, index])`` hashes its
+    seed, which costs a tiny batch more than its bytes). One generator per thread, set afresh each time."""
     g = getattr(_rngs, "g", None)
     if g is None:
-        _rngs.key, g = np.random.Philox(0), np.random.Generator(np.random.PCG64(0))
-        _rngs.g = g
-    _rngs.key.state = {"bit_generator": "Philox", "state": {"counter": np.zeros(4, np.uint64),
-                       "key": np.array([seed, index], np.uint64)},
-                       "buffer": np.zeros(4, np.uint64), "buffer_pos": 4, "has_uint32": 0, "uinteger": 0}
-    a, b, c, d = _rngs.key.random_raw(4).tolist()
-    g.bit_generator.state = {"bit_generator": "PCG64", "state": {"state": a << 64 | b, "inc": c << 64 | d | 1},
-                             "has_uint32": 0, "uinteger": 0}
+        g = _rngs.g = np.random.Generator(np.random.PCG64(0))
+    x, words = (seed * 0x9E3779B97F4A7C15 + index) & _M64, []
+    for _ in range(4):
+        x = (x + 0x9E3779B97F4A7C15) & _M64
+        z = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+        words.append(z ^ (z >> 31))
+    g.bit_generator.state = {"bit_generator": "PCG64", "has_uint32": 0, "uinteger": 0,
+                             "state": {"state": words[0] << 64 | words[1], "inc": words[2] << 64 | words[3] | 1}}
     return g
 
 
@@ -102,7 +106,7 @@ class Synthetic(Indexed):
     def identity(self) -> dict:
         """What batch i depends on: an output directory written from it is resumed only if this matches."""
         return {"kind": "synthetic", "batches": self.n, "rows": self.shape[0], "cols": self.shape[1],
-                "dtype": self.dtype.name, "seed": self.seed, "rng": "philox-keyed pcg64"}
+                "dtype": self.dtype.name, "seed": self.seed, "rng": "splitmix-seeded pcg64"}
 
     def build(self, index: int, out: np.ndarray) -> None:
         g = rng(self.seed, index)
