@@ -421,11 +421,11 @@ class _Run:
         while True:
             with self.cond:
                 while True:
+                    out = self._next_held()  # (what was done before a failure is handed over first: in
+                    if out is not None:      # order, up to the batch that failed)
+                        break
                     if self.error is not None:
                         raise self.error
-                    out = self._next_held()
-                    if out is not None:
-                        break
                     if self.finished:
                         return
                     self.cond.wait(1.0)
