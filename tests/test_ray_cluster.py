@@ -111,11 +111,12 @@ def test_node_loss_resubmits_on_remaining_nodes(cluster):
     assert checksum(results[i] for i in range(24)) == clean_checksum(batches=24)
     assert len(restarts) == 1 and restarts[0]["node"] == victim and restarts[0]["batch"] is None
     assert f"node {victim[:12]} went away" in restarts[0]["cause"]
-    # the victim computed the batches yielded so far and at most what its actor held (QUEUE tasks at once,
-    # results held for reordering); the remaining nodes did the rest
-    from pipeline.ray_backend import QUEUE
+    # the victim computed the batches yielded so far and at most what the run's window let it start before
+    # the consumer took the third (how many exactly depends on the consumer's wake-up latency: a busy
+    # machine holds more for reordering); the remaining nodes did the rest
     on_victim = sum(w["batches"] for w in info if w["node"] == victim)
-    assert on_victim <= 3 + QUEUE and sum(w["batches"] for w in info if w["node"] != victim) >= 24 - on_victim
+    assert on_victim <= 3 + 2 * cfg.in_flight()
+    assert sum(w["batches"] for w in info if w["node"] != victim) >= 24 - on_victim
 
 
 @pytest.mark.timeout(120)
