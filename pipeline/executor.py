@@ -528,6 +528,8 @@ class _Run:
         if self.builders is None or hasattr(self.builders, "procs") or not self.breakdown["build_s"]:
             return None
         t, c, b = self.threads, self.counts, self.breakdown
+        if 2 * c["inline"] > c["built"]:  # quick builds, done by the supervisor: its fixed cost is the limit
+            return None
         if t < 2 or c["built"] < 2 * t or devices.usable_cpus() < 2 or b["idle_s"] <= b["compute_s"]:
             return None
         cpus = t * c["build_cpu_s"] / b["build_s"]  # CPUs the build threads had while all were building

@@ -115,3 +115,18 @@ def test_quick_builds_run_on_the_supervisor_and_slow_ones_on_build_threads():
     assert slow.summary["handoff"]["built_inline"] == 0
     ref = pipeline.run(source=Slow(), batch_size=2, kernel="sum", workers=0, progress=False)
     assert [a.tobytes() for a in slow.results] == [a.tobytes() for a in ref.results]
+
+
+def test_quick_builds_on_the_supervisor_do_not_suggest_build_processes():
+    """The GIL note (the build limits and does not scale with threads) is about build threads: when the
+    supervisor built the batches itself, their fixed cost is the limit, and build processes would not help."""
+    from types import SimpleNamespace
+    from pipeline import devices
+    from pipeline.executor import _Run
+    if devices.usable_cpus() < 2:
+        pytest.skip("the note needs 2 usable CPUs")
+    run = SimpleNamespace(threads=2, builders=object(), counts={"built": 100, "build_cpu_s": 0.01, "inline": 0},
+                          breakdown={"build_s": 0.02, "idle_s": 1.0, "compute_s": 0.1})
+    assert "--build-processes" in _Run.gil_note(run)
+    run.counts["inline"] = 100
+    assert _Run.gil_note(run) is None
