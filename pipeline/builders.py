@@ -36,7 +36,8 @@ class Built:
     array: Any  # a batch larger than a slot (an array, or a tuple or dict of them): pickled to the worker
     nbytes: int
     seconds: float = 0.0  # the build's wall time, summed over the threads that built it
-    cpu: float = 0.0  # their CPU time (less than ``seconds``: waiting for the GIL, or for I/O)
+    cpu: float | None = 0.0  # their CPU time (less than ``seconds``: waiting for the GIL, or for I/O;
+    # None: not measured, see ``Builders.build_here``)
     batch: Batch | None = None  # the record of a caller's batch (a retry builds it again from it)
 
 
@@ -69,6 +70,10 @@ class _Shared:
                 self.next = len(self.chunks)
             self.left -= 1
             return self.left == 0
+
+
+def _returned(event: tuple) -> tuple:
+    return event
 
 
 class Builders:
@@ -115,13 +120,18 @@ class Builders:
             if not self._stopped:
                 self._job(*job)
 
-    def build_here(self, slot: int, index: int | None = None, batch: Batch | None = None) -> None:
+    def build_here(self, slot: int, index: int | None = None, batch: Batch | None = None,
+                   cpu: bool = True) -> tuple:
         """``submit``'s job, done in the caller's thread (the supervisor's, for batches that build in less
-        time than a hand-off to a thread costs: NOTE [ Small batches ] in worker.py); reported the same way."""
-        self._job(slot, index, batch, share=False)
+        time than a hand-off to a thread costs: NOTE [ Small batches ] in worker.py); its outcome returned,
+        not reported. ``cpu`` False: its CPU time is not measured (``Built.cpu`` is None; a thread's CPU
+        clock is a system call, a tiny batch's budget), so the caller measures one build in several."""
+        return self._job(slot, index, batch, share=False, cpu=cpu)
 
-    def _job(self, slot: int, index: int | None, batch: Batch | None, share: bool = True) -> None:
-        t0, c0 = time.perf_counter(), time.thread_time()
+    def _job(self, slot: int, index: int | None, batch: Batch | None, share: bool = True,
+             cpu: bool = True) -> tuple | None:
+        report = self._report if share else _returned
+        t0, c0 = time.perf_counter(), (time.thread_time() if cpu else 0.0)
         try:
             if index is None:
                 with self._draw:
@@ -129,22 +139,20 @@ class Builders:
                     if batch is not None and self._record:
                         self.drawn.append(batch.index)
                 if batch is None:
-                    self._report(("exhausted", slot))
-                    return
+                    return report(("exhausted", slot))
             elif batch is None:
                 batch = self._rebuild(index)
             shared = self._share(batch, slot) if share else None
             if shared is not None:
                 self._chunks(shared, time.perf_counter() - t0, time.thread_time() - c0)
-                return
+                return None
             built = self._fill(batch, slot)
         except BaseException as e:  # noqa: BLE001 - the supervisor decides: one clear error
-            self._report(("error", slot, e, batch.index if batch is not None else index))
-            return
-        built.seconds, built.cpu = time.perf_counter() - t0, time.thread_time() - c0
+            return report(("error", slot, e, batch.index if batch is not None else index))
+        built.seconds, built.cpu = time.perf_counter() - t0, (time.thread_time() - c0 if cpu else None)
         if self._rebuild is None:  # a caller's batch: its record goes with it, for a retry
             built.batch = batch
-        self._report(("built", built))
+        return report(("built", built))
 
     def _share(self, batch: Batch, slot: int) -> _Shared | None:
         """A batch of rows that fits its slot, split into contiguous chunks that idle threads may help

@@ -46,7 +46,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from . import devices, worker
+from . import devices, fields, worker
 from .builders import Builders, Built
 from .config import Config
 from .errors import RemoteTraceback, WorkerError
@@ -60,6 +60,7 @@ SMALL_SLOT = 256 << 10  # batches this small get SMALL_DEPTH slots per worker (N
 SMALL_DEPTH = 32
 QUEUED_S = 0.004  # small batches: a worker is given about this much work at a time
 INLINE_CPU_S, INLINE_WALL_S = 100e-6, 400e-6  # builds quicker than this are done by the supervisor itself
+INLINE_SAMPLE = 8  # of those, one in this many has its CPU time measured
 STUCK_SEND_S = 10.0  # a run's stop waits this long for the supervisor, then ends the workers it may be sending to
 BREAKDOWN = ("build_s", "dispatch_s", "receive_s", "stage_s", "h2d_s", "compute_s", "d2h_s",
              "slot_wait_s", "worker_wait_s", "idle_s", "return_s", "order_wait_s")
@@ -419,21 +420,29 @@ class _Run:
         self.thread = threading.Thread(target=self._supervise, name="pipeline-supervisor", daemon=True)
         self.thread.start()
         while True:
-            with self.cond:
+            with self.cond:  # every outcome that may be handed over now, under one lock
                 while True:
-                    out = self._next_held()  # (what was done before a failure is handed over first: in
-                    if out is not None:      # order, up to the batch that failed)
+                    outs = []  # (what was done before a failure is handed over first: in order, up to
+                    out = self._next_held()  # the batch that failed)
+                    while out is not None:
+                        outs.append(out)
+                        out = self._next_held()
+                    if outs:
                         break
                     if self.error is not None:
                         raise self.error
                     if self.finished:
                         return
                     self.cond.wait(1.0)
-                full = self.started - self.taken >= self.window  # the supervisor may wait for this take
+            for out in outs:
+                # taken one at a time (the window bounds what is not yet yielded); the supervisor may
+                # wait for this take: woken when the window was full (it reads ``taken`` under the lock,
+                # after it raised ``started``: an int's update is atomic, no lock needed here)
+                full = self.started - self.taken >= self.window
                 self.taken += 1
-            if full:
-                self._wake()
-            yield out
+                if full:
+                    self._wake()
+                yield out
 
     def _next_held(self) -> Outcome | None:
         if not self.held:
@@ -607,19 +616,25 @@ class _Run:
                 event = self.done_q.get_nowait()
             except queue.Empty:
                 return
-            kind = event[0]
-            if kind == "builder_died":
-                self._builder_died(event[1])
-                continue
+            self._on_event(event)
+
+    def _on_event(self, event: tuple) -> None:
+        """A builder's report (NOTE [ Builders ]): a batch built, the source exhausted, a build that raised,
+        a build process gone."""
+        kind = event[0]
+        if kind == "built":
+            self.jobs -= 1
+            self._on_built(event[1])
+        elif kind == "builder_died":
+            self._builder_died(event[1])
+        else:
             self.jobs -= 1
             if kind == "exhausted":
                 self.exhausted = True
                 self.started -= 1
                 self.free.append(event[1])
-            elif kind == "error":
-                self._build_failed(*event[1:])
             else:
-                self._on_built(event[1])
+                self._build_failed(*event[1:])
 
     def _build_failed(self, slot: int | None, error: BaseException, index: int | None) -> None:
         """A build raised. Drawing from a caller's iterator (no index): the run fails with it. Building
@@ -654,10 +669,13 @@ class _Run:
 
     def _on_built(self, b: Built) -> None:
         self.breakdown["build_s"] += b.seconds
-        self.counts["build_cpu_s"] += b.cpu
         self.counts["built"] += 1
-        self.build_cpu += 0.2 * (b.cpu - self.build_cpu)  # (moving averages: see _inline)
-        self.build_wall += 0.2 * (b.seconds - self.build_wall)
+        if b.cpu is None:  # not measured (an inline build: see _issue_builds): the last measured ratio
+            self.counts["build_cpu_s"] += b.seconds * min(1.0, self.build_cpu / max(self.build_wall, 1e-9))
+        else:
+            self.counts["build_cpu_s"] += b.cpu
+            self.build_cpu += 0.2 * (b.cpu - self.build_cpu)  # (moving averages: see _inline)
+            self.build_wall += 0.2 * (b.seconds - self.build_wall)
         attempt = self.attempts.pop(b.index, 1)
         if b.desc is None:  # larger than a slot: the array travels pickled
             self.free.append(b.slot)
@@ -687,24 +705,27 @@ class _Run:
         quicker than a hand-off are built here instead, a few at a time (``_inline``)."""
         t0 = time.perf_counter()
         inline = self._inline()
-        submit = self.builders.build_here if inline else self.builders.submit
+        if inline:
+            def submit(slot, index=None, batch=None):
+                self.counts["inline"] += 1  # (one build in INLINE_SAMPLE has its CPU time measured)
+                self._on_event(self.builders.build_here(slot, index, batch,
+                                                         self.counts["inline"] % INLINE_SAMPLE == 1))
+        else:
+            submit = self.builders.submit
         idle = 2 * self.depth * max(1, len(self.ex.workers)) if inline else self.threads - self.jobs
         while self.free and self.rebuilds and idle > 0:
             index, attempt, batch = self.rebuilds.popleft()
             self.attempts[index] = attempt
-            submit(self.free.pop(), index, batch)
             self.jobs, idle = self.jobs + 1, idle - 1
+            submit(self.free.pop(), index, batch)
         with self.cond:
             room = self.window - (self.started - self.taken)
         while not self.exhausted and room > 0 and self.free and idle > 0:
             self.jobs, idle, room = self.jobs + 1, idle - 1, room - 1
             self.started += 1
-            submit(self.free.pop())
-            if inline:
-                self.counts["inline"] += 1
-                self._take_builds()  # ('exhausted' ends the loop)
-                if time.perf_counter() - t0 > worker.HOLD_S:  # the workers' answers are read meanwhile
-                    break
+            submit(self.free.pop())  # (inline: 'exhausted' ends the loop)
+            if inline and time.perf_counter() - t0 > worker.HOLD_S:  # the workers' answers are read meanwhile
+                break
         starved = not self.exhausted and room > 0 and idle > 0 and not self.free
         if starved and self.ex._t_start is None:  # (waits while workers still start are start-up)
             self.slot_wait_since = self.slot_wait_since or t0
@@ -723,22 +744,36 @@ class _Run:
             self.ready_since = t0
         hold = (self.small and not self.exhausted and t0 - self.ready_since < worker.HOLD_S
                 and any(w.tasks for w in self.ex.workers))
+        drained = True
         while self.ready:
             # A pickled batch goes only to an idle worker: one that is computing would not read it while
             # it sends its own result, and both sends would block for ever once they exceed a pipe's buffer.
-            depth = 1 if self.ready[0].array is not None else self.depth
+            pickled = self.ready[0].array is not None
+            depth = 1 if pickled else self.depth
             full = not hold or len(self.ready) >= self.depth // 2
             room = [w for w in self.ex.workers if w.ready and len(w.tasks) < depth and (w.tasks or full)]
             if not room:
-                if self.ex._t_start is None:  # waits for workers still starting are start-up, not waits
-                    self.worker_wait_since = self.worker_wait_since or t0
+                drained = False
                 break
-            w = min(room, key=lambda w: len(w.tasks))
-            if not w.tasks:
-                w.head_since = time.monotonic()
-            task = self.ready.popleft()
-            w.tasks.append(task)
-            sends.setdefault(w.rank, (w, []))[1].append(task)
+            if pickled:
+                counts, n = [0] * len(room), 1
+                counts[min(range(len(room)), key=lambda i: len(room[i].tasks))] = 1
+            else:  # the slot batches up to the next pickled one, shared out at once, the idlest first
+                n = next((i for i, t in enumerate(self.ready) if t.array is not None), len(self.ready))
+                counts = _shares([len(w.tasks) for w in room], depth, n)
+            for w, k in zip(room, counts):
+                if k:
+                    if not w.tasks:
+                        w.head_since = time.monotonic()
+                    tasks = [self.ready.popleft() for _ in range(k)]
+                    w.tasks.extend(tasks)
+                    sends.setdefault(w.rank, (w, []))[1].extend(tasks)
+            if sum(counts) < n:  # every worker with room is full now
+                drained = not self.ready
+                break
+        if not drained:
+            if self.ex._t_start is None:  # waits for workers still starting are start-up, not waits
+                self.worker_wait_since = self.worker_wait_since or t0
         else:
             self.ready_since = 0.0
             if self.worker_wait_since:
@@ -748,7 +783,17 @@ class _Run:
             self.counts["sends"] += 1
             self.counts["sent"] += len(tasks)
             try:
-                w.conn.send(tasks[0] if len(tasks) == 1 else tasks)
+                run: list[Task] = []  # slot tasks in one message; a pickled batch alone (ForkingPickler, as
+                for task in tasks:    # ever), in the order of w.tasks: the order the worker answers in
+                    if task.array is None:
+                        run.append(task)
+                        continue
+                    if run:
+                        worker.send(w.conn, worker.pack(run))
+                        run = []
+                    w.conn.send(task)
+                if run:
+                    worker.send(w.conn, worker.pack(run))
             except OSError:
                 pass  # the worker died; its sentinel tells us, and the tasks are sent again from w.tasks
         if sends:
@@ -800,6 +845,19 @@ class _Run:
 
     def _on_message(self, w: Handle, msg: tuple) -> None:
         kind = msg[0]
+        if kind == "packed" or kind == "result":  # (first: the one that comes once per batch)
+            task = w.tasks.popleft()
+            w.head_since = time.monotonic()
+            assert task.index == msg[1], (task.index, msg[1])
+            self._release(task)
+            w.batches += 1
+            info = msg[3]  # the worker's timings, and the batch's facts for the consumer
+            if "gpu_reserved_mb" in info:
+                w.gpu_reserved_mb = info["gpu_reserved_mb"]
+            self._account(info)
+            info["pid"], info["device"], info["_done_at"] = w.pid, w.device, time.perf_counter()
+            self._deliver(Outcome(task.index, fields.from_wire(msg[2]) if kind == "packed" else msg[2], info))
+            return
         if kind in ("ready", "fatal", "note"):
             self.ex._on_setup_message(w, msg)
             return
@@ -811,39 +869,35 @@ class _Run:
             if task is not None and self.rebuild is not None:
                 self._release(task)
             return
-        task = w.tasks.popleft()
+        task = w.tasks.popleft()  # "error"
         w.head_since = time.monotonic()
         assert task.index == msg[1], (task.index, msg[1])
         self._release(task)
-        if kind == "result":
-            w.batches += 1
-            timings = msg[3]
-            w.gpu_reserved_mb = timings.get("gpu_reserved_mb", w.gpu_reserved_mb)
-            self._account(timings)
-            info = {"pid": w.pid, "device": w.device, **timings, "_done_at": time.perf_counter()}
-            self._deliver(Outcome(task.index, msg[2], info))
-        elif self.cfg.faults.on_error == "skip":
+        if self.cfg.faults.on_error == "skip":
             self._deliver(Outcome(task.index, None, {"_done_at": time.perf_counter()},
                                   {"batch": task.index, "cause": msg[2][1], "attempts": task.attempt}))
         else:
             raise remote_error(msg[2], f"batch {task.index} (worker pid {w.pid}, device {w.device})")
 
     def _account(self, t: dict) -> None:
+        """A result's timings (``Computer``'s, with the worker's ``idle_s`` and ``sent``) into the run's."""
         b, c = self.breakdown, self.counts
-        for k in ("stage_s", "h2d_s", "compute_s", "d2h_s", "idle_s"):
-            b[k] += t.get(k, 0.0)
+        b["stage_s"] += t["stage_s"]
+        b["h2d_s"] += t["h2d_s"]
+        b["compute_s"] += t["compute_s"]
+        b["d2h_s"] += t["d2h_s"]
+        b["idle_s"] += t["idle_s"]
         if "decode_s" in t:  # an encoded image batch, decoded by the worker (decoding.py)
             b["decode_s"] = b.get("decode_s", 0.0) + t["decode_s"]
         b["return_s"] += max(0.0, time.time() - t["sent"])
         c["batches"] += 1
         if self.small:  # queue about QUEUED_S of work per worker: deep for quick batches, never a long tail
-            spent = t.get("stage_s", 0.0) + t.get("compute_s", 0.0) + t.get("d2h_s", 0.0)
-            self.batch_s += 0.2 * (spent - self.batch_s)
+            self.batch_s += 0.2 * (t["stage_s"] + t["compute_s"] + t["d2h_s"] - self.batch_s)
             self.depth = max(self.base_depth, min(self.in_flight // max(1, len(self.ex.workers)),
                                                   int(QUEUED_S / max(self.batch_s, 1e-6))))
-        if t.get("h2d_s"):
+        if t["h2d_s"]:
             c["h2d_bytes"] += t["h2d_bytes"]
-            c["direct"] += bool(t.get("direct"))
+            c["direct"] += bool(t["direct"])
 
     def _release(self, task: Task) -> None:
         if task.desc is not None and not task.released:
@@ -917,7 +971,7 @@ class _Run:
                     while w is not None and w.conn.poll():
                         msg = w.conn.recv()
                         for m in msg[1] if msg[0] == "several" else (msg,):
-                            if m[0] in ("result", "error"):
+                            if m[0] in ("result", "packed", "error"):
                                 w.tasks.popleft()
                 except (EOFError, OSError):
                     pass
@@ -928,6 +982,24 @@ class _Run:
                     w.process.kill()
                 head = w.tasks[0].index if w.tasks else None
                 self.ex._replace(w, "stopped: still busy when its run ended early", head)
+
+
+def _shares(loads: list[int], cap: int, n: int) -> list[int]:
+    """How many of ``n`` tasks each worker gets, given the tasks it holds (``loads``): the least loaded
+    first, never above ``cap``, as evenly as that allows (water-filling)."""
+    def given(level: int) -> int:
+        return sum(max(0, min(level, cap) - x) for x in loads)
+    lo, hi = min(loads), cap
+    while lo < hi:  # the highest level the n tasks fill everyone up to
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if given(mid) <= n else (lo, mid - 1)
+    counts = [max(0, min(lo, cap) - x) for x in loads]
+    left = n - sum(counts)
+    for i in sorted(range(len(loads)), key=loads.__getitem__):  # the rest: one more each, idlest first
+        if left and loads[i] + counts[i] < cap:
+            counts[i] += 1
+            left -= 1
+    return counts
 
 
 def _cuda(cfg: Config) -> bool:

@@ -87,13 +87,19 @@ def _one(v: Any, where: str, avoid, prefix: str) -> np.ndarray:
     if a.dtype.kind not in _NUMERIC:
         label = "a numpy array" if isinstance(v, np.ndarray) else type(v).__name__
         raise _bad(where, f"{prefix}{label} of dtype {a.dtype} ({_short(v)})")
-    if avoid and any(np.may_share_memory(a, b) for b in avoid):  # the slot is reused for another batch
-        a = a.copy()
+    for b in avoid or ():  # the slot is reused for another batch
+        if np.may_share_memory(a, b):
+            return a.copy()
     return a
 
 
 def _from_tensor(torch, t, where: str, prefix: str) -> np.ndarray:
     t = t.detach()
+    if t.is_cpu and t.layout == torch.strided and t.dtype not in _widened(torch) and t.dtype != torch.complex32:
+        try:  # (the usual case, first: a tiny batch's budget)
+            return t.resolve_conj().resolve_neg().numpy()
+        except (TypeError, RuntimeError):
+            pass  # (numpy can't hold it: the message below)
     if t.device.type == "meta":
         raise _bad(where, f"{prefix}a tensor on device meta (it holds no data)")
     if t.layout != torch.strided:

@@ -13,6 +13,7 @@ Imports go one way: ``readers`` (file sources) builds on this module, never the 
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import threading
 from dataclasses import dataclass
@@ -64,31 +65,49 @@ class Indexed:
         return self.batch(index).array()
 
     def __iter__(self) -> Iterator[Batch]:
-        return (self.batch(i) for i in range(self.n))
+        return map(self.batch, range(self.n))
 
 
 _rngs = threading.local()
 
 
 _M64 = (1 << 64) - 1
+_GOLD = 0x9E3779B97F4A7C15
+
+
+_BLOCK = 256  # batches whose seeds are computed together (``_seeds``)
+
+
+def _seeds(seed: int, block: int) -> list[tuple[int, int]]:
+    """PCG64 (state, increment) of batches ``block * _BLOCK`` on: four SplitMix64 outputs each, started
+    from (seed, index), computed with numpy for the whole block (uint64 arithmetic wraps, as SplitMix64's)."""
+    x = np.uint64((seed * _GOLD) & _M64) + np.arange(block * _BLOCK, (block + 1) * _BLOCK, dtype=np.uint64)
+    words = []
+    for k in range(1, 5):
+        y = x + np.uint64((k * _GOLD) & _M64)
+        z = (y ^ (y >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        words.append((z ^ (z >> np.uint64(31))).tolist())
+    return [(a << 64 | b, c << 64 | d | 1) for a, b, c, d in zip(*words)]
 
 
 def rng(seed: int, index: int) -> np.random.Generator:
     """Batch ``index``'s generator: PCG64 (numpy's default, fast in bulk) whose 128-bit state and stream
     are four SplitMix64 outputs started from (seed, index), as generators of the xoshiro family seed
-    themselves: a stream per batch for a few microseconds (``default_rng([seed, index])`` hashes its
-    seed, which costs a tiny batch more than its bytes). One generator per thread, set afresh each time."""
-    g = getattr(_rngs, "g", None)
+    themselves: a stream per batch for a microsecond or two (``default_rng([seed, index])`` hashes its
+    seed, which costs a tiny batch more than its bytes). One generator per thread, set afresh each time;
+    the seeds of a block of batches are computed at once and kept for the thread's next batches."""
+    local = _rngs.__dict__
+    g = local.get("g")
     if g is None:
-        g = _rngs.g = np.random.Generator(np.random.PCG64(0))
-    x, words = (seed * 0x9E3779B97F4A7C15 + index) & _M64, []
-    for _ in range(4):
-        x = (x + 0x9E3779B97F4A7C15) & _M64
-        z = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _M64
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
-        words.append(z ^ (z >> 31))
+        g = local["g"] = np.random.Generator(np.random.PCG64(0))
+    block = index // _BLOCK
+    kept = local.get("seeds")
+    if kept is None or kept[0] != seed or kept[1] != block:
+        kept = local["seeds"] = (seed, block, _seeds(seed, block))
+    state, inc = kept[2][index - block * _BLOCK]
     g.bit_generator.state = {"bit_generator": "PCG64", "has_uint32": 0, "uinteger": 0,
-                             "state": {"state": words[0] << 64 | words[1], "inc": words[2] << 64 | words[3] | 1}}
+                             "state": {"state": state, "inc": inc}}
     return g
 
 
@@ -99,6 +118,7 @@ class Synthetic(Indexed):
         self.n = cfg.batches
         self.shape = (cfg.rows, cfg.cols)
         self.dtype = np.dtype(cfg.dtype)
+        self.floats = self.dtype in (np.float32, np.float64)  # (decided once: a tiny batch's budget)
         self.seed = cfg.seed
         self.layout = Layout.make("array", (), [self.shape], [self.dtype])
         self.max_nbytes = self.layout.nbytes
@@ -110,16 +130,16 @@ class Synthetic(Indexed):
 
     def build(self, index: int, out: np.ndarray) -> None:
         g = rng(self.seed, index)
-        if out.dtype in (np.float32, np.float64):
-            g.random(dtype=out.dtype, out=out)  # ~4x cheaper than standard_normal
-        elif out.dtype == np.float16:
+        if self.floats:
+            g.random(dtype=self.dtype, out=out)  # ~4x cheaper than standard_normal
+        elif self.dtype == np.float16:
             out[...] = g.random(out.shape, dtype=np.float32)
         else:
-            lo, hi = (0, 256) if out.dtype == np.uint8 else (-100, 100)
-            out[...] = g.integers(lo, hi, size=out.shape, dtype=out.dtype)
+            lo, hi = (0, 256) if self.dtype == np.uint8 else (-100, 100)
+            out[...] = g.integers(lo, hi, size=out.shape, dtype=self.dtype)
 
     def batch(self, index: int) -> Batch:
-        return Batch(index, self.layout, lambda out: self.build(index, out), self.max_nbytes)
+        return Batch(index, self.layout, functools.partial(self.build, index), self.max_nbytes)
 
 
 class FromIterable:
@@ -420,8 +440,8 @@ class Work:
         self.source, self.max_nbytes = source, max_nbytes
         self.sink, self.keep = sink, keep
 
-    def __iter__(self) -> "Work":
-        return self
+    def __iter__(self) -> Iterator[Batch]:
+        return self._it  # (itself: one call less per batch)
 
     def __next__(self) -> Batch:
         return next(self._it)

@@ -2,17 +2,20 @@
 
 Module level, so that spawn can import the entry point by name. Messages are tiny tuples:
 
-  main -> worker   Task(index, attempt, ring, desc, array) | [Task, ...] | None (stop)
+  main -> worker   ("tasks", ring, slot_bytes, [(index, attempt, slot, layout), ...])   (``pack``)
+                   Task(index, attempt, array=batch)   (a batch larger than a slot, pickled) | None (stop)
   worker -> main   ("ready", pid, device) | ("fatal", error) | ("note", text)
                    ("copied", index)   (CUDA: the batch is on the device, its slot may be reused)
                    ("retire", index, cause)   (a sticky CUDA error: the worker exits, NOTE [ CUDA faults ])
                    ("result", index, array, timings) | ("error", index, error)
+                   ("packed", index, fields.to_wire(array), timings)   (a small result, as bytes)
                    ("several", [("result", ...) | ("error", ...), ...])
 
 NOTE [ Small batches ]
 A message costs the same few microseconds of pickling, a syscall and a wake-up whatever it carries, and
 for a batch of a few KB that fixed cost is the whole cost. So the main sends every task a worker has room
-for in one message (a list), and a worker that still holds received tasks keeps the results of quick ones
+for in one message (``pack``: the ring named once, a small tuple per batch; plain ``pickle``, not
+multiprocessing's ForkingPickler, which copies its table of reducers for every message), and a worker that still holds received tasks keeps the results of quick ones
 (computed in under ``HOLD_S``) and sends them together: as soon as it has nothing left in hand, before it
 waits, once the first held result is ``HOLD_S`` old, or once they add up to ``HOLD_BYTES``. A slow batch
 goes back at once, as before. Faults keep their meaning per batch: a held result is lost with its worker like
@@ -27,6 +30,7 @@ the worker unlinks the main's shared-memory rings and exits, also when a kernel 
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import threading
 import time
@@ -44,6 +48,26 @@ from .handoff import Descriptor, SlotReader, _alive, remove_stale, watchdog
 HOLD_S = 0.001  # NOTE [ Small batches ]: a quick result waits at most this long for others to share a send
 HOLD_BYTES = 64 << 10  # held results are sent once they add up to more than this
 HOLD_COUNT = 64
+
+
+def pack(tasks: list[Task]) -> tuple:
+    """Slot tasks as one message: the ring once, then (index, attempt, slot, layout) each (pickle keeps one
+    copy of a layout that several share): a fifth of the bytes and of the time of pickled ``Task`` objects.
+    ``unpack`` makes them ``Task`` objects again."""
+    t = tasks[0]
+    return ("tasks", t.ring, t.slot_bytes, [(t.index, t.attempt, t.desc.slot, t.desc.layout) for t in tasks])
+
+
+def unpack(msg: tuple) -> list[Task]:
+    _, ring, slot_bytes, items = msg
+    return [Task(index, attempt, ring, slot_bytes, Descriptor(slot, layout)) for index, attempt, slot, layout in items]
+
+
+def send(conn, obj) -> None:
+    """``conn.send(obj)`` for tasks and results (plain data, numpy arrays): pickled with plain ``pickle``,
+    not multiprocessing's ForkingPickler, which copies its table of reducers for every message (a few
+    microseconds, a tiny batch's budget); ``conn.recv()`` reads either."""
+    conn.send_bytes(pickle.dumps(obj, pickle.HIGHEST_PROTOCOL))
 
 
 @dataclass
@@ -141,6 +165,9 @@ class Computer:
 
     def __init__(self, spec: kernels.KernelSpec, device: torch.device, pinned: bool):
         self.device, self.name, self.precision = device, spec.name, spec.precision
+        self.cuda = device.type == "cuda"
+        # (fp32 on the CPU, the usual case, enters no context: a tiny batch's budget)
+        self.autocast = spec.precision in ("bf16", "fp16") or (spec.precision == "tf32" and self.cuda)
         self.kernel = kernels.make(spec, device)
         self.stager = Stager(device, pinned)
 
@@ -168,14 +195,17 @@ class Computer:
         h = staged or self.stager.start(decoded, registered)
         x = self.stager.ready(h)
         t1 = time.perf_counter()
-        with devices.precision(self.precision, self.device):
+        if self.autocast:
+            with devices.precision(self.precision, self.device):
+                y = self.kernel(x)
+        else:
             y = self.kernel(x)
         if copied is not None and h.end is not None:
             h.end.synchronize()  # the copy, not the kernel: nothing reads the host memory any more
             copied()
         if meanwhile is not None:
             meanwhile()
-        if self.device.type == "cuda":
+        if self.cuda:
             torch.cuda.synchronize(self.device)
         t2 = time.perf_counter()
         # validated, on the host, never a view of the slot (it is reused): KernelError for a bad return
@@ -185,7 +215,7 @@ class Computer:
                    "stage_s": (t1 - t_decoded) if staged is None else 0.0, "compute_s": t2 - t1, "d2h_s": t3 - t2}
         if bad is not None:  # an encoded image batch (decoding.py): decoded here
             timings.update(decode_s=t_decoded - t0, **({"bad_samples": bad} if bad else {}))
-        if self.device.type == "cuda":
+        if self.cuda:
             timings["gpu_reserved_mb"] = torch.cuda.memory_reserved(self.device) / 2**20
         return out, timings
 
@@ -242,15 +272,17 @@ def _loop(rank: int, conn, computer: Computer, words=None) -> None:
 
     def receive() -> None:
         msg = conn.recv()
-        if isinstance(msg, list):
+        if isinstance(msg, tuple):
+            pending.extend(unpack(msg))
+        elif isinstance(msg, list):
             pending.extend(msg)
         else:
-            pending.append(msg)
+            pending.append(msg)  # a Task (a pickled batch), or None: stop
 
     def flush() -> None:
         nonlocal held_since, held_bytes
         if held:
-            conn.send(held[0] if len(held) == 1 else ("several", list(held)))
+            send(conn, held[0] if len(held) == 1 else ("several", held))
             held.clear()
         held_since, held_bytes = 0.0, 0
 
@@ -318,7 +350,8 @@ def _loop(rank: int, conn, computer: Computer, words=None) -> None:
         else:
             timings["idle_s"] = idle
             timings["sent"] = time.time()
-            msg = ("result", task.index, out, timings)
+            wire = fields.to_wire(out)  # (small: raw bytes, cheaper to pickle than arrays)
+            msg = ("result", task.index, out, timings) if wire is None else ("packed", task.index, wire, timings)
             held_bytes += fields.nbytes(out)
             quick = words is not None and timings["compute_s"] < HOLD_S
         if words is not None:

@@ -10,7 +10,7 @@ import torch
 
 import pipeline
 from pipeline import worker
-from pipeline.fields import Layout
+from pipeline.fields import Layout, from_wire
 from pipeline.handoff import SlotRing
 from pipeline.kernels import spec_for
 from conftest import TINY
@@ -42,9 +42,9 @@ def test_worker_sends_the_results_of_quick_batches_in_one_message(tmp_path, monk
         msgs.append(main_end.recv())
     assert len(msgs) == 1 and msgs[0][0] == "several", [m[0] for m in msgs]
     results = msgs[0][1]
-    assert [(m[0], m[1]) for m in results] == [("result", 0), ("result", 1), ("result", 2)]
+    assert [(m[0], m[1]) for m in results] == [("packed", 0), ("packed", 1), ("packed", 2)]  # (small: bytes)
     for i, m in enumerate(results):
-        np.testing.assert_array_equal(m[2], np.full(4, 4.0 * (i + 1), np.float32))
+        np.testing.assert_array_equal(from_wire(m[2]), np.full(4, 4.0 * (i + 1), np.float32))
     assert words[0] == 0
     del views
     ring.close()
@@ -72,7 +72,7 @@ def test_without_status_words_every_result_goes_at_once(tmp_path, monkeypatch):
     msgs = []
     while main_end.poll(0.5):
         msgs.append(main_end.recv())
-    assert [m[0] for m in msgs] == ["result", "result"]
+    assert [m[0] for m in msgs] == ["packed", "packed"]
     del views
     ring.close()
 
