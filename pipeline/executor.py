@@ -496,6 +496,7 @@ class _Run:
         self.jobs = 0  # jobs the builders have not answered yet
         self.exhausted = False
         self.ready: deque[Task] = deque()  # built (or to be sent again), waiting for a worker
+        self.pickled_ready = 0  # of which travel pickled (larger than a slot)
         # (index, attempt, the batch record or None) to build again: from the record when the source can't
         # build batch i on its own (a caller's iterator), else from the source
         self.rebuilds: deque[tuple[int, int, Any]] = deque()
@@ -690,6 +691,7 @@ class _Run:
             task = Task(b.index, attempt, self.ring.path, self.ring.slot_bytes, b.desc)
             task.batch = b.batch  # a caller's batch: kept (a reference, no copy) to build it again
         self.ready.append(task)
+        self.pickled_ready += task.array is not None
 
     def _inline(self) -> bool:
         """Build on this thread: the source builds batch i on its own, in the main's threads, and its
@@ -758,8 +760,11 @@ class _Run:
             if pickled:
                 counts, n = [0] * len(room), 1
                 counts[min(range(len(room)), key=lambda i: len(room[i].tasks))] = 1
+                self.pickled_ready -= 1
             else:  # the slot batches up to the next pickled one, shared out at once, the idlest first
-                n = next((i for i, t in enumerate(self.ready) if t.array is not None), len(self.ready))
+                n = len(self.ready)
+                if self.pickled_ready:
+                    n = next((i for i, t in enumerate(self.ready) if t.array is not None), n)
                 counts = _shares([len(w.tasks) for w in room], depth, n)
             for w, k in zip(room, counts):
                 if k:
@@ -947,6 +952,7 @@ class _Run:
                 self.rebuilds.appendleft((task.index, task.attempt, task.batch))
             else:
                 self.ready.appendleft(task)
+                self.pickled_ready += 1
         self.ex._replace(w, cause, batch)
 
     def _check_deadlines(self) -> None:

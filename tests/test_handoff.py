@@ -156,12 +156,11 @@ def test_closing_a_stream_while_a_send_is_stuck_ends_the_workers(monkeypatch):
     STUCK_SEND_S for the supervisor, kills the workers (the send then fails), and the warm pipeline runs on."""
     import threading
     import time
-    from multiprocessing.connection import Connection
 
     import pipeline.executor as executor
-    from pipeline.worker import Task
+    from pipeline import worker as worker_module
     monkeypatch.setattr(executor, "STUCK_SEND_S", 1.0)
-    real = Connection.send
+    real = worker_module.send  # tasks go through it (packed: worker.pack)
     with pipeline.Pipeline(kernel="sum", workers=1, **TINY) as p:
         p.run(batches=1)
         worker = p.executor.workers[0].process
@@ -169,20 +168,20 @@ def test_closing_a_stream_while_a_send_is_stuck_ends_the_workers(monkeypatch):
         stuck = threading.Event()
 
         def send(conn, obj):
-            if isinstance(obj, Task) and obj.index == 1:  # one slot: sent after batch 0 came back
+            if obj[0] == "tasks" and any(item[0] == 1 for item in obj[3]):  # one slot: after batch 0 came back
                 stuck.set()
                 while worker.is_alive():  # blocks as a full pipe would, until the reader is gone
                     time.sleep(0.05)
                 raise BrokenPipeError
             return real(conn, obj)
-        monkeypatch.setattr(Connection, "send", send)
+        monkeypatch.setattr(worker_module, "send", send)
         stream = p.imap(batches=6, in_flight=1)
         assert next(iter(stream))[0] == 0
         assert stuck.wait(30)
         t0 = time.monotonic()
         stream.close()
         assert time.monotonic() - t0 < 8 and not worker.is_alive()
-        monkeypatch.setattr(Connection, "send", real)
+        monkeypatch.setattr(worker_module, "send", real)
         assert p.run(batches=3).summary["completed"] == 3  # a fresh worker took its place
 
 
