@@ -386,6 +386,7 @@ class _Run:
         self.source = getattr(batches, "source", None)  # builds batch k on its own (see sources.Work)
         self.rebuild = self.source.batch if self.source is not None else None
         self.max_nbytes = getattr(batches, "max_nbytes", None)
+        self.digests = getattr(batches, "digests", False)  # workers digest each result (the caller's checksum)
         self.ordered = ordered
         self.cuda = _cuda(self.cfg)
         self.in_flight = self.cfg.in_flight(self.cuda)
@@ -686,9 +687,9 @@ class _Run:
                            f"({self.ring.slot_bytes / MB:.2f} MiB) and travelled pickled through a worker's "
                            f"pipe, slower (pickled_fallbacks counts such batches); --set handoff.slot_mb="
                            f"{-(-b.nbytes // MB)} or more keeps them in shared memory")
-            task = Task(b.index, attempt, array=b.array)
+            task = Task(b.index, attempt, array=b.array, digest=self.digests)
         else:
-            task = Task(b.index, attempt, self.ring.path, self.ring.slot_bytes, b.desc)
+            task = Task(b.index, attempt, self.ring.path, self.ring.slot_bytes, b.desc, digest=self.digests)
             task.batch = b.batch  # a caller's batch: kept (a reference, no copy) to build it again
         self.ready.append(task)
         self.pickled_ready += task.array is not None

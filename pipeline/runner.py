@@ -283,7 +283,7 @@ class Pipeline:
             ex.relay.bar = tally.bar if not tally.bar.disable else None  # workers' prints go above the bar
             tally.relay = ex.relay
         work = Work(batches(), src if isinstance(src, Indexed) else None, getattr(src, "max_nbytes", None),
-                    tally.sink, tally.keep)
+                    tally.sink, tally.keep, digests=True)
         ex.start()  # local: returns at once (start-up overlaps the first builds); Ray: actors up
         yield from ex.stream(work, ordered, settle=not self._one_shot, cfg=cfg)
 

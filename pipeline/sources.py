@@ -432,13 +432,15 @@ class Work:
     """The batches of one run for an executor: an iterator of ``Batch`` in batch order, with the ``source``
     when it can build batch i on its own (``source.batch(i)``: rebuilds, build processes, Ray actors), the
     largest batch's size when it is known, and the run's output directory (``sink``, an OutputDir, or
-    None) and whether the caller keeps the results (``keep``): a Ray actor may write its results itself."""
+    None) and whether the caller keeps the results (``keep``): a Ray actor may write its results itself;
+    ``digests``: the caller checksums them, so each is digested where it is computed (off the main)."""
 
     def __init__(self, batches: Iterable[Batch], source: Indexed | None = None, max_nbytes: int | None = None,
-                 sink=None, keep: bool = True):
+                 sink=None, keep: bool = True, digests: bool = False):
         self._it = iter(batches)
         self.source, self.max_nbytes = source, max_nbytes
         self.sink, self.keep = sink, keep
+        self.digests = digests  # the caller checksums the results: workers digest each (outputs.batch_digest)
 
     def __iter__(self) -> Iterator[Batch]:
         return self._it  # (itself: one call less per batch)

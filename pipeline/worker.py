@@ -2,7 +2,7 @@
 
 Module level, so that spawn can import the entry point by name. Messages are tiny tuples:
 
-  main -> worker   ("tasks", ring, slot_bytes, [(index, attempt, slot, layout), ...])   (``pack``)
+  main -> worker   ("tasks", ring, slot_bytes, digest, [(index, attempt, slot, layout), ...])   (``pack``)
                    Task(index, attempt, array=batch)   (a batch larger than a slot, pickled) | None (stop)
   worker -> main   ("ready", pid, device) | ("fatal", error) | ("note", text)
                    ("copied", index)   (CUDA: the batch is on the device, its slot may be reused)
@@ -55,12 +55,14 @@ def pack(tasks: list[Task]) -> tuple:
     copy of a layout that several share): a fifth of the bytes and of the time of pickled ``Task`` objects.
     ``unpack`` makes them ``Task`` objects again."""
     t = tasks[0]
-    return ("tasks", t.ring, t.slot_bytes, [(t.index, t.attempt, t.desc.slot, t.desc.layout) for t in tasks])
+    return ("tasks", t.ring, t.slot_bytes, t.digest,
+            [(t.index, t.attempt, t.desc.slot, t.desc.layout) for t in tasks])
 
 
 def unpack(msg: tuple) -> list[Task]:
-    _, ring, slot_bytes, items = msg
-    return [Task(index, attempt, ring, slot_bytes, Descriptor(slot, layout)) for index, attempt, slot, layout in items]
+    _, ring, slot_bytes, digest, items = msg
+    return [Task(index, attempt, ring, slot_bytes, Descriptor(slot, layout), digest=digest)
+            for index, attempt, slot, layout in items]
 
 
 def send(conn, obj) -> None:
@@ -80,9 +82,11 @@ class Task:
     array: Any = None  # the pickled fallback, for a batch larger than a slot (an array, tuple or dict)
     released: bool = False  # (main side) its slot went back to the ring (NOTE [ Slot release ])
     batch: Any = None  # (main side) a caller's batch record, to build it again for a retry
+    digest: bool = False  # the worker sends the result's digest with it (outputs.batch_digest)
 
     def __reduce__(self):  # what travels: no main-side bookkeeping (and a tuple pickles faster than a dict)
-        return (Task, (self.index, self.attempt, self.ring, self.slot_bytes, self.desc, self.array))
+        return (Task, (self.index, self.attempt, self.ring, self.slot_bytes, self.desc, self.array, False, None,
+                       self.digest))
 
 
 @dataclass
@@ -349,6 +353,8 @@ def _loop(rank: int, conn, computer: Computer, words=None) -> None:
             quick = False
         else:
             timings["idle_s"] = idle
+            if task.digest:  # the run's checksum: hashed here, in parallel, not in the main
+                timings["digest"] = outputs.batch_digest(task.index, out)
             timings["sent"] = time.time()
             wire = fields.to_wire(out)  # (small: raw bytes, cheaper to pickle than arrays)
             msg = ("result", task.index, out, timings) if wire is None else ("packed", task.index, wire, timings)

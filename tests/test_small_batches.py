@@ -130,3 +130,22 @@ def test_quick_builds_on_the_supervisor_do_not_suggest_build_processes():
     assert "--build-processes" in _Run.gil_note(run)
     run.counts["inline"] = 100
     assert _Run.gil_note(run) is None
+
+
+@pytest.mark.timeout(120)
+def test_workers_digest_results_when_the_caller_checksums_them():
+    """``Work(digests=True)`` (the runner's runs): each result comes with its ``batch_digest``, computed by
+    the worker, so the main's checksum costs a 32-byte update per batch; without it, no digest is made."""
+    from pipeline.config import load_config
+    from pipeline.outputs import batch_digest
+    from pipeline.runner import make_executor, make_source
+    from pipeline.sources import Work
+    cfg = load_config(None, {"source.rows": 4, "source.cols": 4, "source.batches": 6, "kernel.name": "sum",
+                             "workers.count": 1})
+    src = make_source(cfg.source)
+    with make_executor(cfg, spec_for("sum", {})) as ex:
+        outs = list(ex.stream(Work(src, src, src.max_nbytes, digests=True)))
+        assert [o.index for o in outs] == list(range(6))
+        for o in outs:
+            assert o.info["digest"] == batch_digest(o.index, o.result)
+        assert not any("digest" in o.info for o in ex.stream(Work(src, src, src.max_nbytes)))
