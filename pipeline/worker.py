@@ -15,8 +15,9 @@ NOTE [ Small batches ]
 A message costs the same few microseconds of pickling, a syscall and a wake-up whatever it carries, and
 for a batch of a few KB that fixed cost is the whole cost. So the main sends every task a worker has room
 for in one message (``pack``: the ring named once, a small tuple per batch; plain ``pickle``, not
-multiprocessing's ForkingPickler, which copies its table of reducers for every message), and a worker that still holds received tasks keeps the results of quick ones
-(computed in under ``HOLD_S``) and sends them together: as soon as it has nothing left in hand, before it
+multiprocessing's ForkingPickler, which copies its table of reducers for every message), and a worker
+that still holds received tasks keeps the results of quick ones (computed in under ``HOLD_S``; small
+ones as raw bytes, ``fields.to_wire``) and sends them together: as soon as it has nothing left in hand, before it
 waits, once the first held result is ``HOLD_S`` old, or once they add up to ``HOLD_BYTES``. A slow batch
 goes back at once, as before. Faults keep their meaning per batch: a held result is lost with its worker like
 the task it answers, and the main, which still counts that task as the worker's, computes it again.
