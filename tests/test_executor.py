@@ -77,7 +77,14 @@ def start_cli(*extra):
         [sys.executable, "-m", "pipeline", "run", "--kernel", "faulty", "--param", "sleep=0.2",
          "--batches", "400", "--rows", "16", "--cols", "8", "--workers", "2", "--no-progress",
          "--threads-per-worker", "1", *extra],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        # Ctrl-C as from a terminal, even when these tests run in the background of a non-interactive shell
+        # (which starts them with SIGINT ignored, and Python would then install no KeyboardInterrupt handler)
+        preexec_fn=_sigint_default)
+
+
+def _sigint_default():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_running(p, timeout=60):
