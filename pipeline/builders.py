@@ -96,6 +96,9 @@ class Builders:
         the source) into ``slot``."""
         self._jobs.put((slot, index, batch))
 
+    def flush(self) -> None:
+        """(Build processes send a turn's jobs together; threads have taken them already.)"""
+
     def close(self, timeout: float = 5.0) -> None:
         """Skip the jobs not started; wait for the running ones (a stuck caller's iterator: not forever)."""
         self._stopped = True

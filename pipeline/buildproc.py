@@ -9,21 +9,26 @@ the source: sent once, by value with cloudpickle (a dataset named by ``source.ob
 there from its name and params). Only sources that build batch k on their own qualify (a map-style
 dataset, synthetic batches, files); a caller's iterator is drawn in the main.
 
-The supervisor treats them like workers: it draws the batch indices itself, sends ``(slot, index)`` jobs
-to the process with the fewest, and a reader thread per process turns what comes back (``("built",
-Built)``, ``("error", slot, packed, index)``) into the same build events the threads report. A process
+The supervisor treats them like workers: it draws the batch indices itself, gives each ``(slot, index)``
+job to the process with the fewest, and sends a process the jobs of one supervisor turn in one message
+(``flush``); a reader thread per process turns what comes back (``("built", index, slot, layout, nbytes,
+seconds, cpu)``, ``("error", slot, packed, index)``) into the same build events the threads report. Both
+ways travel as plain ``pickle`` (NOTE [ Small batches ] in worker.py: a batch's fixed cost is these
+messages). A process
 that dies (SIGKILL, a segfault in a decoder) ends its reader with EOF; the supervisor records a restart,
 builds the batches it held again elsewhere (quarantined after ``faults.max_attempts``), and starts a new
 process in its place. One that dies before it was ready ``faults.max_attempts`` times in a row fails the
 run. The processes live for one run (their start-up overlaps the workers').
 
-  main -> build process   (slot, index) | None (stop)
-  build process -> main   ("ready", pid) | ("fatal", packed) | ("built", Built) | ("error", slot, packed, index)
+  main -> build process   [(slot, index), ...] | None (stop)
+  build process -> main   ("ready", pid) | ("fatal", packed) | ("built", index, slot, layout, nbytes, seconds,
+                          cpu) | ("built", Built) (a batch larger than a slot) | ("error", slot, packed, index)
 """
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import signal
 import threading
 from collections import deque
@@ -31,7 +36,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import devices, outputs
-from .builders import Builders
+from .builders import Built, Builders
 from .errors import WorkerError, pack_error
 from .handoff import Descriptor, SlotReader, _alive, remove_stale, watchdog
 
@@ -46,13 +51,17 @@ def main(rank: int, conn, payload: bytes, ring_path: str, slot_bytes: int, threa
     lock = threading.Lock()
 
     def send(msg) -> None:
+        data = pickle.dumps(msg, pickle.HIGHEST_PROTOCOL)  # (plain pickle: see the NOTE)
         with lock:
-            conn.send(msg)
+            conn.send_bytes(data)
 
     def report(event: tuple) -> None:
         if event[0] == "error":
             _, slot, error, index = event
             event = ("error", slot, pack_error(error), index)
+        elif event[0] == "built" and event[1].desc is not None:
+            b = event[1]
+            event = ("built", b.index, b.slot, b.desc.layout, b.nbytes, b.seconds, b.cpu)
         send(event)
 
     try:
@@ -66,10 +75,11 @@ def main(rank: int, conn, payload: bytes, ring_path: str, slot_bytes: int, threa
             return
         send(("ready", os.getpid()))
         while True:
-            job = conn.recv()
-            if job is None:
+            jobs = conn.recv()
+            if jobs is None:
                 break
-            builders.submit(*job)  # (slot, index)
+            for slot, index in jobs:
+                builders.submit(slot, index)
         builders.close()
     except (EOFError, OSError):  # the main is gone
         if not _alive(main_pid) or os.getppid() == 1:
@@ -92,9 +102,11 @@ class _Proc:
     rank: int
     process: mp.process.BaseProcess
     conn: object
-    jobs: dict = field(default_factory=dict)  # slot -> batch index, sent and not answered
+    jobs: dict = field(default_factory=dict)  # slot -> batch index, given to it and not answered
+    outbox: list = field(default_factory=list)  # (slot, index) jobs not sent yet (``flush``)
     ready: bool = False
     pid: int | None = None
+    alive: bool = True  # False once its reader saw its pipe end
 
 
 class BuildProcesses:
@@ -146,6 +158,9 @@ class BuildProcesses:
                     self._report(("error", None, _remote(msg[1], f"build process {proc.rank} could not "
                                                                   f"set up the source"), None))
                 elif kind == "built":
+                    if len(msg) > 2:
+                        _, index, slot, layout, nbytes, seconds, cpu = msg
+                        msg = ("built", Built(index, slot, Descriptor(slot, layout), None, nbytes, seconds, cpu))
                     proc.jobs.pop(msg[1].slot, None)
                     self._report(msg)
                 else:
@@ -158,6 +173,7 @@ class BuildProcesses:
         except BaseException as e:  # noqa: BLE001 - a bug here: the run fails with it, never hangs
             self._report(("error", None, e, None))
         finally:
+            proc.alive = False
             self._report(("builder_died", proc.rank))
 
     def bind(self, batches, report: Callable[[tuple], None], record_order: bool = True) -> None:
@@ -187,13 +203,19 @@ class BuildProcesses:
             index = batch.index
             if self._record:
                 self.drawn.append(index)
-        proc = min((p for p in self.procs if p.process.is_alive()), key=lambda p: len(p.jobs),
-                   default=self.procs[0])
+        proc = min((p for p in self.procs if p.alive), key=lambda p: len(p.jobs), default=self.procs[0])
         proc.jobs[slot] = index
-        try:
-            proc.conn.send((slot, index))
-        except OSError:
-            pass  # it died: its reader reports it, and the job is among those it held
+        proc.outbox.append((slot, index))
+
+    def flush(self) -> None:
+        """Send the jobs submitted since the last flush: one message per process."""
+        for p in self.procs:
+            if p.outbox:
+                jobs, p.outbox = p.outbox, []
+                try:
+                    p.conn.send_bytes(pickle.dumps(jobs, pickle.HIGHEST_PROTOCOL))
+                except OSError:
+                    pass  # it died: its reader reports it, and the jobs are among those it held
 
     def replace(self, rank: int, limit: int) -> tuple[_Proc, list[tuple[int, int]], str]:
         """The dead process ``rank``, what it held ((slot, index) pairs) and why it ended; a new one in
@@ -216,6 +238,7 @@ class BuildProcesses:
         return proc, held, cause
 
     def close(self, timeout: float = 5.0) -> None:
+        self.flush()
         for p in self.procs:
             try:
                 p.conn.send(None)

@@ -26,6 +26,15 @@ reads the slot itself); on CUDA as soon as the worker says its copy to the devic
 event), before the kernel ends. A batch whose slot went back early and whose worker then dies is built
 again from the source (``rebuild``); sources that can't (a caller's iterator) keep their slots until the
 result is back.
+
+NOTE [ Hand-over ]
+Waking a thread that sleeps costs tens of microseconds of CPU on both sides (a futex, two context
+switches, the GIL changing hands), as much as the rest of a small batch's bookkeeping. So the supervisor
+hands finished outcomes to the consumer together: once it holds ``POST_COUNT`` of them (a quarter of the
+window if that is fewer), once the oldest is ``POST_S`` old, when the window is full (the supervisor then
+waits for the consumer), and when the run ends. A consumer that is busy finds them on its next take
+anyway; one that sleeps is not the limit, and loses at most ``POST_S`` of latency. Build threads keep two
+jobs each for the same reason (``_issue_builds``).
 """
 from __future__ import annotations
 
@@ -61,6 +70,7 @@ SMALL_DEPTH = 32
 QUEUED_S = 0.004  # small batches: a worker is given about this much work at a time
 INLINE_CPU_S, INLINE_WALL_S = 100e-6, 400e-6  # builds quicker than this are done by the supervisor itself
 INLINE_SAMPLE = 8  # of those, one in this many has its CPU time measured
+POST_COUNT, POST_S = 16, 0.002  # NOTE [ Hand-over ]: outcomes handed to the consumer together
 STUCK_SEND_S = 10.0  # a run's stop waits this long for the supervisor, then ends the workers it may be sending to
 BREAKDOWN = ("build_s", "dispatch_s", "receive_s", "stage_s", "h2d_s", "compute_s", "d2h_s",
              "slot_wait_s", "worker_wait_s", "idle_s", "return_s", "order_wait_s")
@@ -393,6 +403,8 @@ class _Run:
         self.asked_window = window
         self.small = False  # small batches (NOTE [ Small batches ] in worker.py): set in _setup
         self.ready_since = 0.0  # when the oldest batch waiting for a worker became ready (small batches)
+        self.hold_until = 0.0  # when a dispatch held back for that ends (0: none held; batches that wait
+        # for a worker with room wait for its answer, which wakes the supervisor: no timed look)
         self.build_cpu = self.build_wall = 1.0  # moving averages of a build's CPU and wall time (see _inline)
         self.window = max(window or 2 * self.in_flight, self.in_flight)
         self.depth = max(2, math.ceil(self.in_flight / max(1, len(ex.workers))))  # tasks queued per worker
@@ -405,6 +417,7 @@ class _Run:
         self.cond = threading.Condition()
         self.held: dict[int, Outcome] = {}  # done, not yet taken by the consumer
         self.outbox: list[Outcome] = []  # done, not yet handed to the consumer (the supervisor's own)
+        self.outbox_since = 0.0  # when the oldest of them was done (NOTE [ Hand-over ])
         self.asleep = False  # the supervisor is (about to be) waiting in poll: build threads must wake it
         self.taken = 0
         self.error: BaseException | None = None
@@ -595,10 +608,12 @@ class _Run:
                     break
                 due = self.ex.respawn_due()
                 tick = self._tick() if due is None else min(self._tick(), due)
-                if self.ready_since:  # (a held dispatch: see _dispatch)
-                    tick = min(tick, max(0.0, self.ready_since + worker.HOLD_S - time.perf_counter()))
-                self._pump(tick)
-                self._post()
+                if self.hold_until:  # a held dispatch (see _dispatch): look again when the hold ends
+                    tick = min(tick, max(0.0, self.hold_until - time.perf_counter()))
+                self._post(now=False)
+                post = self._post_due()
+                self._pump(tick if post is None else min(tick, post))
+                self._post(now=False)
         except BaseException as e:  # noqa: BLE001 - the consumer raises it
             with self.cond:
                 self.error = e
@@ -703,9 +718,11 @@ class _Run:
                 and self.build_cpu < INLINE_CPU_S and self.build_wall < INLINE_WALL_S)
 
     def _issue_builds(self) -> None:
-        """Jobs for idle build threads only: a slot is taken when a thread can fill it, so 'no free slot
-        while a build thread is idle' (``slot_wait``) means the workers hold them all. Batches that build
-        quicker than a hand-off are built here instead, a few at a time (``_inline``)."""
+        """Jobs for the build threads, two a thread at most: a slot is taken when a thread is about to
+        fill it (the second job lets a thread go on from one build to the next without waiting for this
+        thread's turn), so 'no free slot while a build thread is idle' (``slot_wait``) means the workers
+        hold them all. Batches that build quicker than a hand-off are built here instead, a few at a time
+        (``_inline``)."""
         t0 = time.perf_counter()
         inline = self._inline()
         if inline:
@@ -715,7 +732,7 @@ class _Run:
                                                          self.counts["inline"] % INLINE_SAMPLE == 1))
         else:
             submit = self.builders.submit
-        idle = 2 * self.depth * max(1, len(self.ex.workers)) if inline else self.threads - self.jobs
+        idle = 2 * self.depth * max(1, len(self.ex.workers)) if inline else 2 * self.threads - self.jobs
         while self.free and self.rebuilds and idle > 0:
             index, attempt, batch = self.rebuilds.popleft()
             self.attempts[index] = attempt
@@ -729,7 +746,8 @@ class _Run:
             submit(self.free.pop())  # (inline: 'exhausted' ends the loop)
             if inline and time.perf_counter() - t0 > worker.HOLD_S:  # the workers' answers are read meanwhile
                 break
-        starved = not self.exhausted and room > 0 and idle > 0 and not self.free
+        self.builders.flush()
+        starved = not self.exhausted and room > 0 and self.jobs < self.threads and not self.free
         if starved and self.ex._t_start is None:  # (waits while workers still start are start-up)
             self.slot_wait_since = self.slot_wait_since or t0
         elif self.slot_wait_since:
@@ -785,6 +803,7 @@ class _Run:
             if self.worker_wait_since:
                 self.breakdown["worker_wait_s"] += t0 - self.worker_wait_since
                 self.worker_wait_since = 0.0
+        self.hold_until = self.ready_since + worker.HOLD_S if hold and self.ready else 0.0
         for w, tasks in sends.values():
             self.counts["sends"] += 1
             self.counts["sent"] += len(tasks)
@@ -819,9 +838,11 @@ class _Run:
                     self._poll.register(fd, select.POLLIN)
             self._polled = self.ex.generation
         self.asleep = True  # (then the queue is looked at: a build reported before this is not missed)
-        events = self._poll.poll(0 if not self.done_q.empty() else timeout * 1000)
+        wait = 0 if not self.done_q.empty() else timeout * 1000
+        events = self._poll.poll(wait)
         self.asleep = False
-        look = not events  # a quiet tick: look at every worker anyway
+        look = not events and wait > 0  # a quiet tick: look at every worker anyway (not after a look
+        # at a build that came in: a death shows in its sentinel's event too)
         for fd, _ in events:
             entry = self._fds.get(fd)
             if entry is None:
@@ -911,15 +932,29 @@ class _Run:
             self.free.append(task.desc.slot)
 
     def _deliver(self, out: Outcome) -> None:
+        if not self.outbox:
+            self.outbox_since = time.perf_counter()
         self.outbox.append(out)  # handed over by ``_post``: one lock and one wake-up for all of them
 
-    def _post(self) -> None:
-        if self.outbox:
-            with self.cond:
-                for out in self.outbox:
-                    self.held[out.index] = out
-                self.cond.notify_all()
-            self.outbox.clear()
+    def _post(self, now: bool = True) -> None:
+        """Hand the outbox to the consumer (NOTE [ Hand-over ]); ``now`` False: only once it holds
+        ``POST_COUNT`` outcomes (fewer for a small window), its oldest is ``POST_S`` old, or the window
+        is full."""
+        if not self.outbox:
+            return
+        if not now and len(self.outbox) < max(1, min(POST_COUNT, self.window // 4)):
+            if (time.perf_counter() - self.outbox_since < POST_S
+                    and self.window - (self.started - self.taken) > 0):
+                return
+        with self.cond:
+            for out in self.outbox:
+                self.held[out.index] = out
+            self.cond.notify_all()
+        self.outbox.clear()
+
+    def _post_due(self) -> float | None:
+        """Seconds until ``_post(now=False)`` hands over what the outbox holds; None when empty."""
+        return max(0.0, self.outbox_since + POST_S - time.perf_counter()) if self.outbox else None
 
     def _on_death(self, w: Handle, cause: str) -> None:
         if not w.ready:  # it held no batch yet (NOTE [ Restarts while starting ])

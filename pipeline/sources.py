@@ -404,7 +404,9 @@ def _put(out: np.ndarray, values: list, shape: tuple, dtype: np.dtype) -> bool:
                 out[...] = values
                 return True
             return False
-        if {v.shape for v in values} != {shape}:
+        # (the rows' lengths here; numpy checks the rest: every value has the field's number of dimensions
+        # and its dimensions after the first, or concatenate raises; casting="no": exactly its dtype)
+        if set(map(len, values)) != {shape[0]}:
             return False
         np.concatenate(values, out=out.reshape(-1, *shape[1:]), casting="no")
         return True

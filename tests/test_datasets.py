@@ -1,6 +1,7 @@
 """Map-style datasets (sources.MapSource): samples into rows of the slot, fields, sample errors, build processes."""
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -141,6 +142,21 @@ def test_a_sample_of_another_shape_names_sample_field_and_fix():
     msg = str(e.value)
     assert "sample 9 (batch 2), field 'x'" in msg and "(7,)" in msg and "(6,)" in msg
     assert "pad" in msg and "collate=" in msg
+
+
+@pytest.mark.parametrize("odd, found", [
+    ({1: np.zeros(5, np.float32), 2: np.zeros(7, np.float32)}, "(5,)"),  # lengths that add up to 4 x 6
+    ({2: np.zeros((6, 1), np.float32)}, "(6, 1)"),  # one more dimension
+    ({3: np.zeros(6, np.float64)}, "float64"),  # another dtype
+])
+def test_the_one_call_write_checks_every_sample(odd, found):
+    """The fast path writes a field in one numpy call: a batch whose samples do not all fit falls back to
+    the sample-by-sample check, which names the first that differs; samples that fit are written as they are."""
+    samples = [np.arange(6, dtype=np.float32) + i for i in range(4)]
+    src = MapSource([odd.get(i, s) for i, s in enumerate(samples)], batch_size=4)
+    with pytest.raises(SampleError, match=rf"sample {min(odd)} \(batch 0\).*{re.escape(found)}"):
+        src.get(0)
+    assert (MapSource(samples, batch_size=4).get(0) == np.stack(samples)).all()
 
 
 def test_a_sample_that_raises_names_it_and_keeps_the_cause():
