@@ -278,9 +278,11 @@ class LocalExecutor:
         return pool
 
     def _ring_for(self, count: int, slot_bytes: int, where: str) -> SlotRing:
-        """The run's ring: the previous one when it fits (its pages stay mapped, workers keep it). A small
-        /dev/shm may give fewer slots, or a ring on disk, with a note (NOTE [ Small /dev/shm ])."""
-        if (self.ring is None or self.ring.requested != count or self.ring.slot_bytes < slot_bytes
+        """The run's ring: the previous one when it fits (its pages stay mapped, workers keep it, and so do
+        build processes): asked for as many slots or more (the run uses ``count`` of them), as large or
+        larger. A small /dev/shm may give fewer slots, or a ring on disk, with a note (NOTE [ Small
+        /dev/shm ])."""
+        if (self.ring is None or self.ring.requested < count or self.ring.slot_bytes < slot_bytes
                 or self.ring.asked_dir != where):
             if self.ring is not None:
                 self.ring.close()
@@ -486,7 +488,8 @@ class _Run:
             self.window = max(self.asked_window or 2 * self.in_flight, self.in_flight)
             self.small = True  # (the slots are there; how many a worker gets at once follows its speed)
         self.ring = self.ex._ring_for(self.in_flight, max(1, slot_bytes), self.cfg.handoff.dir)
-        self.free = list(range(self.ring.count - 1, -1, -1))
+        self.slots = min(self.ring.count, self.in_flight)  # (a ring kept from a run that asked for more)
+        self.free = list(range(self.slots - 1, -1, -1))
         self.wake_r, self.wake_w = os.pipe()
         os.set_blocking(self.wake_w, False)
         self._polled = -1  # the worker generation the poll object was made for (see _pump)
@@ -569,7 +572,7 @@ class _Run:
         ring, c = self.ring, self.counts
         h2d = self.breakdown["h2d_s"]
         return {
-            "slots": ring.count if ring else 0,
+            "slots": self.slots if ring else 0,
             "slot_bytes": ring.slot_bytes if ring else 0,
             "build_threads": self.builders.count if self.builders else 0,
             "build_processes": len(getattr(self.builders, "procs", ())),

@@ -297,16 +297,21 @@ def test_a_killed_build_process_is_replaced_and_nothing_is_lost(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_build_processes_stay_for_the_next_run_of_the_same_dataset():
-    """A warm Pipeline keeps its build processes for a run of the same dataset; a changed dataset gets new ones."""
+    """A warm Pipeline keeps its build processes for a run of the same dataset, also across a run on build
+    threads (which asks for fewer slots: the ring is kept, and the processes map it); a changed dataset gets
+    new ones."""
     ds = Records(n=16)
     with pipeline.Pipeline(kernel="sum", workers=1, **FAST) as p:
-        pids = []
-        for n in (16, 16, 20):
+        pids, slots = [], []
+        for n, procs in ((16, 2), (16, 0), (16, 2), (20, 2)):
             ds.n = n
-            r = p.run(source=ds, batch_size=4, build_processes=2)
-            assert r.summary["batches"] == n // 4 and r.summary["handoff"]["build_processes"] == 2
-            pids.append(sorted(proc.process.pid for proc in p.executor.build_pool.procs))
+            r = p.run(source=ds, batch_size=4, build_processes=procs, build_threads=2 if procs else 1)
+            assert r.summary["batches"] == n // 4 and r.summary["handoff"]["build_processes"] == procs
+            slots.append(r.summary["handoff"]["slots"])
+            if procs:
+                pids.append(sorted(proc.process.pid for proc in p.executor.build_pool.procs))
         assert pids[0] == pids[1] != pids[2]
+        assert slots[1] < slots[0] == slots[2]  # (the threads' run used as many slots as it asked for)
 
 
 @pytest.mark.timeout(120)
