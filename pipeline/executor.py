@@ -451,6 +451,8 @@ class _Run:
                         return
                     self.cond.wait(1.0)
             for out in outs:
+                if out.failure is not None and "raise" in out.failure:  # (see _batch_failed)
+                    raise out.failure["raise"]
                 # taken one at a time (the window bounds what is not yet yielded); the supervisor may
                 # wait for this take: woken when the window was full (it reads ``taken`` under the lock,
                 # after it raised ``started``: an int's update is atomic, no lock needed here)
@@ -661,9 +663,21 @@ class _Run:
         batch ``index`` (a dataset's sample, a file): that batch fails, under ``faults.on_error``."""
         if slot is not None:
             self.free.append(slot)
-        if index is None or self.cfg.faults.on_error != "skip":
+        if index is None:
             raise error
+        if self.cfg.faults.on_error != "skip":
+            return self._batch_failed(index, error)
         self._fail(index, f"{type(error).__name__}: {error}", self.attempts.pop(index, 1))
+
+    def _batch_failed(self, index: int, error: BaseException) -> None:
+        """Batch ``index`` raised (its kernel, or its build) and ``faults.on_error`` is "fail": the run
+        fails with that error. As done: at once. In order: once the batches before it are handed over (none
+        of them is lost with it): nothing new starts, what was started ends, and the consumer raises the
+        error where the batch would have come (the earliest, if several fail meanwhile)."""
+        if not self.ordered:
+            raise error
+        self.exhausted = True  # (no batch is drawn any more; retries of those in flight go on)
+        self._deliver(Outcome(index, None, {"_done_at": time.perf_counter()}, {"batch": index, "raise": error}))
 
     def _fail(self, index: int, cause: str, attempts: int) -> None:
         self._deliver(Outcome(index, None, {"_done_at": time.perf_counter()},
@@ -907,7 +921,8 @@ class _Run:
             self._deliver(Outcome(task.index, None, {"_done_at": time.perf_counter()},
                                   {"batch": task.index, "cause": msg[2][1], "attempts": task.attempt}))
         else:
-            raise remote_error(msg[2], f"batch {task.index} (worker pid {w.pid}, device {w.device})")
+            self._batch_failed(task.index, remote_error(msg[2], f"batch {task.index} (worker pid {w.pid}, "
+                                                                 f"device {w.device})"))
 
     def _account(self, t: dict) -> None:
         """A result's timings (``Computer``'s, with the worker's ``idle_s`` and ``sent``) into the run's."""

@@ -165,6 +165,39 @@ def test_warm_pipeline_after_an_early_break_and_an_error():
     assert r.summary["checksum"] == pipeline.run(kernel="sum", workers=0, **dict(TINY, batches=6)).summary["checksum"]
 
 
+class SlowFirst:
+    """Batch 0 takes ``sleep`` seconds; every batch in ``fail`` raises at once."""
+
+    def setup(self, device, sleep=0.5, fail=()):
+        self.sleep, self.fail = sleep, set(fail)
+
+    def __call__(self, x):
+        i = kernels.current["index"]
+        if i == 0:
+            time.sleep(self.sleep)
+        if i in self.fail:
+            raise RuntimeError(f"batch {i} fails")
+        return x.sum(1)
+
+
+@pytest.mark.timeout(120)
+def test_in_order_a_failed_batch_comes_after_the_batches_before_it():
+    """on_error = fail, in order: the batches before the failed one are all handed over, then its error is
+    raised (the earliest failed batch's, whichever failed first), however long a batch before it takes."""
+    got = []
+    with pytest.raises(RuntimeError, match="batch 1 fails"):
+        for i, r in pipeline.imap(kernel=SlowFirst, workers=2, batches=8, rows=16, cols=8, progress=False,
+                                  **{"kernel.params.fail": list(range(1, 8))}):
+            got.append(i)
+    assert got == [0]
+    done = []  # as done: the first failure ends the stream at once
+    with pytest.raises(RuntimeError, match=r"batch \d fails"):
+        for i, r in pipeline.imap(kernel=SlowFirst, workers=2, batches=8, rows=16, cols=8, progress=False,
+                                  ordered=False, **{"kernel.params.fail": list(range(1, 8))}):
+            done.append(i)
+    assert done == []
+
+
 def test_pipeline_refuses_another_kernel_or_worker_count():
     """A call asking a running Pipeline for another kernel, device or worker count is a ConfigError."""
     small = dict(batches=4, rows=16, cols=8)
