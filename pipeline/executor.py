@@ -280,8 +280,8 @@ class LocalExecutor:
     def _ring_for(self, count: int, slot_bytes: int, where: str) -> SlotRing:
         """The run's ring: the previous one when it fits (its pages stay mapped, workers keep it, and so do
         build processes): asked for as many slots or more (the run uses ``count`` of them), as large or
-        larger. A small /dev/shm may give fewer slots, or a ring on disk, with a note (NOTE [ Small
-        /dev/shm ])."""
+        larger. A small /dev/shm may give fewer slots, or a ring on disk, with a note
+        (NOTE [ Small /dev/shm ])."""
         if (self.ring is None or self.ring.requested < count or self.ring.slot_bytes < slot_bytes
                 or self.ring.asked_dir != where):
             if self.ring is not None:
