@@ -6,7 +6,8 @@
      {"image", "label"} samples in batches of 32, kernel bench_data:pixel_sums (cheap), 2 workers: images/s of serial, the pipeline
      (build threads and build processes), DataLoader (2 workers) and SPDL (2 threads), through
      ``pipeline.bench.run_bench``, as ``pipeline bench --source bench_data:Jpegs`` measures them.
-     Goals: pipeline >= 1.8x serial, >= 1.5x DataLoader, >= 1.3x SPDL.
+     Goals: pipeline >= 1.8x serial, >= 1.5x DataLoader, >= 1.3x SPDL. Also measured: the decode ceiling,
+     2 bare threads decoding every image with nothing else running (what the cores allow at all).
   b. GIL-bound: pure Python in ``__getitem__``: the pipeline with 2 build processes vs build threads only,
      through run_bench (each timed pass starts its build processes) and on a warm ``pipeline.Pipeline``
      (interleaved runs, medians). Goal: >= 1.6x.
@@ -87,7 +88,22 @@ def jpeg(root: str, repeat: int, spdl: bool) -> dict:
                **{"workers.build_processes": WORKERS})
     print(f"a. JPEG: {', '.join(modes)} ...", flush=True)
     rows = _rows(run_bench(cfg, modes, [WORKERS], repeat))
-    return {"images": len(bench_data.Jpegs(root)), "batch_size": 32, "modes": rows}
+    ds = bench_data.Jpegs(root)
+    return {"images": len(ds), "batch_size": 32, "modes": rows, "ceiling": ceiling(ds, repeat)}
+
+
+def ceiling(ds, repeat: int) -> float:
+    """What the cores can decode at all: ``WORKERS`` bare threads calling ``__getitem__`` over the whole
+    dataset (Pillow releases the GIL), no kernel, no processes, nothing else running: images/s, median."""
+    from concurrent.futures import ThreadPoolExecutor
+    times = []
+    with ThreadPoolExecutor(WORKERS) as pool:
+        list(pool.map(ds.__getitem__, range(min(32, len(ds)))))  # (warm: imports, caches)
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            list(pool.map(ds.__getitem__, range(len(ds)), chunksize=8))
+            times.append(time.perf_counter() - t0)
+    return round(len(ds) / statistics.median(times), 1)
 
 
 def gil(repeat: int, n: int = 4096, ops: int = 3000) -> dict:
@@ -174,6 +190,7 @@ def text(r: dict) -> str:
         build = f"{row['build_processes']}p" if row.get("build_processes") else row.get("build_threads") or "-"
         lines.append(f"   {mode:<16}{build:>7}{row['samples_per_s']:>10.1f}{row['startup_s']:>11.2f}"
                      + ("" if row["agrees"] else "  DISAGREES with serial"))
+    lines.append(f"   {'decode ceiling':<16}{WORKERS:>7}{r['jpeg']['ceiling']:>10.1f}   (bare threads, nothing else)")
     g = r["gil"]
     lines.append(f"b. GIL-bound: {g['samples']} samples of {g['ops_per_sample']} Python steps, batches of "
                  f"{g['batch_size']}: samples/s")
