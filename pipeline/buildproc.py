@@ -238,6 +238,12 @@ class BuildProcesses:
         return proc, held, cause
 
     def close(self, timeout: float = 5.0) -> None:
+        """Stop them: each finishes the build it is in (up to ``timeout``); one still setting its source
+        up (a large dataset being loaded) has nothing to finish and is ended at once (Ctrl-C then takes
+        effect at once)."""
+        for p in self.procs:
+            if not p.ready and p.process.is_alive():
+                p.process.kill()
         self.flush()
         for p in self.procs:
             try:

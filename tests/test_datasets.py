@@ -345,6 +345,44 @@ def make(n=12, **kw):
     return Records(n=n, **kw)
 
 
+def slow_in_a_child(n=12):
+    """``--source test_datasets:slow_in_a_child``: quick to make in the main, a minute in any other process
+    (a large dataset that a build process loads)."""
+    import multiprocessing
+    if multiprocessing.parent_process() is not None:
+        time.sleep(60)
+    return Records(n=n)
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_while_build_processes_load_the_dataset():
+    """Ctrl-C while the build processes are still making the dataset: exit 130 at once (they have nothing
+    to finish), one line, no process or shared memory left."""
+    import subprocess
+    import sys
+    import psutil
+    from test_executor import ROOT, _sigint_default, assert_gone, wait_running
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
+    p = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--source", "test_datasets:slow_in_a_child",
+                          "--batch-size", "4", "--kernel", "sum", "--workers", "1", "--build-processes", "2",
+                          "--no-progress", "--threads-per-worker", "1"], cwd=ROOT, env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                         preexec_fn=_sigint_default)
+    wait_running(p)
+    deadline = time.monotonic() + 30  # until the worker is up and both build processes are loading
+    while len([c for c in psutil.Process(p.pid).children() if "spawn_main" in " ".join(c.cmdline())]) < 3:
+        assert time.monotonic() < deadline and p.poll() is None
+        time.sleep(0.1)
+    children = [c for c in psutil.Process(p.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+    time.sleep(1.0)
+    t0 = time.monotonic()
+    os.killpg(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=30)
+    assert time.monotonic() - t0 < 3, err
+    assert p.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    assert_gone(p.pid, children, within=1)
+
+
 @pytest.mark.timeout(120)
 def test_cli_source_with_params(capsys, tmp_path):
     """--source NAME --source-param runs a dataset from the command line, like the same run from Python."""
