@@ -463,6 +463,8 @@ class RayExecutor:
                 run.fill()
                 out = run.next_ready()
                 if out is not None:
+                    if out.failure is not None and "raise" in out.failure:  # (see _Run.failed)
+                        raise out.failure["raise"]
                     yield out
                     continue
                 if run.idle():
@@ -622,7 +624,8 @@ class _Run:
                         obj = ray.put(arr)
                     except Exception as e:  # a dataset's sample, a file: that batch fails (faults.on_error)
                         if self.faults.on_error != "skip":
-                            raise
+                            self.failed(index, e)
+                            continue
                         self.fail({"batch": index, "cause": f"{type(e).__name__}: {e}", "attempts": 1})
                         continue
                     self.ex.figures["put_bytes"] += batch_nbytes(arr)
@@ -708,12 +711,23 @@ class _Run:
         _, index, packed, who = msg
         if self.faults.on_error == "skip" and not isinstance(packed[0], OutputError):  # a full disk: fatal
             self.fail({"batch": index, "cause": packed[1], "attempts": attempt})
-        else:
+        elif isinstance(packed[0], OutputError):
             raise remote_error(packed, f"batch {index} (ray actor pid {who[1]}, device {who[2]}, "
                                        f"node {who[3][:12]})")
+        else:
+            self.failed(index, remote_error(packed, f"batch {index} (ray actor pid {who[1]}, device {who[2]}, "
+                                                    f"node {who[3][:12]})"))
 
     def fail(self, record: dict) -> None:
         self.ready[record["batch"]] = Outcome(record["batch"], None, {}, record)
+
+    def failed(self, index: int, error: BaseException) -> None:
+        """Batch ``index`` raised and ``faults.on_error`` is "fail": as the local backend (its
+        ``_batch_failed``), in order the batches before it are yielded first; as done, at once."""
+        if not self.ordered:
+            raise error
+        self.exhausted = True  # (nothing new is drawn; what was started ends)
+        self.ready[index] = Outcome(index, None, {}, {"batch": index, "raise": error})
 
     def on_actor_lost(self, rank: int, task: _Task, e: Exception) -> None:
         q = self.queues[rank]

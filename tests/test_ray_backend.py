@@ -96,6 +96,24 @@ def test_kernel_error_keeps_type_and_batch():
         pipeline.run(kernel="faulty", workers=2, **{"kernel.params.raise_on": [3]}, **RAY)
 
 
+@pytest.mark.timeout(120)
+def test_in_order_a_failed_batch_comes_after_the_batches_before_it_on_ray():
+    """The local backend's rule on Ray: on_error = fail, in order, every batch before the failed one is
+    yielded first, however long it takes, then the earliest failed batch's error is raised."""
+    def slow_first(x):  # (sent by value: the actors can't import this module)
+        i = pipeline.kernels.current["index"]
+        if i == 0:
+            time.sleep(0.5)
+        if i > 0:
+            raise RuntimeError(f"batch {i} fails")
+        return x.sum(1)
+    got = []
+    with pytest.raises(RuntimeError, match="batch 1 fails"):
+        for i, r in pipeline.imap(kernel=slow_first, workers=2, **dict(RAY, batches=8)):
+            got.append(i)
+    assert got == [0]
+
+
 def test_handoff_rule_before_object_store():
     """A meta tensor in source raises HandoffError before it reaches Ray's object store."""
     with pytest.raises(pipeline.HandoffError, match="source batch 0"):
