@@ -407,6 +407,9 @@ class _Run:
         self.ready_since = 0.0  # when the oldest batch waiting for a worker became ready (small batches)
         self.hold_until = 0.0  # when a dispatch held back for that ends (0: none held; batches that wait
         # for a worker with room wait for its answer, which wakes the supervisor: no timed look)
+        # the builds reported once every worker was up: the first's and the last's time, their CPU and wall
+        # time, how many (see gil_note)
+        self.build_span = (0.0, 0.0, 0.0, 0.0, 0)
         self.build_cpu = self.build_wall = 1.0  # moving averages of a build's CPU and wall time (see _inline)
         self.window = max(window or 2 * self.in_flight, self.in_flight)
         self.depth = max(2, math.ceil(self.in_flight / max(1, len(ex.workers))))  # tasks queued per worker
@@ -552,8 +555,10 @@ class _Run:
 
     def gil_note(self) -> str | None:
         """The build was the limit (workers waited longer for batches than they computed) and its threads,
-        while building, used about one CPU between them: the source holds the GIL (Python in
-        ``__getitem__``), so more threads don't help and build processes would."""
+        while the batches were being built, used about one CPU between them, and were not mostly waiting
+        (for I/O): the source holds the GIL (Python in ``__getitem__``), so more threads don't help and
+        build processes would. (Measured over the span of the builds, not per build: threads that share a
+        batch's chunks take turns on the GIL between chunks, so each chunk alone looks like a full CPU.)"""
         if self.builders is None or hasattr(self.builders, "procs") or not self.breakdown["build_s"]:
             return None
         t, c, b = self.threads, self.counts, self.breakdown
@@ -561,8 +566,12 @@ class _Run:
             return None
         if t < 2 or c["built"] < 2 * t or devices.usable_cpus() < 2 or b["idle_s"] <= b["compute_s"]:
             return None
-        cpus = t * c["build_cpu_s"] / b["build_s"]  # CPUs the build threads had while all were building
-        if not 0.6 <= cpus <= 1.5:  # (far below one: they mostly waited for I/O, not for the GIL)
+        first, last, cpu, wall, n = self.build_span
+        if n < 2 * t:
+            return None
+        cpus = cpu / max(last - first + wall / n, 1e-9)  # (from the start of the first)
+        if not 0.4 <= cpus <= 1.25 or cpu < 0.3 * wall:  # (one interpreter's worth, or less when the
+            # supervisor's share of the GIL was large; not mostly waiting, for I/O)
             return None
         return (f"build: the build was the limit (workers waited {b['idle_s'] / c['built'] * 1000:.1f} ms per "
                 f"batch for one) and did not scale with threads: {t} build threads used {cpus:.1f} CPUs between "
@@ -702,6 +711,10 @@ class _Run:
                 self.rebuilds.append((index, attempt, None))
 
     def _on_built(self, b: Built) -> None:
+        if self.ex._t_start is None:  # (the workers are up: builds are not held back by their start)
+            first, _, cpu, wall, n = self.build_span
+            now = time.perf_counter()
+            self.build_span = (first or now, now, cpu + (b.cpu or 0.0), wall + b.seconds, n + 1)
         self.breakdown["build_s"] += b.seconds
         self.counts["built"] += 1
         if b.cpu is None:  # not measured (an inline build: see _issue_builds): the last measured ratio

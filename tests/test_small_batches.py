@@ -126,7 +126,8 @@ def test_quick_builds_on_the_supervisor_do_not_suggest_build_processes():
     if devices.usable_cpus() < 2:
         pytest.skip("the note needs 2 usable CPUs")
     run = SimpleNamespace(threads=2, builders=object(), counts={"built": 100, "build_cpu_s": 0.01, "inline": 0},
-                          breakdown={"build_s": 0.02, "idle_s": 1.0, "compute_s": 0.1})
+                          breakdown={"build_s": 0.02, "idle_s": 1.0, "compute_s": 0.1},
+                          build_span=(5.0, 5.0098, 0.01, 0.02, 100))
     assert "--build-processes" in _Run.gil_note(run)
     run.counts["inline"] = 100
     assert _Run.gil_note(run) is None
