@@ -410,7 +410,8 @@ class _Run:
         # the builds reported once every worker was up: the first's and the last's time, their CPU and wall
         # time, how many (see gil_note)
         self.build_span = (0.0, 0.0, 0.0, 0.0, 0)
-        self.build_cpu = self.build_wall = 1.0  # moving averages of a build's CPU and wall time (see _inline)
+        self.build_cpu: float | None = None  # moving averages of a build's CPU and wall time (_measured)
+        self.build_wall = 0.0
         self.window = max(window or 2 * self.in_flight, self.in_flight)
         self.depth = max(2, math.ceil(self.in_flight / max(1, len(ex.workers))))  # tasks queued per worker
         self.base_depth = self.depth
@@ -721,8 +722,7 @@ class _Run:
             self.counts["build_cpu_s"] += b.seconds * min(1.0, self.build_cpu / max(self.build_wall, 1e-9))
         else:
             self.counts["build_cpu_s"] += b.cpu
-            self.build_cpu += 0.2 * (b.cpu - self.build_cpu)  # (moving averages: see _inline)
-            self.build_wall += 0.2 * (b.seconds - self.build_wall)
+            self._measured(b.cpu, b.seconds)
         attempt = self.attempts.pop(b.index, 1)
         if b.desc is None:  # larger than a slot: the array travels pickled
             self.free.append(b.slot)
@@ -739,12 +739,23 @@ class _Run:
         self.ready.append(task)
         self.pickled_ready += task.array is not None
 
+    def _measured(self, cpu: float, wall: float) -> None:
+        """A build's CPU and wall time into the moving averages ``_inline`` decides from: from the first
+        build measured, of samples capped at twice the limits (one build that was preempted, or waited for
+        the GIL, does not send the next ones to the build threads; a run of slow ones does)."""
+        cpu, wall = min(cpu, 2 * INLINE_CPU_S), min(wall, 2 * INLINE_WALL_S)
+        if self.build_cpu is None:
+            self.build_cpu, self.build_wall = cpu, wall
+        else:
+            self.build_cpu += 0.2 * (cpu - self.build_cpu)
+            self.build_wall += 0.2 * (wall - self.build_wall)
+
     def _inline(self) -> bool:
         """Build on this thread: the source builds batch i on its own, in the main's threads, and its
         batches take less time to build than handing them to a build thread and back costs
         (NOTE [ Small batches ] in worker.py). Decided from the builds so far, and again after each."""
         return (self.source is not None and not hasattr(self.builders, "procs")
-                and self.counts["built"] >= 2 * self.threads
+                and self.counts["built"] >= 2 * self.threads and self.build_cpu is not None
                 and self.build_cpu < INLINE_CPU_S and self.build_wall < INLINE_WALL_S)
 
     def _issue_builds(self) -> None:
