@@ -6,6 +6,7 @@ import pytest
 
 from pipeline.bench import _has_ray, _has_ray_data, _has_spdl, bound, max_rel_diff, roofline
 from pipeline.cli import main
+from pipeline.kernels import spec_for
 
 
 class Tiny:
@@ -132,6 +133,19 @@ def test_roofline_on_cuda_overlaps_copy_and_kernel():
     assert bound(cal, cfg, 4) == (250.0, "kernel on the GPU")
     cal["h2d_s"] = 0.01
     assert bound(cal, cfg, 4) == (100.0, "host-to-device")
+
+
+def test_calibration_takes_each_build_thread_counts_best_try_in_turns(monkeypatch):
+    """The build rate is the best of ``repeat`` tries per thread count, the counts taking turns (a slow
+    moment of a shared machine sets neither the roofline nor the build's scaling)."""
+    from pipeline.bench import calibration
+    from pipeline.runner import make_source, resolve
+    cfg = resolve(None, {"workers": 2, "batches": 4, "rows": 4, "cols": 4, "kernel": "sum"})
+    times = iter([0.5, 0.3, 0.2, 0.6, 0.4, 0.1])  # (1 thread, 2 threads) three times over
+    tried = []
+    monkeypatch.setattr(calibration, "_build_rate", lambda src, t: tried.append(t) or next(times))
+    cal = calibration.calibrate(cfg, spec_for("sum", {}), make_source(cfg.source), [2], [1, 2], repeat=3)
+    assert tried == [1, 2] * 3 and cal["build_s_by_threads"] == {1: 0.2, 2: 0.1} and cal["build_s"] == 0.2
 
 
 def test_build_threads_rows_and_calibration_warning(tmp_path, capsys):

@@ -165,7 +165,8 @@ def run_bench(cfg: Config, modes: list[str], counts: list[int], repeat: int,
         raise ConfigError("--modes ray.data takes one array per batch; this source's batches are tuples or "
                           "dicts of fields: leave ray.data out (the ray mode takes them)")
     # first, on a quiet machine; for images also on one build thread (the decode's scaling: a goal)
-    cal = calibrate(cfg, spec, src, counts, (build_lists or []) + [1] * image_folder or None, procs=procs)
+    cal = calibrate(cfg, spec, src, counts, (build_lists or []) + [1] * image_folder or None, procs=procs,
+                    repeat=repeat)
     ref, serial_time = _serial(cfg, spec, src, repeat)
     rows = []
     tol = 5e-2 if cfg.source.dtype == "float16" else 1e-3

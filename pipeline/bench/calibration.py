@@ -11,14 +11,19 @@ from ..worker import Computer
 
 
 def calibrate(cfg: Config, spec, src, counts: list[int], build_lists: list[int] | None = None, k: int = 4,
-              procs: int = 0) -> dict:
+              procs: int = 0, repeat: int = 1) -> dict:
     """Per-batch seconds of each stage alone, measured here: the main's build on the build threads each
     worker count gets (in parallel, into buffers already faulted in, as slots are; on one thread too for
-    ``procs`` build processes), the kernel on one worker's threads (on CUDA: on a device-resident batch),
-    and host-to-device from pinned memory."""
+    ``procs`` build processes; the best of ``repeat`` tries, the thread counts taking turns: a shared
+    machine's slow moments don't set the roofline, nor one count's), the kernel on one worker's threads
+    (on CUDA: on a device-resident batch), and host-to-device from pinned memory."""
     cuda = _cuda(cfg)
     threads_needed = {_build_threads(cfg, w, cuda, b) for w in counts for b in {0, *(build_lists or [])}}
-    build = {t: _build_rate(src, t) for t in sorted(threads_needed | ({1} if procs else set()))}
+    tries: dict[int, list[float]] = {t: [] for t in sorted(threads_needed | ({1} if procs else set()))}
+    for _ in range(max(1, repeat)):
+        for t, seconds in tries.items():
+            seconds.append(_build_rate(src, t))
+    build = {t: min(seconds) for t, seconds in tries.items()}
     batches = list(src)[:k]
     out = batches[0].array()
     device = devices.choose(cfg.workers.device, 0)
