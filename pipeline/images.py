@@ -212,7 +212,10 @@ def decode(path, resize: int):
         if im.format == "JPEG" and min(im.size) >= 2 * resize:
             im.draft("RGB", (resize, resize))  # DCT scaling: both sides stay >= resize
         im.load()
-        return _rgb(ImageOps.exif_transpose(im), Image)
+        # (in place: without an orientation to apply, as in most files, a copy of the whole decoded image
+        # otherwise, under the GIL; the image stays usable once the with closes its file)
+        ImageOps.exif_transpose(im, in_place=True)
+        return _rgb(im, Image)
 
 
 def resized(wh: tuple, resize: int) -> tuple[int, int]:
