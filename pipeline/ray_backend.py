@@ -709,14 +709,13 @@ class _Run:
                                                      **timings}, None)
             return
         _, index, packed, who = msg
-        if self.faults.on_error == "skip" and not isinstance(packed[0], OutputError):  # a full disk: fatal
+        where = f"batch {index} (ray actor pid {who[1]}, device {who[2]}, node {who[3][:12]})"
+        if isinstance(packed[0], OutputError):  # a full disk: fatal, whatever on_error says
+            raise remote_error(packed, where)
+        if self.faults.on_error == "skip":
             self.fail({"batch": index, "cause": packed[1], "attempts": attempt})
-        elif isinstance(packed[0], OutputError):
-            raise remote_error(packed, f"batch {index} (ray actor pid {who[1]}, device {who[2]}, "
-                                       f"node {who[3][:12]})")
         else:
-            self.failed(index, remote_error(packed, f"batch {index} (ray actor pid {who[1]}, device {who[2]}, "
-                                                    f"node {who[3][:12]})"))
+            self.failed(index, remote_error(packed, where))
 
     def fail(self, record: dict) -> None:
         self.ready[record["batch"]] = Outcome(record["batch"], None, {}, record)
