@@ -36,7 +36,7 @@ from .sources import Batch, MapSource
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 DEFAULT_BATCH = 64
-EXTRA = "pip install 'pipeline[images]'"
+EXTRA = "pip install -e '.[images]'"  # (from a checkout: the package index's `pipeline` is another project)
 
 
 def _is_image(name: str) -> bool:

@@ -180,3 +180,12 @@ def test_plot_written(tmp_path, capsys):
     path = tmp_path / "b.png"
     assert main(["bench", "--quick", "--modes", "serial", "--plot", str(path)]) == 0
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_without_matplotlib_fails_before_the_run(monkeypatch, capsys):
+    """--plot without matplotlib: exit 2 naming [plot] at once, not after the whole bench has run."""
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["bench", "--quick", "--modes", "serial", "--plot", "x.png"]) == 2
+    out, err = capsys.readouterr()
+    assert "pip install -e '.[plot]'" in err and "serial" not in out

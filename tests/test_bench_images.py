@@ -75,3 +75,15 @@ def test_image_modes_need_an_image_folder_and_spdl_io_its_libraries(monkeypatch,
     assert main(["bench", *TINY, "--modes", "serial,spdl.io"]) == 2
     err = capsys.readouterr().err
     assert "spdl.io" in err and "SPDL's decoder" in err and err.strip().count("\n") <= 1
+
+
+def test_image_bench_without_pillow_names_the_extra(tmp_path, monkeypatch, capsys):
+    """bench-images.toml without Pillow: exit 2, one line naming [images], before any image is made."""
+    import sys
+    monkeypatch.setattr(bi, "CACHE", str(tmp_path / "cache"))
+    for m in ("PIL", "PIL.Image", "PIL.ImageOps"):
+        monkeypatch.setitem(sys.modules, m, None)
+    assert main(["bench", *TINY, "--modes", "serial"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install -e '.[images]'" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "cache" / "jpeg-8")

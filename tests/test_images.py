@@ -217,13 +217,13 @@ def test_missing_pillow_and_torchvision_name_the_extra(tmp_path, monkeypatch, ca
     for m in ("PIL", "PIL.Image", "PIL.ImageOps"):
         monkeypatch.setitem(sys.modules, m, None)
     assert main(["run", "--input", str(root), "--workers", "0", "--no-progress"]) == 2
-    assert "pipeline[images]" in capsys.readouterr().err
+    assert "pip install -e '.[images]'" in capsys.readouterr().err
     monkeypatch.undo()
     for m in ("torchvision", "torchvision.models"):
         monkeypatch.setitem(sys.modules, m, None)
     assert main(["run", "--kernel", "torchvision:resnet18", "--workers", "0", "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "torchvision" in err and "pipeline[images]" in err
+    assert "torchvision" in err and "pip install -e '.[images]'" in err
     monkeypatch.undo()
     assert main(["run", "--kernel", "torchvision:nope", "--workers", "0", "--no-progress"]) == 2
     assert "no model 'nope'" in capsys.readouterr().err

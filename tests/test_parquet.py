@@ -326,7 +326,7 @@ def test_without_pyarrow_names_the_extra(tmp_path, monkeypatch, capsys):
         monkeypatch.delitem(sys.modules, m)
     monkeypatch.setattr(builtins, "__import__", no_pyarrow)
     assert main(["run", "--input", p, "--workers", "0", "--no-progress"]) == 2
-    assert "pip install 'pipeline[parquet]'" in capsys.readouterr().err
+    assert "pip install -e '.[parquet]'" in capsys.readouterr().err
 
 
 @pytest.mark.ray_daemons

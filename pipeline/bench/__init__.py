@@ -37,6 +37,7 @@ the breakdown and the plot.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 
@@ -72,6 +73,8 @@ def bench(args, overrides: dict) -> int:
         overrides = {**{k: v for k, v in QUICK.items() if k.split(".")[1] not in overrides}, **overrides}
     overrides.setdefault("progress", False)
     counts = _counts(args, overrides)
+    if getattr(args, "plot", None) and importlib.util.find_spec("matplotlib") is None:  # (before, not after the run)
+        raise ConfigError("--plot needs matplotlib: pip install -e '.[plot]'")
     cfg = resolve(args.config, overrides)
     if cfg.source.kind == "images" and not cfg.source.path:  # the image bench: its own set of JPEGs
         cfg, took = images.image_set(cfg)

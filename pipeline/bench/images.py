@@ -42,7 +42,8 @@ def make_jpegs(root: str, n: int = 256, seed: int = 0, quality: int = 90) -> lis
     """``n`` JPEGs of ImageNet-like sizes (400-640 x 300-480, about 500 x 375) in ``root``, made once and
     deterministically: smooth gradients and rings plus noise, so that they compress like photographs
     rather than like noise or flat colour."""
-    from PIL import Image
+    from ..images import pil
+    Image, _ = pil()
     os.makedirs(root, exist_ok=True)
     paths = [os.path.join(root, f"img-{i:05d}.jpg") for i in range(n)]
     rng = np.random.default_rng(seed)

@@ -46,7 +46,7 @@ from . import PARQUET_EXTS
 
 DEFAULT_BATCH_SIZE = 1024
 CACHE = 4  # row groups kept per process (NOTE [ Row groups ])
-EXTRA = "Parquet needs pyarrow: pip install 'pipeline[parquet]' (or pip install pyarrow)"
+EXTRA = "Parquet needs pyarrow: pip install -e '.[parquet]' (or pip install pyarrow)"
 
 
 def pyarrow():
