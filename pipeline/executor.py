@@ -122,6 +122,8 @@ class LocalExecutor:
     def __init__(self, cfg: Config, spec: KernelSpec):
         self.cfg, self.spec = cfg, spec
         self.ctx = mp.get_context(cfg.workers.start_method)
+        if cfg.workers.start_method == "forkserver":  # the server imports torch once; workers fork from it
+            self.ctx.set_forkserver_preload(["pipeline.worker"])
         self.threads = cfg.threads_per_worker()
         self.workers: list[Handle] = []
         self.history: list[Handle] = []

@@ -24,12 +24,13 @@ STDLIB_HELPERS = ("resource_tracker", "multiprocessing.forkserver")  # long-live
 
 
 def workers_alive() -> list:
-    """Children of this process, less zombies and the stdlib's own helper processes."""
+    """Children of this process, less zombies and the stdlib's own helper processes (direct children: a
+    worker forked by the forkserver has the server's command line, and is the server's child)."""
     kids = []
     for p in psutil.Process().children(recursive=True):
         try:
-            if p.status() != psutil.STATUS_ZOMBIE and not any(h in " ".join(p.cmdline())
-                                                               for h in STDLIB_HELPERS):
+            helper = p.ppid() == os.getpid() and any(h in " ".join(p.cmdline()) for h in STDLIB_HELPERS)
+            if p.status() != psutil.STATUS_ZOMBIE and not helper:
                 kids.append(p)
         except psutil.NoSuchProcess:
             pass

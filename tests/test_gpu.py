@@ -70,6 +70,18 @@ def test_out_of_memory_names_the_device_and_the_worker_carries_on():
 
 
 @pytest.mark.timeout(180)
+def test_forkserver_workers_use_cuda_and_a_crashed_one_is_replaced():
+    """forkserver with torch preloaded in the server (which never touches CUDA): forked workers set up CUDA
+    themselves, a killed one is replaced by another fork, and the results equal the CPU's."""
+    r = pipeline.run(kernel="faulty", workers=2, device="cuda", start_method="forkserver",
+                     **{"kernel.params.crash_on": [1]}, **GPU)
+    assert len(r.summary["restarts"]) == 1
+    assert all(w["device"].startswith("cuda") for w in r.summary["workers"] if w["device"])
+    for a, b in zip(cpu_ref(kernel="sum"), r.results):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.timeout(180)
 def test_sticky_cuda_error_replaces_the_worker():
     """A real device-side assert: the worker is retired and replaced, the batch retried, results right."""
     s = pipeline.run(kernel="faulty", workers=2, device="cuda", **{"kernel.params.sticky_on": [3]}, **GPU).summary

@@ -126,6 +126,39 @@ def test_forkserver_accepted():
     assert a == pipeline.run(kernel="sum", workers=0, **TINY).summary["checksum"]
 
 
+def thread_caps(x):
+    """A kernel that reports the thread cap its worker runs under: torch's, and the environment's."""
+    import os
+    return torch.tensor([torch.get_num_threads(), int(os.environ["OMP_NUM_THREADS"])])
+
+
+def forkservers() -> list:
+    import os
+
+    import psutil
+    return [p for p in psutil.Process().children() if "multiprocessing.forkserver" in " ".join(p.cmdline())
+            and p.ppid() == os.getpid()]
+
+
+@pytest.mark.timeout(120)
+def test_forkserver_preloads_torch_and_workers_keep_their_own_thread_cap():
+    """forkserver: the server imports the worker module (torch) once and workers fork from it; each run's
+    thread cap still reaches its workers (torch's and the environment's), though the server's is the
+    first run's; a worker killed mid-run is replaced by a fork of the same server."""
+    a = pipeline.run(kernel=thread_caps, workers=1, start_method="forkserver", **dict(TINY, threads_per_worker=1))
+    assert [list(x) for x in a.results] == [[1, 1]] * TINY["batches"]
+    servers = forkservers()
+    assert len(servers) == 1
+    with open(f"/proc/{servers[0].pid}/maps") as f:
+        assert "libtorch" in f.read()  # (spawn-started workers import it each; here the server has it)
+    b = pipeline.run(kernel=thread_caps, workers=1, start_method="forkserver", **dict(TINY, threads_per_worker=2))
+    assert [list(x) for x in b.results] == [[2, 2]] * TINY["batches"]
+    c = pipeline.run(kernel="faulty", workers=2, start_method="forkserver", **{"kernel.params.crash_on": [1]},
+                     **TINY)
+    assert len(c.summary["restarts"]) == 1 and forkservers() == servers
+    assert c.summary["checksum"] == pipeline.run(kernel="sum", workers=0, **TINY).summary["checksum"]
+
+
 @pytest.mark.timeout(90)
 def test_no_worker_left_after_run():
     """After run returns, no child process remains."""
