@@ -175,11 +175,16 @@ def choose(spec: str, rank: int) -> torch.device:
     return torch.device(spec)
 
 
+def thread_vars(threads: int) -> dict:
+    """The BLAS/OpenMP thread variables for a cap of ``threads``."""
+    return {k: str(threads) for k in THREAD_VARS}
+
+
 @contextmanager
 def thread_env(threads: int):
     """Set the BLAS/OpenMP thread variables while workers are spawned, so they inherit the cap."""
     saved = {k: os.environ.get(k) for k in THREAD_VARS}
-    os.environ.update({k: str(threads) for k in THREAD_VARS})
+    os.environ.update(thread_vars(threads))
     try:
         yield
     finally:

@@ -248,7 +248,7 @@ def main(rank: int, conn, spec: kernels.KernelSpec, device_spec: str, threads: i
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # born with SIGINT blocked: see executor._sigint_blocked
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     threading.Thread(target=watchdog, args=(main_pid, ring_dir), daemon=True).start()
-    os.environ.update({k: str(threads) for k in devices.THREAD_VARS})  # (forked from a preloaded forkserver,
+    os.environ.update(devices.thread_vars(threads))  # (forked from a preloaded forkserver,
     # the environment is the server's: what this worker imports later reads this run's cap)
     try:
         try:

@@ -31,6 +31,7 @@ def victims() -> list:
             pass
     return out
 
+
 def killer(stop: threading.Event, every: float, rng: random.Random, count: list) -> None:
     while not stop.wait(every * rng.uniform(0.5, 1.5)):
         v = victims()
