@@ -54,7 +54,7 @@ from . import images, peers, ray_modes
 from .calibration import bound, calibrate, roofline  # noqa: F401 - pipeline.bench.calibrate etc., as before
 from .peers import _dataloader, _executor, _has_spdl, _pipeline, _pool, _spdl, _timed  # noqa: F401 - as before the split
 from .ray_modes import _has_ray, _has_ray_data, _ray, _ray_data, _start_ray  # noqa: F401 - as before
-from .report import breakdown_text, machine, plot, table  # noqa: F401 - pipeline.bench.table etc., as before
+from .report import PLOT_EXTRA, breakdown_text, machine, plot, table  # noqa: F401 - pipeline.bench.table etc., as before
 
 RUNNERS = {**peers.RUNNERS, **images.RUNNERS, **ray_modes.RUNNERS}  # mode -> (cfg, spec, src, repeat) -> (results, s, startup, extra)
 MODES = ("serial", *RUNNERS)
@@ -74,7 +74,7 @@ def bench(args, overrides: dict) -> int:
     overrides.setdefault("progress", False)
     counts = _counts(args, overrides)
     if getattr(args, "plot", None) and importlib.util.find_spec("matplotlib") is None:  # (before, not after the run)
-        raise ConfigError("--plot needs matplotlib: pip install -e '.[plot]'")
+        raise ConfigError(PLOT_EXTRA)
     cfg = resolve(args.config, overrides)
     if cfg.source.kind == "images" and not cfg.source.path:  # the image bench: its own set of JPEGs
         cfg, took = images.image_set(cfg)

@@ -75,13 +75,16 @@ def breakdown_text(b: dict) -> str:
     return f"main [{part(main)}] worker [{part(work)}] waits [{part(waits)}]"
 
 
+PLOT_EXTRA = "--plot needs matplotlib: pip install -e '.[plot]'"
+
+
 def plot(report: dict, path: str) -> None:
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ConfigError("--plot needs matplotlib: pip install -e '.[plot]'") from None
+        raise ConfigError(PLOT_EXTRA) from None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     rows = report["results"]
     for mode in dict.fromkeys(r["mode"] for r in rows if r["mode"] != "serial"):
