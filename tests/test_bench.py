@@ -148,6 +148,34 @@ def test_calibration_takes_each_build_thread_counts_best_try_in_turns(monkeypatc
     assert tried == [1, 2] * 3 and cal["build_s_by_threads"] == {1: 0.2, 2: 0.1} and cal["build_s"] == 0.2
 
 
+def test_a_quick_build_is_timed_over_many_builds_from_when_the_threads_all_start():
+    """A tiny batch's build takes microseconds: the calibration times many of them, from a barrier, so
+    that the cost of starting a thread is not taken for the build's (it was: the roofline sat at 4% of
+    what the pipeline then ran at, and the table called the calibration off)."""
+    from pipeline.bench import calibration
+    from pipeline.runner import make_source, resolve
+    src = make_source(resolve(None, {"batches": 50, "rows": 4, "cols": 4}).source)
+    built = []
+    batch = src.batch
+    src.batch = lambda i: built.append(i) or batch(i)
+    seconds = calibration._build_rate(src, 2)
+    assert len(built) > 100 and 0 < seconds < 0.01, (len(built), seconds)
+
+
+def test_a_row_bound_by_its_fixed_cost_says_so():
+    """Far below the roofline, with the main's own work most of a batch's time: the table says what limits."""
+    from pipeline.bench import table
+    row = {"mode": "pipeline", "workers": 2, "batches_per_s": 10_000.0, "roofline_efficiency": 0.14,
+           "roofline_batches_per_s": 70_000.0, "limiting_stage": "main build (2 threads)",
+           "mb_per_s": 10.0, "speedup_vs_serial": 0.5, "startup_s": 2.0, "max_rel_diff_vs_serial": 0.0,
+           "breakdown_ms_per_batch": {"build_ms": 0.03, "dispatch_ms": 0.01, "receive_ms": 0.02}}
+    report = {"machine": {"cpus": 2, "devices": ["cpu"], "torch": "x", "python": "3"}, "results": [row],
+              "calibration": {"batch_bytes": 1024, "build_s_by_threads": {"2": 1e-5}}}
+    assert "60 us of it the main's own work" in table(report)
+    row["breakdown_ms_per_batch"] = {"build_ms": 0.01, "dispatch_ms": 0.005, "receive_ms": 0.005}
+    assert "main's own work" not in table(report)
+
+
 def test_build_threads_rows_and_calibration_warning(tmp_path, capsys):
     """--build-threads-list gives a pipeline row per build-thread count; a row above the roofline is flagged."""
     path = tmp_path / "b.json"

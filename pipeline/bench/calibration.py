@@ -34,12 +34,14 @@ def calibrate(cfg: Config, spec, src, counts: list[int], build_lists: list[int] 
             x = fields.map_fields(lambda a: torch.from_numpy(a).to(device), out)
             computer.kernel(x)  # warm-up: lazy weights, allocator
             _sync(device)
-            t0 = time.perf_counter()
-            for b in batches:
-                kernels.current.update(index=b.index, attempt=1)
-                computer.kernel(x)
+            t0, calls = time.perf_counter(), 0
+            while not calls or (time.perf_counter() - t0 < 0.01 and calls < 1000):  # (quick kernels: more
+                for b in batches:  # calls, so that the clock's resolution and one slow call don't decide)
+                    kernels.current.update(index=b.index, attempt=1)
+                    computer.kernel(x)
+                calls += len(batches)
             _sync(device)
-            per_worker[threads] = (time.perf_counter() - t0) / len(batches)
+            per_worker[threads] = (time.perf_counter() - t0) / calls
     h2d = None
     if device.type == "cuda":
         xs = [torch.from_numpy(a).pin_memory() for a in fields.flatten(out)]
@@ -72,25 +74,36 @@ def _build_threads(cfg: Config, workers: int, cuda: bool, build_threads: int = 0
     return min(c.build_threads(cuda), c.in_flight(cuda))
 
 
-def _build_rate(src, threads: int, per: int = 3) -> float:
+def _build_rate(src, threads: int, per: int = 3, least_s: float = 0.01) -> float:
     """Seconds per batch of the main's build on ``threads`` threads at once (each into its own buffer,
     faulted in first, as a slot that is reused): the build stage's cost per batch at that parallelism. A
-    batch known only once built (a collate) is built apart, as the build threads do before their copy."""
+    batch known only once built (a collate) is built apart, as the build threads do before their copy.
+    Each thread builds ``per`` batches, more for quick ones (``least_s`` of builds at least), timed from
+    when they all start: a tiny batch's build is not measured as the cost of starting a thread."""
     import threading
     n = len(src)
     bufs = [src.batch(i % n).array() for i in range(threads)]
 
-    def fill(t):
-        for j in range(per):
-            b = src.batch((t * per + j) % n)
-            if b.fill is None:
-                b.produce()
-            else:
-                b.fill(bufs[t])
-    workers = [threading.Thread(target=fill, args=(t,)) for t in range(threads)]
+    def build(t: int, i: int) -> None:
+        b = src.batch(i % n)
+        if b.fill is None:
+            b.produce()
+        else:
+            b.fill(bufs[t])
     t0 = time.perf_counter()
+    build(0, 0)
+    per = max(per, min(10_000, int(least_s / max(time.perf_counter() - t0, 1e-7))))
+    go = threading.Barrier(threads + 1)
+
+    def fill(t):
+        go.wait()
+        for j in range(per):
+            build(t, t * per + j)
+    workers = [threading.Thread(target=fill, args=(t,)) for t in range(threads)]
     for w in workers:
         w.start()
+    go.wait()
+    t0 = time.perf_counter()
     for w in workers:
         w.join()
     return (time.perf_counter() - t0) / (threads * per)

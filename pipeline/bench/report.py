@@ -57,6 +57,14 @@ def table(report: dict) -> str:
                      f"mean {a['mean_abs']}; rows with another decoder agree within {im['decode_tolerance']:g}")
         lines += [f"goal {k:<16}{v['measured']:>7.2f}  (>= {v['goal']})  {'met' if v['met'] else 'MISSED'}"
                   for k, v in im["goals"].items()]
+    for r in report["results"]:  # tiny batches: the roofline's stages are not what limits
+        b, eff = r.get("breakdown_ms_per_batch") or {}, r.get("roofline_efficiency")
+        own = sum(b.get(k, 0.0) for k in ("build_ms", "dispatch_ms", "receive_ms")) / 1000
+        if r["mode"] == "pipeline" and eff and eff < 0.5 and r["batches_per_s"] and own * r["batches_per_s"] > 0.5:
+            lines.append(f"note: pipeline x{r['workers']} ran at {eff:.0%} of the roofline: a batch took "
+                         f"{1e6 / r['batches_per_s']:.0f} us, {own * 1e6:.0f} us of it the main's own work (build, "
+                         f"dispatch, receive): batches this small are bounded by their fixed cost, which the "
+                         f"stages measured alone leave out; larger batches (--rows) spread it")
     off = [r for r in report["results"] if r.get("calibration_off")]
     for r in off:
         lines.append(f"warning: {r['mode']} x{r['workers']} ran at {r['roofline_efficiency']:.0%} of the roofline: "
