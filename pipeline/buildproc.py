@@ -38,7 +38,7 @@ from typing import Callable
 from . import devices, outputs
 from .builders import Built, Builders
 from .errors import WorkerError, pack_error
-from .handoff import Descriptor, SlotReader, _alive, remove_stale, watchdog
+from .handoff import Descriptor, SlotReader, main_gone, remove_stale, watchdog
 
 
 def main(rank: int, conn, payload: bytes, ring_path: str, slot_bytes: int, threads: int, main_pid: int,
@@ -82,7 +82,7 @@ def main(rank: int, conn, payload: bytes, ring_path: str, slot_bytes: int, threa
                 builders.submit(slot, index)
         builders.close()
     except (EOFError, OSError):  # the main is gone
-        if not _alive(main_pid) or os.getppid() == 1:
+        if main_gone(main_pid):
             remove_stale(ring_dir, dead=main_pid)
 
 
@@ -128,15 +128,15 @@ class BuildProcesses:
             self.procs.append(self._spawn(r))
 
     def _spawn(self, rank: int) -> _Proc:
-        from .executor import _no_phantom_main_file, _sigint_blocked
+        from .executor import _no_phantom_main_file, start_deaf
         parent, child = self._ctx.Pipe(duplex=True)
         out = self._relay.pipe()
         p = self._ctx.Process(target=main, name=f"pipeline-builder-{rank}", daemon=True,
                               args=(rank, child, self._payload, self._ring.path, self._ring.slot_bytes,
                                     self.per_process, os.getpid(), self._ring_dir, out))
         try:
-            with devices.thread_env(self.per_process), _no_phantom_main_file(), _sigint_blocked():
-                p.start()
+            with devices.thread_env(self.per_process), _no_phantom_main_file():
+                start_deaf(self._ctx, p)
         finally:
             out.close()
         child.close()

@@ -189,8 +189,8 @@ class LocalExecutor:
                   self.status.path if self.status is not None else None),
         )
         try:
-            with devices.thread_env(self.threads), _no_phantom_main_file(), _sigint_blocked():
-                p.start()
+            with devices.thread_env(self.threads), _no_phantom_main_file():
+                start_deaf(self.ctx, p)
         finally:
             out.close()  # the child holds its own copy: the relay sees EOF when the child exits
         child.close()
@@ -1111,6 +1111,20 @@ def _sigint_blocked():
         if handler is not None:
             signal.signal(signal.SIGINT, handler)
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def start_deaf(ctx, p) -> None:
+    """Start child ``p`` deaf to SIGINT (``_sigint_blocked``). Under forkserver only the server's own start
+    is: a child's start waits until the server has imported what it preloads (torch: seconds, the first
+    time), and a Ctrl-C meanwhile is the main's (ignored there, it was lost, and the run went on)."""
+    if ctx.get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+        with _sigint_blocked():
+            forkserver.ensure_running()
+        p.start()
+        return
+    with _sigint_blocked():
+        p.start()
 
 
 @contextmanager

@@ -395,10 +395,28 @@ def _size(n: int) -> str:
 
 
 def _alive(pid: int) -> bool:
+    """Process ``pid`` runs (a zombie does not: it died and waits for its parent to reap it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def main_gone(pid: int, wait: float = 1.0) -> bool:
+    """A child's pipe to the main broke: whether the main ``pid`` is gone, looked at for ``wait`` s (a dying
+    process closes its pipes a moment before it is a zombie). Its parent is no sign: a forkserver's
+    workers are the server's children, and the server may outlive the main by a moment."""
+    import time
+    deadline = time.monotonic() + wait
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
     return True

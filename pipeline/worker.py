@@ -26,7 +26,9 @@ NOTE [ Shutdown ]
 Workers ignore SIGINT: Ctrl-C reaches the whole process group, and the main decides what happens (stop
 handing out work, stop the workers, clean up). A watchdog thread checks twice a second that the main is
 alive, as PyTorch's DataLoader workers do; if it died (even by SIGKILL, which no ``daemon`` flag covers)
-the worker unlinks the main's shared-memory rings and exits, also when a kernel is stuck.
+the worker unlinks the main's shared-memory rings and exits, also when a kernel is stuck. A worker whose
+pipe to the main breaks does the same once the main is gone (a zombie counts: a SIGKILLed main is one
+until its parent reaps it), whatever its own parent: under forkserver that is the server, not the main.
 """
 from __future__ import annotations
 
@@ -44,7 +46,7 @@ import torch
 
 from . import decoding, devices, fields, kernels, outputs
 from .errors import pack_error  # noqa: F401 - pipeline.worker.pack_error, as before
-from .handoff import Descriptor, SlotReader, _alive, remove_stale, watchdog
+from .handoff import Descriptor, SlotReader, main_gone, remove_stale, watchdog
 
 HOLD_S = 0.001  # NOTE [ Small batches ]: a quick result waits at most this long for others to share a send
 HOLD_BYTES = 64 << 10  # held results are sent once they add up to more than this
@@ -264,7 +266,7 @@ def main(rank: int, conn, spec: kernels.KernelSpec, device_spec: str, threads: i
         conn.send(("ready", os.getpid(), str(device)))
         _loop(rank, conn, computer, words)
     except (EOFError, OSError):  # the pipe broke: if the main is gone, leave nothing behind
-        if not _alive(main_pid) or os.getppid() == 1:
+        if main_gone(main_pid):
             remove_stale(ring_dir, dead=main_pid)
 
 

@@ -24,12 +24,30 @@ STDLIB_HELPERS = ("resource_tracker", "multiprocessing.forkserver")  # long-live
 
 
 def workers_alive() -> list:
-    """Children of this process, less zombies and the stdlib's own helper processes (direct children: a
-    worker forked by the forkserver has the server's command line, and is the server's child)."""
-    kids = []
-    for p in psutil.Process().children(recursive=True):
+    """Children of this process, less zombies and the stdlib's own helper processes."""
+    return workers_of(os.getpid())
+
+
+def descendants(pid: int) -> list:
+    """Every live process under process ``pid``, the stdlib's helpers included."""
+    out = []
+    for p in psutil.Process(pid).children(recursive=True):
         try:
-            helper = p.ppid() == os.getpid() and any(h in " ".join(p.cmdline()) for h in STDLIB_HELPERS)
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def workers_of(pid: int) -> list:
+    """Worker and build processes under process ``pid``, whatever the start method: its live descendants,
+    less the stdlib's helpers (the forkserver and the resource tracker: direct children whose command line
+    names them; a worker forked by the forkserver has the server's command line, and is the server's child)."""
+    kids = []
+    for p in psutil.Process(pid).children(recursive=True):
+        try:
+            helper = p.ppid() == pid and any(h in " ".join(p.cmdline()) for h in STDLIB_HELPERS)
             if p.status() != psutil.STATUS_ZOMBIE and not helper:
                 kids.append(p)
         except psutil.NoSuchProcess:

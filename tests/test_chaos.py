@@ -1,4 +1,5 @@
 """Chaos: workers killed at random, while they compute and while they start, change nothing but the time."""
+import os
 import random
 import signal
 import threading
@@ -8,23 +9,10 @@ import psutil
 import pytest
 
 import pipeline
-from conftest import ours
+from conftest import ours, workers_of
 
 RUN = dict(kernel="faulty", batches=480, rows=16, cols=8, progress=False, threads_per_worker=1,
            **{"kernel.params.sleep": 0.01})
-
-
-def workers_of_this_process() -> list:
-    """Live spawn workers (and build processes) of this test process, not the stdlib's helpers."""
-    out = []
-    for p in psutil.Process().children(recursive=True):
-        try:
-            cmd = " ".join(p.cmdline())
-            if "multiprocessing.spawn" in cmd and p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return out
 
 
 class Killer(threading.Thread):
@@ -40,7 +28,7 @@ class Killer(threading.Thread):
         if self.done.wait(self.after):
             return
         while self.left and not self.done.wait(self.every * self.rng.uniform(0.5, 1.5)):
-            victims = workers_of_this_process()
+            victims = workers_of(os.getpid())  # (workers and build processes)
             if victims:
                 try:
                     self.rng.choice(victims).send_signal(signal.SIGKILL)
@@ -51,16 +39,17 @@ class Killer(threading.Thread):
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("seed, after", [(1, 0.0), (2, 3.0)])
-def test_random_kills_every_third_of_a_second_change_nothing(seed, after):
+@pytest.mark.parametrize("seed, after, method", [(1, 0.0, "spawn"), (2, 3.0, "spawn"), (3, 0.0, "forkserver")])
+def test_random_kills_every_third_of_a_second_change_nothing(seed, after, method):
     """A kill every ~0.3 s (ten in all) from the start, or once workers compute (their replacements are
-    killed while starting too): the clean run's checksum, nothing failed, nothing left behind."""
+    killed while starting too), under spawn and forkserver: the clean run's checksum, nothing failed,
+    nothing left behind."""
     clean = pipeline.run(workers=0, **RUN).summary["checksum"]
     killer = Killer(every=0.3, kills=10, seed=seed, after=after)
     t0 = time.monotonic()
     killer.start()
     try:
-        s = pipeline.run(workers=3, max_attempts=10, **RUN).summary
+        s = pipeline.run(workers=3, max_attempts=10, start_method=method, **RUN).summary
     finally:
         killer.done.set()
         killer.join()

@@ -16,7 +16,7 @@ from pipeline.errors import SampleError
 from pipeline.fields import Layout
 from pipeline.handoff import SlotRing
 from pipeline.sources import MapSource, is_map_style
-from conftest import ours
+from conftest import ours, workers_of
 
 FAST = dict(progress=False, threads_per_worker=1)
 
@@ -378,7 +378,6 @@ def test_ctrl_c_while_build_processes_load_the_dataset():
     to finish), one line, no process or shared memory left."""
     import subprocess
     import sys
-    import psutil
     from test_executor import ROOT, _sigint_default, assert_gone, wait_running
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]))
     p = subprocess.Popen([sys.executable, "-m", "pipeline", "run", "--source", "test_datasets:slow_in_a_child",
@@ -388,10 +387,10 @@ def test_ctrl_c_while_build_processes_load_the_dataset():
                          preexec_fn=_sigint_default)
     wait_running(p)
     deadline = time.monotonic() + 30  # until the worker is up and both build processes are loading
-    while len([c for c in psutil.Process(p.pid).children() if "spawn_main" in " ".join(c.cmdline())]) < 3:
+    while len(workers_of(p.pid)) < 3:
         assert time.monotonic() < deadline and p.poll() is None
         time.sleep(0.1)
-    children = [c for c in psutil.Process(p.pid).children() if "spawn_main" in " ".join(c.cmdline())]
+    children = workers_of(p.pid)
     time.sleep(1.0)
     t0 = time.monotonic()
     os.killpg(p.pid, signal.SIGINT)

@@ -11,7 +11,7 @@ import pytest
 
 import pipeline
 from pipeline.handoff import PREFIX, SHM_DIR
-from conftest import TINY
+from conftest import TINY, descendants, workers_of
 
 ROOT = Path(__file__).resolve().parent.parent
 SIX = dict(TINY, batches=6)
@@ -87,32 +87,58 @@ def _sigint_default():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def wait_running(p, timeout=60):
-    """Until the run's shared-memory ring exists (workers are up and computing); returns its workers."""
+def wait_running(p, timeout=60, workers=1):
+    """Until the run's shared-memory ring exists and ``workers`` of its workers are up (computing); returns
+    its workers. (A forkserver's workers are forked a moment after the ring is made.) The run is killed if
+    it never gets there."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(n.startswith(f"{PREFIX}{p.pid}-") for n in os.listdir(SHM_DIR)):
-            time.sleep(0.5)
-            return [c for c in psutil.Process(p.pid).children() if "spawn_main" in " ".join(c.cmdline())]
-        assert p.poll() is None, p.communicate()
-        time.sleep(0.1)
-    raise AssertionError("run never started")
+    try:
+        while time.monotonic() < deadline:
+            if any(n.startswith(f"{PREFIX}{p.pid}-") for n in os.listdir(SHM_DIR)):
+                if len(workers_of(p.pid)) >= workers:
+                    time.sleep(0.5)
+                    return workers_of(p.pid)
+            assert p.poll() is None, p.communicate()
+            time.sleep(0.1)
+        raise AssertionError("run never started")
+    except BaseException:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+        raise
+
+
+def _running(p) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def assert_gone(pid, workers, within=5.0):
-    gone, alive = psutil.wait_procs(workers, timeout=within)
-    assert not alive, f"workers still alive {within} s later: {alive}"
+    """``workers`` (processes of the main's: its workers, or all it started) end within ``within`` s, and no
+    segment of the main's is left."""
+    deadline = time.monotonic() + within
+    while True:  # (a zombie is gone: the orphan's reaper here may be a pid 1 that does not reap)
+        alive = [w for w in workers if _running(w)]
+        if not alive or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert not alive, f"still alive {within} s later: {alive}"
     assert not [n for n in os.listdir(SHM_DIR) if n.startswith(f"{PREFIX}{pid}-")], "segment left"
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"),
                                              (signal.SIGTERM, 143, "terminated")])
-def test_ctrl_c_and_sigterm(sig, code, word):
-    """Ctrl-C (SIGINT to the whole process group) or SIGTERM: exit 130/143 within 5 s, one line, no leftovers."""
-    p = start_cli()
-    workers = wait_running(p)
+def test_ctrl_c_and_sigterm(sig, code, word, method):
+    """Ctrl-C (SIGINT to the whole process group) or SIGTERM: exit 130/143 within 5 s, one line, no leftovers
+    (under forkserver too: its workers are the server's children, and the server goes as well)."""
+    p = start_cli("--start-method", method)
+    workers = wait_running(p, workers=2)
     assert len(workers) == 2
+    tree = descendants(p.pid)  # (the workers, and the forkserver and resource tracker: all must go)
     t0 = time.monotonic()
     if sig == signal.SIGINT:
         os.killpg(p.pid, sig)  # what a terminal's Ctrl-C does
@@ -121,17 +147,21 @@ def test_ctrl_c_and_sigterm(sig, code, word):
     out, err = p.communicate(timeout=30)
     assert time.monotonic() - t0 < 5
     assert p.returncode == code and word in err and "Traceback" not in err and err.count("\n") == 1
-    assert_gone(p.pid, workers, within=1)
+    assert_gone(p.pid, tree, within=1)
 
 
 @pytest.mark.timeout(120)
-def test_dead_parent_workers_exit_and_unlink():
-    """The main SIGKILLed: every worker exits by itself within 5 s and removes the segment."""
-    p = start_cli()
-    workers = wait_running(p)
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_dead_parent_workers_exit_and_unlink(method):
+    """The main SIGKILLed: every worker exits by itself within 5 s and removes the segment (the forkserver
+    too: nothing of the run outlives its main)."""
+    p = start_cli("--start-method", method)
+    workers = wait_running(p, workers=2)
+    assert len(workers) == 2
+    tree = descendants(p.pid)
     p.kill()
     p.communicate()
-    assert_gone(p.pid, workers, within=5)
+    assert_gone(p.pid, tree, within=5)
 
 
 @pytest.mark.timeout(120)
@@ -158,6 +188,41 @@ def test_ctrl_c_while_starting(delay):
     # not found yet) death by SIGINT after the one line, which a shell reports as the same status 130
     assert p.returncode in (130, -signal.SIGINT), (p.returncode, err)
     assert "Traceback" not in err and err.strip().count("\n") == 0 and "interrupted" in err, err
+
+
+def _forkserver_of(pid):
+    for c in descendants(pid):
+        try:
+            if "multiprocessing.forkserver" in " ".join(c.cmdline()):
+                return c
+        except psutil.NoSuchProcess:
+            pass
+    return None
+
+
+@pytest.mark.timeout(120)
+def test_ctrl_c_while_the_forkserver_imports_torch():
+    """Under forkserver the main's first worker start waits while the server imports torch (seconds here): a
+    Ctrl-C then is the main's (it was ignored there, and the run went on). Exit 130, one line, no
+    traceback, and the server goes too."""
+    p = start_cli("--start-method", "forkserver")
+    deadline = time.monotonic() + 60
+    server = _forkserver_of(p.pid)
+    while server is None:
+        assert time.monotonic() < deadline and p.poll() is None, p.communicate()
+        time.sleep(0.05)
+        server = _forkserver_of(p.pid)
+    time.sleep(0.1)
+    os.killpg(p.pid, signal.SIGINT)
+    try:
+        out, err = p.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        raise AssertionError("Ctrl-C was lost: the run went on") from None
+    assert p.returncode in (130, -signal.SIGINT), (p.returncode, err)  # (see test_ctrl_c_while_starting)
+    assert "Traceback" not in err and err.strip().count("\n") == 0 and "interrupted" in err, err
+    assert_gone(p.pid, [server], within=5)
 
 
 @pytest.mark.timeout(120)
