@@ -9,6 +9,7 @@ from pipeline.config import parse_value
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.spawn  # (the default itself)
 def test_defaults_match_default_toml():
     """configs/default.toml holds exactly the built-in defaults."""
     assert load_config(ROOT / "configs" / "default.toml") == Config()
