@@ -1,4 +1,5 @@
 """Parallel build, the ordered bounded stream (imap), warm Pipelines, slot safety."""
+import os
 import subprocess
 import sys
 import threading
@@ -168,8 +169,14 @@ def test_warm_pipeline_after_an_early_break_and_an_error():
 class SlowFirst:
     """Batch 0 takes ``sleep`` seconds; every batch in ``fail`` raises at once."""
 
-    def setup(self, device, sleep=0.5, fail=()):
+    def setup(self, device, sleep=0.5, fail=(), together="", workers=2):
         self.sleep, self.fail = sleep, set(fail)
+        if together:  # every worker is ready at about the same time (spawned ones start seconds apart on a
+            import glob  # loaded machine: one alone would compute batch 0 before anything could fail)
+            open(f"{together}-{os.getpid()}", "w").close()
+            deadline = time.monotonic() + 60
+            while len(glob.glob(f"{together}-*")) < workers and time.monotonic() < deadline:
+                time.sleep(0.01)
 
     def __call__(self, x):
         i = kernels.current["index"]
@@ -181,7 +188,7 @@ class SlowFirst:
 
 
 @pytest.mark.timeout(120)
-def test_in_order_a_failed_batch_comes_after_the_batches_before_it():
+def test_in_order_a_failed_batch_comes_after_the_batches_before_it(tmp_path):
     """on_error = fail, in order: the batches before the failed one are all handed over, then its error is
     raised (the earliest failed batch's, whichever failed first), however long a batch before it takes."""
     got = []
@@ -193,7 +200,8 @@ def test_in_order_a_failed_batch_comes_after_the_batches_before_it():
     done = []  # as done: the first failure ends the stream at once
     with pytest.raises(RuntimeError, match=r"batch \d fails"):
         for i, r in pipeline.imap(kernel=SlowFirst, workers=2, batches=8, rows=16, cols=8, progress=False,
-                                  ordered=False, **{"kernel.params.fail": list(range(1, 8))}):
+                                  ordered=False, **{"kernel.params.fail": list(range(1, 8)),
+                                                    "kernel.params.together": str(tmp_path / "ready")}):
             done.append(i)
     assert done == []
 
