@@ -243,6 +243,22 @@ def _terminate(signum, frame):
     raise Interrupted(signum)
 
 
+def import_torch() -> None:
+    """Import torch with Ctrl-C held until it is done, then raised: a KeyboardInterrupt raised inside
+    torch's pybind11 module set-up aborts the process ("terminate called after throwing an instance of
+    'pybind11::error_already_set'", SIGABRT) instead of the one line and exit 130."""
+    if "torch" in sys.modules:
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        import torch  # noqa: F401
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -251,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
+        import_torch()
         return int(args.func(args))
     except KeyboardInterrupt:
         print("pipeline: interrupted; workers stopped", file=sys.stderr)

@@ -190,6 +190,23 @@ def test_ctrl_c_while_starting(delay):
     assert "Traceback" not in err and err.strip().count("\n") == 0 and "interrupted" in err, err
 
 
+@pytest.mark.timeout(120)
+def test_ctrl_c_while_torch_imports_is_held_until_the_import_is_done():
+    """A KeyboardInterrupt inside torch's module set-up aborts the process (pybind11: 'terminate called
+    after throwing an instance of pybind11::error_already_set', exit -6; seen on a Ctrl-C 0.8 s after the
+    CLI started): the CLI imports torch with Ctrl-C held, then raises it, and exits 130 as always."""
+    code = ("import os, signal, sys, threading\n"
+            "from pipeline import cli\n"
+            "threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()\n"
+            "try:\n"
+            "    cli.import_torch()\n"
+            "except KeyboardInterrupt:\n"
+            "    print('held', hasattr(sys.modules.get('torch'), 'Tensor'))\n")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=100,
+                       preexec_fn=_sigint_default)
+    assert p.returncode == 0 and p.stdout.strip() == "held True", (p.returncode, p.stdout, p.stderr[-500:])
+
+
 def _forkserver_of(pid):
     for c in descendants(pid):
         try:
