@@ -38,7 +38,7 @@ from typing import Callable
 from . import devices, outputs
 from .builders import Built, Builders
 from .errors import WorkerError, pack_error
-from .handoff import Descriptor, SlotReader, main_gone, remove_stale, watchdog
+from .handoff import Descriptor, SlotReader, pipe_broke, watchdog
 
 
 def main(rank: int, conn, payload: bytes, ring_path: str, slot_bytes: int, threads: int, main_pid: int,
@@ -82,8 +82,7 @@ def main(rank: int, conn, payload: bytes, ring_path: str, slot_bytes: int, threa
                 builders.submit(slot, index)
         builders.close()
     except (EOFError, OSError):  # the main is gone
-        if main_gone(main_pid):
-            remove_stale(ring_dir, dead=main_pid)
+        pipe_broke(main_pid, ring_dir)
 
 
 class _Ring:

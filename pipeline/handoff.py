@@ -409,14 +409,15 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def main_gone(pid: int, wait: float = 1.0) -> bool:
-    """A child's pipe to the main broke: whether the main ``pid`` is gone, looked at for ``wait`` s (a dying
-    process closes its pipes a moment before it is a zombie). Its parent is no sign: a forkserver's
-    workers are the server's children, and the server may outlive the main by a moment."""
+def pipe_broke(main_pid: int, ring_dir: str, wait: float = 1.0) -> None:
+    """A child's pipe to the main broke: if the main is gone, unlink its rings (and any other dead main's).
+    Looked at for ``wait`` s: a dying process closes its pipes a moment before it is a zombie. The child's
+    parent is no sign: a forkserver's workers are the server's children, and the server may outlive the
+    main by a moment."""
     import time
     deadline = time.monotonic() + wait
-    while _alive(pid):
+    while _alive(main_pid):
         if time.monotonic() > deadline:
-            return False
+            return
         time.sleep(0.02)
-    return True
+    remove_stale(ring_dir, dead=main_pid)

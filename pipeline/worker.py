@@ -46,7 +46,7 @@ import torch
 
 from . import decoding, devices, fields, kernels, outputs
 from .errors import pack_error  # noqa: F401 - pipeline.worker.pack_error, as before
-from .handoff import Descriptor, SlotReader, main_gone, remove_stale, watchdog
+from .handoff import Descriptor, SlotReader, pipe_broke, watchdog
 
 HOLD_S = 0.001  # NOTE [ Small batches ]: a quick result waits at most this long for others to share a send
 HOLD_BYTES = 64 << 10  # held results are sent once they add up to more than this
@@ -266,8 +266,7 @@ def main(rank: int, conn, spec: kernels.KernelSpec, device_spec: str, threads: i
         conn.send(("ready", os.getpid(), str(device)))
         _loop(rank, conn, computer, words)
     except (EOFError, OSError):  # the pipe broke: if the main is gone, leave nothing behind
-        if main_gone(main_pid):
-            remove_stale(ring_dir, dead=main_pid)
+        pipe_broke(main_pid, ring_dir)
 
 
 def _loop(rank: int, conn, computer: Computer, words=None) -> None:

@@ -44,15 +44,12 @@ def workers_of(pid: int) -> list:
     """Worker and build processes under process ``pid``, whatever the start method: its live descendants,
     less the stdlib's helpers (the forkserver and the resource tracker: direct children whose command line
     names them; a worker forked by the forkserver has the server's command line, and is the server's child)."""
-    kids = []
-    for p in psutil.Process(pid).children(recursive=True):
+    def helper(p) -> bool:
         try:
-            helper = p.ppid() == pid and any(h in " ".join(p.cmdline()) for h in STDLIB_HELPERS)
-            if p.status() != psutil.STATUS_ZOMBIE and not helper:
-                kids.append(p)
+            return p.ppid() == pid and any(h in " ".join(p.cmdline()) for h in STDLIB_HELPERS)
         except psutil.NoSuchProcess:
-            pass
-    return kids
+            return True  # (gone meanwhile)
+    return [p for p in descendants(pid) if not helper(p)]
 
 
 def ours() -> set[str]:
