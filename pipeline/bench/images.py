@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from .. import devices
-from ..images import ImageSource, crop_at, resized  # noqa: F401 - pipeline.bench.images.ImageSource
+from ..images import ImageSource, crop_at, fit, resized  # noqa: F401 - pipeline.bench.images.ImageSource
 from ..runner import make_source
 from ..worker import Computer
 
@@ -177,12 +177,7 @@ class _SpdlFolder:
 def _ray_transform(row: dict, size: int, resize: int, nchw: bool, index: dict, labels) -> dict:
     """Ray Data's ``map``: the decoded image (RGB) resized and cropped as ``images.load`` does."""
     from PIL import Image
-    im = Image.fromarray(row["image"])
-    (w, h), (nw, nh) = im.size, resized(im.size, resize)
-    if (nw, nh) != (w, h):
-        im = im.resize((nw, nh), Image.BILINEAR)
-    left, top = crop_at((nw, nh), size)
-    img = np.asarray(im.crop((left, top, left + size, top + size)))
+    img = np.asarray(fit(Image.fromarray(row["image"]), size, resize))
     i = index[row["path"]]
     out = {"image": img.transpose(2, 0, 1) if nchw else img, "index": np.int64(i)}
     if labels is not None:
