@@ -7,6 +7,7 @@ from, so that a bad one is reported as ``source.rows = -1 (from --rows): must be
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import tempfile
@@ -235,8 +236,12 @@ def _build(base: dict[str, Any], values: Mapping[str, tuple[Any, str]]) -> Confi
         elif key in KEYS:
             flat[key] = (value, where)
         else:
-            close = [k for k in KEYS if k.split(".")[1] == key.split(".")[-1]]
-            hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(KEYS)})"
+            close = ([k for k in KEYS if k.split(".")[1] == key.split(".")[-1]]  # the wrong section
+                     or difflib.get_close_matches(key, KEYS, n=1, cutoff=0.8))  # a typo
+            same = [k for k in KEYS if k.startswith(f"{section}.")]
+            hint = (f" (did you mean {close[0]}?)" if close else
+                    f" (known in [{section}]: {', '.join(same)})" if same else
+                    f" (the sections are {', '.join(sorted({k.split('.')[0] for k in KEYS}))})")
             raise ConfigError(f"{where}: unknown key '{key}'{hint}")
     sections: dict[str, dict] = {s: {} for s in _SECTION_CLASSES}
     for key, (value, where) in flat.items():

@@ -31,7 +31,9 @@ def test_file_then_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("text, fragment", [
-    ("[source]\nrowz = 1\n", "unknown key 'source.rowz'"),
+    ("[source]\nrowz = 1\n", "unknown key 'source.rowz' (did you mean source.rows?)"),
+    ("[workers]\nrows = 1\n", "unknown key 'workers.rows' (did you mean source.rows?)"),
+    ("[source]\nfoo = 1\n", "unknown key 'source.foo' (known in [source]: source.kind,"),
     ("[sauce]\nrows = 1\n", "unknown section [sauce]"),
     ("[source]\nrows = 'ten'\n", "source.rows = 'ten'"),
     ("[source]\nrows = 0\n", "must be >= 1"),
