@@ -65,6 +65,33 @@ def test_sizes_crop_and_layout_nchw_match_torchvision(tmp_path):
     np.testing.assert_array_equal(n.get(0)["image"], b["image"].transpose(0, 3, 1, 2))
 
 
+@pytest.mark.parametrize("wh, size, resize", [
+    ((61, 45), 32, 37),    # downscaled: the window alone is resampled
+    ((12, 9), 16, 20),     # upscaled
+    ((40, 28), 24, 28),    # the shorter side already R: a crop only
+    ((30, 50), 24, 16),    # R < S: the crop is larger than the image, zeros around it
+    ((45, 61), 32, 32),    # R = S: the window spans the whole width (its right edge clamped to the image)
+    ((331, 17), 16, 16),   # the same on the other side, a long image
+])
+def test_fit_is_resize_then_centre_crop(wh, size, resize):
+    """``fit`` (the crop's window resampled) gives Resize(R) + CenterCrop(S)'s pixels to within one level,
+    its size always S x S, and where nothing needs resampling exactly Pillow's resize and crop."""
+    from pipeline.images import crop_at, fit, resized
+    rng = np.random.default_rng(sum(wh))
+    y, x = np.mgrid[0:wh[1], 0:wh[0]]
+    smooth = (128 + 100 * np.sin(x / 5.0)[..., None] * np.cos(y / 7.0)[..., None] + rng.normal(0, 8, (wh[1], wh[0], 3)))
+    im = Image.fromarray(np.clip(smooth, 0, 255).astype(np.uint8))
+    nw, nh = resized(im.size, resize)
+    left, top = crop_at((nw, nh), size)
+    whole = np.asarray(im.resize((nw, nh), Image.BILINEAR).crop((left, top, left + size, top + size)))
+    got = np.asarray(fit(im, size, resize))
+    assert got.shape == (size, size, 3)
+    np.testing.assert_allclose(got, whole, rtol=0, atol=1)
+    assert (got == whole).mean() > 0.6  # noise in a tiny image: up to a quarter one level off
+    if (nw, nh) == im.size or left < 0 or top < 0:
+        np.testing.assert_array_equal(got, whole)
+
+
 def test_large_jpeg_is_decoded_at_reduced_scale_with_the_same_rules(tmp_path, monkeypatch):
     """A JPEG >= 2R on its shorter side is drafted (DCT-scaled) and still gives S x S, close to a full decode."""
     y, x = np.mgrid[0:240, 0:320]
