@@ -69,7 +69,9 @@ def decode(batch: dict, device: torch.device, index: int = -1) -> tuple[dict, di
                 failed[i] = f"{type(e).__name__}: {e}"
     if failed and valid is None:
         i = min(failed)
-        raise SampleError(f"sample {int(batch['index'][i])} (batch {index}): file {names[i]}: {failed[i]}")
+        from .images import BAD_FILE_HINT
+        raise SampleError(f"sample {int(batch['index'][i])} (batch {index}): file {names[i]}: {failed[i]}"
+                          f"{BAD_FILE_HINT}")
     out = torch.zeros((len(blobs), 3, size, size), dtype=torch.uint8, device=device)
     for i, x in images.items():
         out[i] = transform(x, size, resize)

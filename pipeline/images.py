@@ -39,6 +39,10 @@ DEFAULT_BATCH = 64
 EXTRA = "pip install -e '.[images]'"  # (from a checkout: the package index's `pipeline` is another project)
 
 
+# what a failed batch's one line says to do about the file it names
+BAD_FILE_HINT = " (fix or remove the file, or pass --bad-samples skip to compute the rest without it)"
+
+
 def _is_image(name: str) -> bool:
     return name.lower().endswith(EXTENSIONS) and not name.startswith(".")
 
@@ -151,7 +155,7 @@ class ImageFolder:
         except Exception as e:  # noqa: BLE001 - the decoder's error: named, or the file skipped
             why = f"{type(e).__name__}: {e}"
             if not self.skip:
-                raise SampleError(f"file {rel}: {why}") from e
+                raise SampleError(f"file {rel}: {why}{BAD_FILE_HINT}") from e
             with self._lock:
                 self.bad[i] = why
             return self._sample(i, np.zeros((self.size, self.size, 3), np.uint8), False)
@@ -180,7 +184,7 @@ class ImageFolder:
             data[at:at + len(name)] = np.frombuffer(name, np.uint8)
             why = _read_exactly(os.path.join(self.root, rel), data[at + len(name):end], int(self.sizes[i]))
             if why is not None and not self.skip:
-                raise SampleError(f"file {rel}: {why}")
+                raise SampleError(f"file {rel}: {why}{BAD_FILE_HINT}")
             if why is not None:
                 with self._lock:
                     self.bad[i] = why

@@ -63,6 +63,7 @@ class _Lazy:
 
 class Matmul(_Lazy):
     """``relu(x @ W).sum(1)`` with W (cols x hidden) seeded by the ``seed`` param."""
+    max_ndim = 2
 
     def build(self, cols, dtype):
         return (torch.randn(cols, self.hidden) / math.sqrt(cols)).to(self.device, dtype)
@@ -84,6 +85,7 @@ class FFT:
 
 class MLP(_Lazy):
     """A small seeded torch.nn model (cols -> hidden -> hidden -> out), eval mode, inference_mode."""
+    max_ndim = 2
 
     def build(self, cols, dtype):
         out = int(self.extra.get("out", 16))
@@ -225,15 +227,29 @@ def _import(path: str):
 class _PerField:
     """A built-in kernel on a batch of several fields (a tuple or dict): applied to each field of two or
     more dimensions, the others (labels, ids: one value per row) passed through; the results in the same
-    structure. A kernel of your own gets the structure itself."""
+    structure. A kernel of your own gets the structure itself. A kernel whose weights are sized by the
+    batch's width (``max_ndim = 2``) names a field of more dimensions (an image) and what to pass instead."""
 
-    def __init__(self, kernel):
-        self.kernel = kernel
+    def __init__(self, kernel, name: str):
+        self.kernel, self.name = kernel, name
 
     def _field(self, x):
         return self.kernel(x) if x.ndim >= 2 else x
 
+    def _check(self, x) -> None:
+        limit = getattr(self.kernel, "max_ndim", None)
+        items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, tuple) else [(None, x)]
+        for key, v in items:
+            if limit is not None and v.ndim > limit:
+                what = "the batch" if key is None else f"field {key!r}"
+                raise KernelError(f"kernel {self.name!r} computes on (rows, cols) batches, and {what} is "
+                                  f"{str(v.dtype).replace('torch.', '')} {tuple(v.shape)}: pass a kernel for "
+                                  f"this data (images: --kernel torchvision:resnet50, or pipeline.images:"
+                                  f"pixel_means; any data: your own, docs/kernels.md), or reshape it in your "
+                                  f"source")
+
     def __call__(self, x):
+        self._check(x)
         return fields.map_fields(self._field, x) if isinstance(x, (tuple, dict)) else self.kernel(x)
 
 
@@ -254,5 +270,5 @@ def make(spec: KernelSpec, device: torch.device) -> Callable[[torch.Tensor], Any
         obj = obj()
     if hasattr(obj, "setup"):
         obj.setup(device, **spec.params)
-        return _PerField(obj) if spec.name in BUILTINS and spec.payload is None else obj
+        return _PerField(obj, spec.name) if spec.name in BUILTINS and spec.payload is None else obj
     return functools.partial(obj, **spec.params) if spec.params else obj

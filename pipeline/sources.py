@@ -274,7 +274,8 @@ class MapSource(Indexed):
             what = f"samples {base + lo}..{base + hi - 1}" if hi - lo > 1 else f"sample {base + lo}"
             if not self.batched and hi - lo > 1:
                 what = self._culprit(base + lo, base + hi) or what
-            raise SampleError(f"{what} (batch {index}): {type(e).__name__}: {e}") from e
+            why = str(e) if isinstance(e, SampleError) else f"{type(e).__name__}: {e}"  # (ours: named already)
+            raise SampleError(f"{what} (batch {index}): {why}") from e
 
     def _culprit(self, start: int, stop: int) -> str | None:
         """Which sample of ``start .. stop`` raises (fetched again one by one: the error path only)."""

@@ -203,6 +203,18 @@ def test_empty_folder_and_no_images_exit_2(tmp_path, capsys):
         assert "\n" not in err and "no images" in err
 
 
+@pytest.mark.parametrize("kernel", ["matmul", "mlp"])
+def test_a_kernel_for_rows_on_images_exits_2_saying_what_to_pass(tmp_path, capsys, kernel):
+    """The default kernel (matmul, weights sized by a row's width) on an image folder: exit 2, one line that
+    names the field, its dtype and shape, and the image kernels (not torch's 'mat1 and mat2 shapes')."""
+    root = folder(tmp_path / "a", 2)
+    args = ["run", "--input", str(root), "--image-size", "16", "--workers", "0", "--no-progress"]
+    assert main(args + (["--kernel", kernel] if kernel != "matmul" else [])) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"kernel '{kernel}' computes on (rows, cols) batches" in err
+    assert "field 'image' is uint8 (2, 16, 16, 3)" in err and "--kernel torchvision:resnet50" in err
+
+
 @pytest.mark.timeout(60)
 def test_manifest_lists_files_and_resume(tmp_path):
     """--output: each manifest line lists its batch's files; a second run resumes (all skipped, same checksum)."""
