@@ -7,6 +7,7 @@ stream: ``imap`` yields them, ``run`` folds them into a checksum, a progress bar
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
 import os
 import sys
@@ -61,7 +62,9 @@ def resolve(config: Config | str | os.PathLike | None, overrides: dict[str, Any]
     for name, value in overrides.items():
         key = OVERRIDES.get(name, name if "." in name else None)
         if key is None:
-            raise ConfigError(f"unknown setting '{name}' (known: {', '.join(OVERRIDES)}, "
+            close = difflib.get_close_matches(name, OVERRIDES, n=1, cutoff=0.7)
+            raise ConfigError(f"unknown setting '{name}' (did you mean {close[0]}?)" if close else
+                              f"unknown setting '{name}' (known: {', '.join(OVERRIDES)}, "
                               f"or a dotted key such as source.rows)")
         flag = FLAGS.get(name, f"--{name.replace('_', '-')}")
         dotted[key], origins[key] = value, flag if name in OVERRIDES else f"--set {key}"

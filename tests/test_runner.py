@@ -100,8 +100,10 @@ def test_unknown_kernel_and_bad_import():
 
 def test_unknown_override():
     """run() rejects unknown keyword settings by name."""
-    with pytest.raises(pipeline.ConfigError, match="unknown setting 'wrokers'"):
+    with pytest.raises(pipeline.ConfigError, match=r"unknown setting 'wrokers' \(did you mean workers\?\)"):
         pipeline.run(wrokers=2)
+    with pytest.raises(pipeline.ConfigError, match=r"unknown setting 'bogus' \(known: workers, batches,"):
+        pipeline.run(bogus=2)
 
 
 def test_fork_refused():
