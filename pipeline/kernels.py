@@ -238,9 +238,11 @@ class _PerField:
 
     def _check(self, x) -> None:
         limit = getattr(self.kernel, "max_ndim", None)
+        if limit is None:
+            return
         items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, tuple) else [(None, x)]
         for key, v in items:
-            if limit is not None and v.ndim > limit:
+            if v.ndim > limit:
                 what = "the batch" if key is None else f"field {key!r}"
                 raise KernelError(f"kernel {self.name!r} computes on (rows, cols) batches, and {what} is "
                                   f"{str(v.dtype).replace('torch.', '')} {tuple(v.shape)}: pass a kernel for "
