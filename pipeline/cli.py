@@ -7,7 +7,7 @@ import signal
 import sys
 import traceback
 
-from .config import parse_value
+from .config import OVERRIDES, parse_value
 from .errors import ConfigError, ExitCode, HandoffError, Interrupted, KernelError
 
 EXIT_CODES = """exit codes:
@@ -45,7 +45,8 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, metavar="B",
                    help="with --source: B samples per batch (default 0: each item is a batch); with "
                         "Parquet input: B rows per batch (default 0 = 1024)")
-    g.add_argument("--drop-last", action="store_true", help="with --batch-size: drop a short last batch")
+    g.add_argument("--drop-last", action="store_true", default=None,
+                   help="with --batch-size: drop a short last batch")
     g.add_argument("--image-size", type=int, metavar="S",
                    help="--input of a folder of images: the S x S centre crop (default 224; batch size default 64)")
     g.add_argument("--resize", type=int, metavar="R",
@@ -65,7 +66,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output-format", metavar="npy|parquet",
                    help="with --output: npy (default) or parquet: DIR/part-NNNNNN.parquet per batch, a column "
                         "per kernel output (+ --keep-columns); DIR reads as one table (pyarrow.dataset)")
-    g.add_argument("--overwrite", action="store_true",
+    g.add_argument("--overwrite", action="store_true", default=None,
                    help="with --output: delete the results of a DIR written by another config and start "
                         "afresh (without it such a DIR is refused)")
     g.add_argument("--batches", type=int, metavar="N")
@@ -101,23 +102,14 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", metavar="local|ray", help="local processes (default) or a Ray cluster")
     g.add_argument("--ray-address", metavar="ADDR",
                    help="Ray: '' starts a local instance (default), 'auto' joins this machine's cluster")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--no-progress", action="store_false", dest="progress", default=None, help="no progress bar")
     g.add_argument("--traceback", action="store_true", help="print full tracebacks on errors")
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    names = ("workers", "batches", "rows", "cols", "dtype", "seed", "kernel", "device", "precision", "start_method",
-             "threads_per_worker", "build_threads", "in_flight", "batch_timeout_s", "max_attempts", "on_error",
-             "input", "input_key", "output", "backend", "ray_address", "source_object", "batch_size",
-             "build_processes", "columns", "keep_columns", "output_format", "image_size", "resize",
-             "layout", "bad_samples", "decode")
-    out = {n: getattr(args, n) for n in names if getattr(args, n, None) is not None}
-    if args.no_progress:
-        out["progress"] = False
-    if args.overwrite:
-        out["overwrite"] = True
-    if args.drop_last:
-        out["drop_last"] = True
+    """The run settings given on the command line (``config.OVERRIDES``: one flag each), and the
+    ``--set``, ``--param`` and ``--source-param`` keys."""
+    out = {n: v for n in OVERRIDES if (v := getattr(args, n, None)) is not None}
     for flag, prefix, items in (("--set", "", args.set), ("--param", "kernel.params.", args.param),
                                 ("--source-param", "source.params.", args.source_param)):
         for item in items:

@@ -166,6 +166,49 @@ CHOICES = {
 }
 PARAMS = ("kernel", "source")  # sections with a free-form ``params`` table (keyword arguments)
 
+# The run settings, once: ``run(**overrides)`` keywords and ``python -m pipeline run`` flags (``--name-with-
+# dashes``, or FLAGS'), and the config keys they set. cli.py adds a flag for each (tests/test_cli.py checks
+# that every flag is here, and every name here a flag, but for SET_ONLY: those are set with --set KEY=V).
+OVERRIDES = {
+    "workers": "workers.count", "batches": "source.batches", "rows": "source.rows",
+    "cols": "source.cols", "dtype": "source.dtype", "seed": "source.seed", "kernel": "kernel.name",
+    "device": "workers.device", "start_method": "workers.start_method",
+    "threads_per_worker": "workers.threads", "build_threads": "workers.build_threads", "progress": "run.progress",
+    "in_flight": "handoff.in_flight", "slot_mb": "handoff.slot_mb", "pinned": "handoff.pinned",
+    "max_attempts": "faults.max_attempts", "batch_timeout_s": "faults.batch_timeout_s",
+    "on_error": "faults.on_error", "precision": "kernel.precision", "input": "source.path",
+    "input_key": "source.key", "output": "run.output", "overwrite": "run.overwrite", "backend": "run.backend",
+    "ray_address": "run.ray_address", "ray_build": "run.ray_build", "source_object": "source.object",
+    "batch_size": "source.batch_size", "drop_last": "source.drop_last",
+    "build_processes": "workers.build_processes", "columns": "source.columns",
+    "keep_columns": "source.keep_columns", "output_format": "run.output_format",
+    "image_size": "source.image_size", "resize": "source.resize", "layout": "source.layout",
+    "bad_samples": "source.bad_samples", "decode": "source.decode",
+}
+FLAGS = {"source_object": "--source", "batch_timeout_s": "--batch-timeout", "progress": "--no-progress"}
+SET_ONLY = ("slot_mb", "pinned", "ray_build")  # no flag of their own
+# What the workers were started with: a call on a running Pipeline can't change it.
+FIXED = ("kernel.", "workers.count", "workers.device", "workers.start_method", "workers.threads",
+         "handoff.pinned", "run.backend", "run.ray_address")
+
+
+def flag(name: str) -> str:
+    """The command-line flag of run setting ``name``."""
+    return FLAGS.get(name, f"--{name.replace('_', '-')}")
+
+
+def override_key(name: str) -> tuple[str, str]:
+    """(the config key, where a value came from) for a ``run()`` keyword or a dotted key; ConfigError naming
+    the closest setting for an unknown one."""
+    if name in OVERRIDES:
+        return OVERRIDES[name], flag(name)
+    if "." in name:
+        return name, f"--set {name}"
+    close = difflib.get_close_matches(name, OVERRIDES, n=1, cutoff=0.7)
+    raise ConfigError(f"unknown setting '{name}' (did you mean {close[0]}?)" if close else
+                      f"unknown setting '{name}' (known: {', '.join(OVERRIDES)}, or a dotted key such as "
+                      f"source.rows)")
+
 
 def _is_param(key: str) -> bool:
     section, _, rest = key.partition(".")

@@ -5,7 +5,7 @@ Messages are one line that names the key, file, value or batch, and says what to
 import enum
 import pickle
 import traceback
-from typing import Any
+from typing import NamedTuple
 
 
 class PipelineError(Exception):
@@ -64,14 +64,40 @@ class SampleError(PipelineError, RuntimeError):
     fit its batch (another shape or dtype than sample 0): names the sample, the batch and the field."""
 
 
-def pack_error(e: BaseException) -> tuple[Any, str, str]:
-    """(exception or None when it can't be pickled, 'Type: message', formatted traceback)."""
-    tb = traceback.format_exc()
-    if isinstance(e, (SystemExit, KeyboardInterrupt)):
-        e = WorkerError(f"kernel raised {type(e).__name__}({e})")
-    text = f"{type(e).__name__}: {e}"
-    try:
-        pickle.loads(pickle.dumps(e))
-    except Exception:  # noqa: BLE001 - unpicklable exceptions travel as text
-        e = None
-    return e, text, tb
+class PackedError(NamedTuple):
+    """NOTE [ Wire errors ]
+    An exception on its way from a child (a worker, a build process, a Ray actor) to the main, both halves
+    in one class, as CPython's ``_ExceptionWithTraceback``: ``pack`` in the child (the exception itself
+    when it pickles, else None; its one line "Type: message"; the formatted traceback), ``exception`` in
+    the main (the child's exception as its own type, ``where`` in its message, the child's traceback as
+    ``__cause__``). It travels as a plain tuple: ``packed.text`` is all a summary needs."""
+    exc: BaseException | None
+    text: str
+    tb: str
+
+    @classmethod
+    def pack(cls, e: BaseException) -> "PackedError":
+        """In the child, inside the ``except`` that caught ``e``."""
+        tb = traceback.format_exc()
+        if isinstance(e, (SystemExit, KeyboardInterrupt)):
+            e = WorkerError(f"kernel raised {type(e).__name__}({e})")
+        text = f"{type(e).__name__}: {e}"
+        try:
+            pickle.loads(pickle.dumps(e))
+        except Exception:  # noqa: BLE001 - unpicklable exceptions travel as text
+            e = None
+        return cls(e, text, tb)
+
+    def exception(self, where: str) -> BaseException:
+        """In the main: the child's exception as its own type, ``where`` in its message, the remote
+        traceback as cause."""
+        exc, text, tb = self
+        if exc is None:
+            exc = WorkerError(text)
+        if exc.args and isinstance(exc.args[0], str):
+            exc.args = (f"{where}: {exc.args[0]}",) + tuple(exc.args[1:])
+        else:
+            exc.args = (f"{where}: {text}",) + tuple(exc.args)
+        exc.__cause__ = RemoteTraceback(f'\n"""\n{tb}"""')
+        exc.batch_where = where
+        return exc

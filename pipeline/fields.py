@@ -1,4 +1,4 @@
-"""Batches of several arrays ("fields"), and how one batch lies in one slot.
+"""Batches of several arrays ("fields"), how one batch lies in one slot, and the host-only rule.
 
 A batch (or a sample of a map-style dataset) is one array, a tuple of arrays, or a dict of arrays with
 non-empty ``str`` keys: ``{"input_ids": ..., "attention_mask": ...}``, ``(image, label)``. Arrays may be
@@ -14,17 +14,70 @@ slot's descriptor (a few dozen bytes), which views the same regions without a co
 same structure, each field a tensor on its device. Everything that handles a batch (slots, the handoff
 rule, the pickled fallback, kernels, Ray) goes through ``flatten`` / ``rebuild`` here, so a single array is
 just the structure with one field and no name.
+
+NOTE [ Handoff ]
+Only host data crosses the process boundary. ``to_host`` checks everything handed to a worker before it
+is sent: a tensor on a non-CPU device, or a non-leaf tensor that requires grad, raises ``HandoffError``.
+Torch would not stop it: on Linux a spawn pool passes a CUDA tensor through CUDA IPC silently (the child
+can't send it back and the parent must outlive it), a fork child dies and the pool hangs, and Windows has
+no CUDA IPC at all (docs/handoff.md, the measured facts).
 """
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
 
 from .errors import HandoffError
-from .handoff import as_batch
+
+
+def to_host(obj: Any, where: str) -> Any:
+    """``obj`` with every CPU tensor turned into numpy; HandoffError for device or autograd tensors.
+
+    Walks dicts, lists and tuples, so kernel params are checked as deeply as batches.
+    """
+    torch = _torch_if_loaded()
+    if torch is not None and isinstance(obj, torch.Tensor):
+        if obj.device.type != "cpu":
+            raise HandoffError(
+                f"{where}: a torch.Tensor on device '{obj.device}' (shape {tuple(obj.shape)}) cannot be "
+                f"handed to a worker; only host data crosses the process boundary. Pass "
+                f"`t.cpu().numpy()` from the main process; the worker moves it to its device."
+            )
+        if obj.requires_grad and obj.grad_fn is not None:
+            raise HandoffError(
+                f"{where}: a non-leaf torch.Tensor that requires grad (grad_fn "
+                f"{type(obj.grad_fn).__name__}) cannot be handed to a worker: autograd does not cross "
+                f"processes. Pass `t.detach().cpu().numpy()`."
+            )
+        return obj.detach().numpy()
+    if isinstance(obj, dict):
+        return {k: to_host(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_host(v, f"{where}[{i}]") for i, v in enumerate(obj))
+    return obj
+
+
+def as_batch(obj: Any, where: str) -> np.ndarray:
+    """A batch from a caller's source as a numpy array (checked by ``to_host``)."""
+    arr = to_host(obj, where)
+    if not isinstance(arr, np.ndarray):
+        try:
+            arr = np.asarray(arr)
+        except Exception as e:  # noqa: BLE001 - any conversion failure is the caller's input
+            raise HandoffError(f"{where}: cannot turn {type(obj).__name__} into a numpy array: {e}") from None
+    if arr.dtype.hasobject:
+        raise HandoffError(f"{where}: object arrays are not batches (dtype {arr.dtype}); "
+                           f"pass a numeric array")
+    return arr
+
+
+def _torch_if_loaded():
+    return sys.modules.get("torch")
+
 
 FIELD_ALIGN = 256  # bytes: every field starts on a boundary that DMA engines and SIMD loads like
 WIRE_BYTES = 16 << 10  # results with no field larger than this travel as raw bytes (``to_wire``)

@@ -18,11 +18,12 @@ from typing import Any, Callable
 
 import torch
 
-from . import fields, images
+from . import fields
 from .errors import ConfigError, KernelError
-from .sources import load_object
+from .images import torchvision as tv
+from .sources.datasets import load_object
 
-# The batch a worker is computing, for kernels that care (``faulty``). Set by ``worker.compute``.
+# The batch a worker is computing, for kernels that care (``faulty``). Set by ``compute.Computer``.
 current = {"index": -1, "attempt": 1}
 
 
@@ -35,6 +36,7 @@ def _floating(x: torch.Tensor) -> torch.Tensor:
 
 class Sum:
     """Per-row sum: a (rows, cols) batch gives a (rows,) result (a (rows,) field is its own sum)."""
+    max_ndim: int | None = None  # the most dimensions a field may have (None: any; see _PerField)
 
     def setup(self, device, **params):
         if params:
@@ -75,6 +77,7 @@ class Matmul(_Lazy):
 
 class FFT:
     """Magnitude of the real FFT along each row: (rows, cols) -> (rows, cols // 2 + 1)."""
+    max_ndim: int | None = None
 
     def setup(self, device, **params):
         pass
@@ -180,8 +183,8 @@ def spec_for(kernel: str | Callable, params: dict, precision: str = "fp32") -> K
 
 def _spec_for(kernel: str | Callable, params: dict) -> KernelSpec:
     if isinstance(kernel, str):
-        if kernel.startswith(images.PREFIX):  # torchvision:NAME, a built-in (images.py)
-            images.torchvision_models(kernel[len(images.PREFIX):])
+        if kernel.startswith(tv.KERNEL_PREFIX):  # torchvision:NAME, a built-in (images/torchvision.py)
+            tv.torchvision_models(kernel[len(tv.KERNEL_PREFIX):])
         elif kernel not in BUILTINS:
             _import(kernel)
         return KernelSpec(kernel, params)
@@ -237,7 +240,7 @@ class _PerField:
         return self.kernel(x) if x.ndim >= 2 else x
 
     def _check(self, x) -> None:
-        limit = getattr(self.kernel, "max_ndim", None)
+        limit = self.kernel.max_ndim
         if limit is None:
             return
         items = x.items() if isinstance(x, dict) else enumerate(x) if isinstance(x, tuple) else [(None, x)]
@@ -262,9 +265,9 @@ def make(spec: KernelSpec, device: torch.device) -> Callable[[torch.Tensor], Any
         obj = cloudpickle.loads(spec.payload)
     elif spec.name in BUILTINS:
         obj = BUILTINS[spec.name]
-    elif spec.name.startswith(images.PREFIX):
-        obj = images.TorchVision()
-        obj.setup(device, model=spec.name[len(images.PREFIX):], **spec.params)
+    elif spec.name.startswith(tv.KERNEL_PREFIX):
+        obj = tv.TorchVision()
+        obj.setup(device, model=spec.name[len(tv.KERNEL_PREFIX):], **spec.params)
         return obj
     else:
         obj = _import(spec.name)

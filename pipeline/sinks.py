@@ -69,10 +69,10 @@ def part_name(index: int) -> str:
 
 
 def identity(source, spec, output_format: str = "npy", keep: list | None = None) -> dict:
-    """What every result depends on (never the worker count, backend or device: see DESIGN.md); the output
+    """What every result depends on (never the worker count, backend or device: docs/architecture.md); the output
     format and the kept columns for Parquet output (an npy identity is as it was before Parquet, so older
     output directories still resume)."""
-    src = source.identity() if hasattr(source, "identity") else {"kind": type(source).__name__}
+    src = source.identity()
     out = {"output": {"format": output_format, "keep_columns": list(keep or [])}} \
         if output_format != "npy" else {}
     return _plain({"format": FORMAT, "source": src, **out,
@@ -408,7 +408,7 @@ def open_output(cfg, source, spec) -> OutputDir:
     """The output directory of ``cfg.run.output`` (``--output``), checked against this run's identity."""
     fmt, keep = cfg.run.output_format, list(cfg.source.keep_columns)
     if fmt == "parquet":
-        from .readers.parquet import pyarrow
+        from .sources.parquet import pyarrow
         pyarrow()  # the [parquet] extra, named, before any worker starts
     return OutputDir(cfg.run.output, identity(source, spec, fmt, keep), cfg.run.overwrite, fmt,
                      source if keep else None)
@@ -417,7 +417,7 @@ def open_output(cfg, source, spec) -> OutputDir:
 def _part_bytes(index: int, members: list, keep) -> bytes:
     """Batch ``index``'s Parquet file: a column per output (2-D and more: fixed-size lists), then the kept
     input columns; OutputError naming the output when it can't be a table of rows."""
-    from .readers.parquet import pyarrow
+    from .sources.parquet import pyarrow
     pa, pq, _ = pyarrow()
     names, arrays = [], []
     for key, a in members:
@@ -450,7 +450,7 @@ def _part_bytes(index: int, members: list, keep) -> bytes:
 
 def _read_part(path: str, r: dict):
     """A Parquet part back as the result it was written from (``r``: its manifest line)."""
-    from .readers.parquet import pyarrow
+    from .sources.parquet import pyarrow
     pa, pq, _ = pyarrow()
     try:
         table = pq.read_table(path, columns=list(r["arrays"]))

@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=3, metavar="N", help="timed passes (medians)")
     args = ap.parse_args(argv)
     from pipeline.bench import machine
-    from pipeline.bench.peers import _has_spdl
+    from pipeline.bench.peers import has_spdl as _has_spdl
     root = os.path.join(args.cache, f"jpeg-{args.images}")
     t0 = time.perf_counter()
     bench_data.make_jpegs(root, args.images)

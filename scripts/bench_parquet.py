@@ -123,7 +123,7 @@ def run_dataloader(path, out, workers, batch_size):
     from torch.utils.data import DataLoader
 
     from pipeline import devices
-    from pipeline.worker import Computer
+    from pipeline.compute import Computer
     torch.set_num_threads(workers)
     computer = Computer(_spec(), devices.choose("cpu", 0), False)
     loader = DataLoader(RowDataset(path), batch_size=batch_size, num_workers=workers,
@@ -140,7 +140,7 @@ class RayCompute:
         import torch
 
         from pipeline import devices
-        from pipeline.worker import Computer
+        from pipeline.compute import Computer
         torch.set_num_threads(threads)
         self.computer = Computer(_spec(), devices.choose("cpu", 0), False)
 

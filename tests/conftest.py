@@ -6,7 +6,7 @@ import psutil
 import pytest
 import torch
 
-from pipeline.handoff import PREFIX, SHM_DIR
+from pipeline.local.ring import RING_PREFIX as PREFIX, SHM_DIR
 
 HAS_CUDA = torch.cuda.is_available()
 

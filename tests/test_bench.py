@@ -4,7 +4,10 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.bench import _has_ray, _has_ray_data, _has_spdl, bound, max_rel_diff, roofline
+from pipeline.bench.calibration import bound, roofline
+from pipeline.bench.peers import has_spdl as _has_spdl
+from pipeline.bench.ray_modes import has_ray as _has_ray, has_ray_data as _has_ray_data
+from pipeline.outputs import max_rel_diff
 from pipeline.cli import main
 from pipeline.kernels import spec_for
 
@@ -86,7 +89,7 @@ def test_dataset_tuples_through_dataloader(tmp_path, capsys):
 def test_spdl_without_spdl_exit_2(monkeypatch, capsys):
     """--modes spdl without SPDL installed is a usage error, one line naming the extra."""
     import pipeline.bench as b
-    monkeypatch.setattr(b, "_has_spdl", lambda: False)
+    monkeypatch.setattr(b, "has_spdl", lambda: False)
     assert main(["bench", "--quick", "--modes", "serial,spdl"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "SPDL" in err and ".[spdl]" in err
@@ -139,7 +142,8 @@ def test_calibration_takes_each_build_thread_counts_best_try_in_turns(monkeypatc
     """The build rate is the best of ``repeat`` tries per thread count, the counts taking turns (a slow
     moment of a shared machine sets neither the roofline nor the build's scaling)."""
     from pipeline.bench import calibration
-    from pipeline.runner import make_source, resolve
+    from pipeline.runner import resolve
+    from pipeline.sources.factory import open_source as make_source
     cfg = resolve(None, {"workers": 2, "batches": 4, "rows": 4, "cols": 4, "kernel": "sum"})
     times = iter([0.5, 0.3, 0.2, 0.6, 0.4, 0.1])  # (1 thread, 2 threads) three times over
     tried = []
@@ -153,7 +157,8 @@ def test_a_quick_build_is_timed_over_many_builds_from_when_the_threads_all_start
     that the cost of starting a thread is not taken for the build's (it was: the roofline sat at 4% of
     what the pipeline then ran at, and the table called the calibration off)."""
     from pipeline.bench import calibration
-    from pipeline.runner import make_source, resolve
+    from pipeline.runner import resolve
+    from pipeline.sources.factory import open_source as make_source
     src = make_source(resolve(None, {"batches": 50, "rows": 4, "cols": 4}).source)
     built = []
     batch = src.batch
@@ -164,7 +169,7 @@ def test_a_quick_build_is_timed_over_many_builds_from_when_the_threads_all_start
 
 def test_a_row_bound_by_its_fixed_cost_says_so():
     """Far below the roofline, with the main's own work most of a batch's time: the table says what limits."""
-    from pipeline.bench import table
+    from pipeline.bench.report import table
     row = {"mode": "pipeline", "workers": 2, "batches_per_s": 10_000.0, "roofline_efficiency": 0.14,
            "roofline_batches_per_s": 70_000.0, "limiting_stage": "main build (2 threads)",
            "mb_per_s": 10.0, "speedup_vs_serial": 0.5, "startup_s": 2.0, "max_rel_diff_vs_serial": 0.0,
@@ -184,7 +189,7 @@ def test_build_threads_rows_and_calibration_warning(tmp_path, capsys):
     rows = json.loads(path.read_text())["results"]
     assert [(r["mode"], r["build_threads"]) for r in rows] == [("pipeline", 1), ("pipeline", 2)]
     assert all("roofline_batches_per_s" in r and "calibration_off" in r for r in rows)
-    from pipeline.bench import table
+    from pipeline.bench.report import table
     report = json.loads(path.read_text())
     report["results"][0].update(roofline_efficiency=1.5, calibration_off=True)
     assert "calibration is off" in table(report)

@@ -47,7 +47,7 @@ def test_image_bench_modes_agree_and_report_goals(tmp_path, monkeypatch, capsys)
 
 
 def bi_has_spdl():
-    from pipeline.bench import _has_spdl
+    from pipeline.bench.peers import has_spdl as _has_spdl
     return _has_spdl()
 
 

@@ -126,3 +126,22 @@ def test_skipped_batches_exit_3_with_json(capsys):
                *SMALL, "--json"])
     s = json.loads(capsys.readouterr().out)
     assert rc == 3 and [f["batch"] for f in s["failed"]] == [2] and s["completed"] == 3
+
+
+def test_run_settings_are_one_list():
+    """``config.OVERRIDES`` is the one list of run settings: every flag of ``run`` (but the config file, the
+    --set/--param/--source-param keys and output switches) is one of its names, and every name is a flag
+    (but those set with --set: SET_ONLY); each flag sets the key the name maps to."""
+    import argparse
+
+    from pipeline import config
+    from pipeline.cli import _overrides, build_parser
+    run = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "run")[1]
+    dests = {a.dest: a for a in run._actions if not isinstance(a, argparse._HelpAction)}
+    own = {"config", "param", "set", "source_param", "json", "traceback"}
+    assert set(dests) - own == set(config.OVERRIDES) - set(config.SET_ONLY)
+    for name in set(config.OVERRIDES) - set(config.SET_ONLY):
+        assert config.flag(name) in dests[name].option_strings, name
+    args = run.parse_args(["--workers", "3", "--no-progress", "--overwrite", "--batch-timeout", "2"])
+    assert _overrides(args) == {"workers": 3, "progress": False, "overwrite": True, "batch_timeout_s": 2.0}
+    assert _overrides(run.parse_args([])) == {}

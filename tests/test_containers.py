@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import ConfigError, devices, handoff
+from pipeline import ConfigError, devices
+from pipeline.local import ring as handoff
 from pipeline.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent

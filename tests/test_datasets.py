@@ -14,8 +14,8 @@ import pipeline
 from pipeline.cli import main
 from pipeline.errors import SampleError
 from pipeline.fields import Layout
-from pipeline.handoff import SlotRing
-from pipeline.sources import MapSource, is_map_style
+from pipeline.local.ring import SlotRing
+from pipeline.sources.datasets import MapSource, is_map_style
 from conftest import ours, workers_of
 
 FAST = dict(progress=False, threads_per_worker=1)
@@ -267,7 +267,7 @@ def test_collate_runs_on_the_build_threads():
 @pytest.mark.timeout(60)
 def test_build_threads_share_one_batch():
     """An idle build thread joins another's batch: two threads fill one batch, each a chunk of rows."""
-    from pipeline.builders import Builders
+    from pipeline.local.builders import Builders
     who = []
 
     class Where(Records):

@@ -8,11 +8,12 @@ import torch
 from PIL import Image
 
 import pipeline
-from pipeline import decoding
+from pipeline.images import encoded as decoding
 from pipeline.cli import main
 from pipeline.errors import ConfigError, SampleError
 from pipeline.outputs import max_rel_diff
-from pipeline.runner import make_source, resolve
+from pipeline.runner import resolve
+from pipeline.sources.factory import open_source as make_source
 
 TOLERANCE = 2  # grey levels, any pixel: Pillow's resampler (main) vs torch's interpolate (worker), measured 1
 
@@ -74,7 +75,7 @@ def test_worker_side_decode_agrees_with_main_decode(tmp_path, layout):
     main_, dev = source(root, layout=layout), source(root, layout=layout, decode="device")
     for k in range(len(main_)):
         want = main_.get(k)
-        got, bad = decoding.decode(dev.get(k), torch.device("cpu"), k)
+        got, bad = decoding.decode_batch(dev.get(k), torch.device("cpu"), k)
         assert bad == {} and list(got) == list(want)
         assert got["image"].shape == want["image"].shape and got["image"].dtype == torch.uint8
         diff = np.abs(got["image"].numpy().astype(int) - want["image"])
@@ -144,7 +145,7 @@ def test_a_file_that_changed_size_since_the_listing_is_a_bad_file(tmp_path, skip
         return
     b = src.get(0)
     assert b["valid"].tolist() == [True, False, True] and "changed size" in src.dataset.bad[1]
-    got, bad = decoding.decode(b, torch.device("cpu"))
+    got, bad = decoding.decode_batch(b, torch.device("cpu"))
     assert bad == {} and got["valid"].tolist() == [True, False, True] and got["image"][1].max() == 0
 
 
@@ -201,20 +202,20 @@ def test_cuda_device_decode_nvjpeg_agrees_and_names_bad_files(tmp_path):
     root = folder(tmp_path / "a", 6)
     main_ = source(root)
     dev = source(root, decode="device")
-    got, bad = decoding.decode(dev.get(0), torch.device("cuda:0"), 0)
+    got, bad = decoding.decode_batch(dev.get(0), torch.device("cuda:0"), 0)
     assert got["image"].device.type == "cuda" and bad == {}
     diff = np.abs(got["image"].cpu().numpy().astype(int) - main_.get(0)["image"])
     assert diff.max() <= 12 and diff.mean() < 1.5  # nvJPEG's IDCT and upsampling differ from libjpeg's too
     good = (root / "im00.jpg").read_bytes()
     (root / "im00.jpg").write_bytes(good[: len(good) // 2])  # truncated: Pillow reads its header, so nvJPEG gets it
     src = source(root, decode="device", bad_samples="skip")
-    got, bad = decoding.decode(src.get(0), torch.device("cuda:0"), 0)
+    got, bad = decoding.decode_batch(src.get(0), torch.device("cuda:0"), 0)
     assert got["valid"][1:].all() and list(bad) in ([], [0])  # nvJPEG may decode what it can of it
     ok = np.abs(got["image"][1:].cpu().numpy().astype(int) - main_.get(0)["image"][1:])
     assert ok.max() <= 12  # the batched call failed or not: the other files are decoded all the same
     (root / "im00.jpg").write_bytes(good[:200] + bytes(range(256)) * 4)  # its header, then garbage
     try:
-        decoding.decode(source(root, decode="device").get(0), torch.device("cuda:0"), 0)
+        decoding.decode_batch(source(root, decode="device").get(0), torch.device("cuda:0"), 0)
     except SampleError as e:
         assert "file im00.jpg" in str(e)
     r = run(root, decode="device", workers=2, device="cuda", bad_samples="skip")

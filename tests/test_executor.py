@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 import pipeline
-from pipeline.handoff import PREFIX, SHM_DIR
+from pipeline.local.ring import RING_PREFIX as PREFIX, SHM_DIR
 from conftest import TINY, descendants, workers_of
 
 ROOT = Path(__file__).resolve().parent.parent

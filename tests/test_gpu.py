@@ -46,7 +46,7 @@ def test_no_slot_rewritten_before_its_copy_completes():
 
 def test_next_copy_overlaps_the_current_kernel():
     """The next batch's copy (side stream) completes while the current kernel still runs (CUDA events)."""
-    from pipeline.worker import Stager
+    from pipeline.compute import Stager
     dev = torch.device("cuda", 0)
     st = Stager(dev, pinned=True)
     a = np.random.rand(4096, 1024).astype(np.float32)

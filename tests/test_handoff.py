@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import pipeline
-from pipeline.handoff import SHM_DIR, SlotReader, SlotRing, remove_stale, to_host
+from pipeline.fields import to_host
+from pipeline.local.ring import SHM_DIR, SlotReader, SlotRing, remove_stale
 from pipeline.fields import FIELD_ALIGN, Layout, copy_into
 from conftest import TINY
 
@@ -120,7 +121,7 @@ def test_remove_stale_clears_dead_mains_only(tmp_path):
 @pytest.mark.timeout(120)
 def test_slots_are_reused_and_pickled_fallback_is_bit_identical(monkeypatch):
     """100 batches use one ring of in_flight slots; batches too big for a slot are pickled, same bytes."""
-    import pipeline.executor as ex
+    import pipeline.local.executor as ex
     rings = []
     real = ex.open_ring
     monkeypatch.setattr(ex, "open_ring", lambda *a: rings.append(real(*a)) or rings[-1])
@@ -157,10 +158,10 @@ def test_closing_a_stream_while_a_send_is_stuck_ends_the_workers(monkeypatch):
     import threading
     import time
 
-    import pipeline.executor as executor
-    from pipeline import worker as worker_module
+    import pipeline.local.executor as executor
+    from pipeline import wire as worker_module
     monkeypatch.setattr(executor, "STUCK_SEND_S", 1.0)
-    real = worker_module.send  # tasks go through it (packed: worker.pack)
+    real = worker_module.send  # tasks go through it (packed: wire.pack)
     with pipeline.Pipeline(kernel="sum", workers=1, **TINY) as p:
         p.run(batches=1)
         worker = p.executor.workers[0].process

@@ -8,8 +8,10 @@ from PIL import Image
 
 import pipeline
 from pipeline.cli import main
-from pipeline.images import ImageFolder, load
-from pipeline.runner import make_source, resolve
+from pipeline.images import ImageFolder
+from pipeline.images.pillow import load
+from pipeline.runner import resolve
+from pipeline.sources.factory import open_source as make_source
 
 RNG = np.random.default_rng(0)
 
@@ -76,7 +78,7 @@ def test_sizes_crop_and_layout_nchw_match_torchvision(tmp_path):
 def test_fit_is_resize_then_centre_crop(wh, size, resize):
     """``fit`` (the crop's window resampled) gives Resize(R) + CenterCrop(S)'s pixels to within one level,
     its size always S x S, and where nothing needs resampling exactly Pillow's resize and crop."""
-    from pipeline.images import crop_at, fit, resized
+    from pipeline.images.pillow import crop_at, fit, resized
     rng = np.random.default_rng(sum(wh))
     y, x = np.mgrid[0:wh[1], 0:wh[0]]
     smooth = (128 + 100 * np.sin(x / 5.0)[..., None] * np.cos(y / 7.0)[..., None] + rng.normal(0, 8, (wh[1], wh[0], 3)))

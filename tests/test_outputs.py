@@ -185,7 +185,7 @@ def test_checksum_covers_keys_positions_and_structure():
 def test_checksum_is_a_digest_of_batch_digests_and_delegated():
     """The checksum is sha256 over each batch's digest (dtype, shape, bytes; a failed batch its index), so a
     digest computed where the result is (a Ray actor) stands for it; runner.checksum is outputs.checksum."""
-    from pipeline.runner import checksum
+    from pipeline.outputs import checksum
     a = np.arange(6, dtype=np.float64).reshape(2, 3)
     one = hashlib.sha256(f"{a.dtype.str}{a.shape};".encode() + a.tobytes()).digest()
     h = hashlib.sha256(one + hashlib.sha256(b"failed:1;").digest())
@@ -199,7 +199,7 @@ def test_checksum_is_a_digest_of_batch_digests_and_delegated():
 
 def test_max_rel_diff_on_structures():
     """max_rel_diff compares structures array by array; different keys, kinds or lengths are inf."""
-    from pipeline.bench import max_rel_diff
+    from pipeline.outputs import max_rel_diff
     ref = [{"a": np.array([1.0, 2.0]), "b": np.array([4.0])}, (np.array([1.0]), np.array([True]))]
     near = [{"a": np.array([1.0, 2.0]), "b": np.array([4.4])}, (np.array([1.0]), np.array([True]))]
     assert max_rel_diff(ref, ref) == 0.0 and max_rel_diff(near, ref) == pytest.approx(0.1)

@@ -17,7 +17,8 @@ import pipeline  # noqa: E402
 from pipeline.cli import main  # noqa: E402
 from pipeline.config import SourceConfig  # noqa: E402
 from pipeline.errors import ConfigError  # noqa: E402
-from pipeline.readers import is_parquet, open_source  # noqa: E402
+from pipeline.sources.factory import open_source
+from pipeline.sources.parquet import is_parquet  # noqa: E402
 from pipeline.runner import resolve  # noqa: E402
 
 QUIET = dict(progress=False, threads_per_worker=1)

@@ -232,13 +232,15 @@ def test_actor_restarted_unseen_gets_the_source_again():
     its next task answers 'reopen' and is sent again with the source; every batch computed, same checksum."""
     from pipeline import kernels
     from pipeline.ray_backend import RayExecutor
-    from pipeline.runner import make_source, resolve
+    from pipeline.sources.base import Work
+    from pipeline.runner import resolve
+    from pipeline.sources.factory import open_source as make_source
     from pipeline.outputs import checksum
     cfg = resolve(None, dict(RAY, workers=1, kernel="sum"))
     src = make_source(cfg.source)
     with RayExecutor(cfg, kernels.spec_for("sum", {})) as ex:
         got = {}
-        for o in ex.stream(src, window=1):  # one batch at a time: nothing in flight while we are here
+        for o in ex.stream(Work.of(src), window=1):  # one batch at a time: nothing in flight while we are here
             got[o.index] = o.result
             if o.index == 1:
                 pid = o.info["pid"]

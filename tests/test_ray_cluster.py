@@ -14,9 +14,10 @@ import pipeline  # noqa: E402
 from pipeline import kernels  # noqa: E402
 from pipeline.errors import ConfigError, WorkerError  # noqa: E402
 from pipeline.ray_backend import RayExecutor  # noqa: E402
-from pipeline.runner import checksum, resolve  # noqa: E402
-from pipeline.runner import make_source  # noqa: E402
-from pipeline.sources import Work  # noqa: E402
+from pipeline.outputs import checksum
+from pipeline.runner import resolve  # noqa: E402
+from pipeline.sources.factory import open_source as make_source  # noqa: E402
+from pipeline.sources.base import Work  # noqa: E402
 
 SLOW = {"batches": 16, "rows": 8, "cols": 4, "kernel": "faulty", "kernel.params.sleep": 0.2}
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
@@ -101,7 +102,7 @@ def test_node_loss_resubmits_on_remaining_nodes(cluster):
     cfg = cfg_for(cluster, batches=24)
     results, victim = {}, None
     with RayExecutor(cfg, kernels.spec_for("faulty", {"sleep": 0.2})) as ex:
-        for o in ex.stream(make_source(cfg.source)):
+        for o in ex.stream(Work.of(make_source(cfg.source))):
             results[o.index] = o.result
             if len(results) == 3:
                 victim = o.info["node"]
@@ -127,7 +128,7 @@ def test_losing_every_capable_node_fails_fast(cluster):
     t0 = None
     with RayExecutor(cfg, kernels.spec_for("faulty", {"sleep": 0.2})) as ex:
         with pytest.raises(WorkerError, match="cannot be restarted: no alive node has what it needs"):
-            for i, _ in enumerate(ex.stream(make_source(cfg.source))):
+            for i, _ in enumerate(ex.stream(Work.of(make_source(cfg.source)))):
                 if i == 2:
                     t0 = time.monotonic()
                     for n in nodes:

@@ -8,9 +8,11 @@ ray = pytest.importorskip("ray", reason="Ray is not installed (pip install -e '.
 import numpy as np  # noqa: E402
 
 from pipeline import kernels  # noqa: E402
-from pipeline.ray_backend import Outcome, RayExecutor  # noqa: E402
+from pipeline.contracts import Outcome  # noqa: E402
+from pipeline.ray_backend import RayExecutor  # noqa: E402
+from pipeline.sources.base import Work  # noqa: E402
 from pipeline.runner import resolve  # noqa: E402
-from pipeline.sources import FromIterable  # noqa: E402
+from pipeline.sources.datasets import FromIterable  # noqa: E402
 from conftest import local_ray  # noqa: E402
 
 N = 10
@@ -68,7 +70,7 @@ def consume(stream, src, delay=0.05):
 def test_slow_consumer_holds_at_most_window(ex, ordered):
     """A slow consumer: at most `window` batches started and not yielded; results right, order as asked."""
     src = Counted()
-    got, open_counts = consume(ex.stream(src, ordered=ordered, window=3), src)
+    got, open_counts = consume(ex.stream(Work(src), ordered=ordered, window=3), src)
     assert max(open_counts) == 3  # the bound is reached and never passed
     assert all(isinstance(o, Outcome) and o.failure is None for o in got)
     indices = [o.index for o in got]
@@ -83,7 +85,7 @@ def test_slow_consumer_holds_at_most_window(ex, ordered):
 def test_default_window_is_twice_in_flight(ex):
     """Without `window`, at most 2 x in_flight batches are started and not yet yielded."""
     src = Counted()
-    _, open_counts = consume(ex.stream(src), src, delay=0.1)
+    _, open_counts = consume(ex.stream(Work(src)), src, delay=0.1)
     assert max(open_counts) == 2 * ex.cfg.in_flight()
 
 
@@ -91,13 +93,13 @@ def test_default_window_is_twice_in_flight(ex):
 def test_early_close_leaves_actors_clean(ex):
     """Breaking out of a stream pulls nothing more, and the next stream on the same actors is complete."""
     src = Counted()
-    stream = ex.stream(src, window=3)
+    stream = ex.stream(Work(src), window=3)
     first = [next(stream).index for _ in range(2)]
     pulled = src.pulled
     stream.close()
     assert first == [0, 1] and pulled <= 2 + 3
     assert src.pulled == pulled
-    got = {o.index: o.result for o in ex.stream(Counted(), ordered=False)}
+    got = {o.index: o.result for o in ex.stream(Work(Counted()), ordered=False)}
     assert sorted(got) == list(range(N))
 
 
@@ -108,13 +110,13 @@ def test_failed_batch_is_an_outcome_and_fail_raises():
             "rows": 4, "cols": 2, "kernel.params.raise_on": [1]}
     spec = kernels.spec_for("faulty", {"raise_on": [1]})
     with RayExecutor(resolve(None, dict(base, on_error="skip")), spec) as e:
-        got = list(e.stream(Counted(4)))
+        got = list(e.stream(Work(Counted(4))))
         assert [o.index for o in got] == [0, 1, 2, 3]
         assert got[1].result is None and got[1].info == {}
         assert got[1].failure["batch"] == 1 and "raise_on batch 1" in got[1].failure["cause"]
         with pytest.raises(RuntimeError, match="batch 1 .*raise_on batch 1"):
             e.cfg = resolve(None, dict(base, on_error="fail"))
-            list(e.stream(Counted(4)))
+            list(e.stream(Work(Counted(4))))
 
 
 @pytest.mark.timeout(120)

@@ -5,7 +5,8 @@ import pytest
 import pipeline
 from pipeline.cli import main
 from pipeline.config import SourceConfig
-from pipeline.readers import NpyDir, NpyFile, NpzArray, open_source
+from pipeline.sources.arrays import NpyDir, NpyFile, NpzArray
+from pipeline.sources.factory import open_source
 from pipeline.runner import resolve
 
 QUIET = dict(progress=False, threads_per_worker=1)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import pipeline
-from pipeline.runner import checksum
+from pipeline.outputs import checksum
 from conftest import TINY, workers_alive
 
 

@@ -1,4 +1,4 @@
-"""Small batches (NOTE [ Small batches ] in worker.py): several tasks and results per message, builds on
+"""Small batches (NOTE [ Small batches ] in local/worker.py): several tasks and results per message, builds on
 the supervisor when they are quicker than a hand-off, and faults that still name the right batch."""
 import multiprocessing as mp
 import threading
@@ -9,9 +9,11 @@ import pytest
 import torch
 
 import pipeline
-from pipeline import worker
+from pipeline import wire
+from pipeline.compute import Computer
+from pipeline.local import worker
 from pipeline.fields import Layout, from_wire
-from pipeline.handoff import SlotRing
+from pipeline.local.ring import SlotRing
 from pipeline.kernels import spec_for
 from conftest import TINY
 
@@ -27,9 +29,9 @@ def test_worker_sends_the_results_of_quick_batches_in_one_message(tmp_path, monk
     for i in range(3):
         views, desc = ring.view(i, layout)
         views[...] = i + 1
-        tasks.append(worker.Task(i, 1, ring.path, ring.slot_bytes, desc))
+        tasks.append(wire.Task(i, 1, ring.path, ring.slot_bytes, desc))
     main_end, worker_end = mp.Pipe()
-    computer = worker.Computer(spec_for("sum", {}), torch.device("cpu"), False)
+    computer = Computer(spec_for("sum", {}), torch.device("cpu"), False)
     words = np.zeros(1, np.int64)
     t = threading.Thread(target=worker._loop, args=(0, worker_end, computer, words), daemon=True)
     t.start()
@@ -61,9 +63,9 @@ def test_without_status_words_every_result_goes_at_once(tmp_path, monkeypatch):
     for i in range(2):
         views, desc = ring.view(i, layout)
         views[...] = 1
-        tasks.append(worker.Task(i, 1, ring.path, ring.slot_bytes, desc))
+        tasks.append(wire.Task(i, 1, ring.path, ring.slot_bytes, desc))
     main_end, worker_end = mp.Pipe()
-    computer = worker.Computer(spec_for("sum", {}), torch.device("cpu"), False)
+    computer = Computer(spec_for("sum", {}), torch.device("cpu"), False)
     t = threading.Thread(target=worker._loop, args=(0, worker_end, computer, None), daemon=True)
     t.start()
     main_end.send(tasks)
@@ -124,20 +126,20 @@ def test_one_slow_build_does_not_send_the_quick_ones_to_the_build_threads():
     build measured, and a slow build counts as at most twice the limit, so one hiccup (a preempted thread, a
     GC pause) doesn't decide for the builds after it; a run of slow ones does, and quick ones bring it back."""
     from types import SimpleNamespace
-    from pipeline.executor import _Run
-    run = SimpleNamespace(build_cpu=None, build_wall=0.0, source=object(), builders=object(), threads=2,
-                          counts={"built": 4})
-    measured = _Run._measured.__get__(run)
+    from pipeline.local.building import BuildSide
+    side = SimpleNamespace(build_cpu=None, build_wall=0.0, source=object(), builders=SimpleNamespace(processes=0),
+                           threads=2, run=SimpleNamespace(counts={"built": 4}))
+    measured = BuildSide.measured.__get__(side)
     measured(20e-6, 30e-6)
-    assert _Run._inline(run)  # (the first build decides: not a second's start that decays over 40 builds)
+    assert BuildSide.inline(side)  # (the first build decides: not a second's start that decays over 40 builds)
     measured(20e-6, 0.05)  # preempted for 50 ms
-    assert _Run._inline(run)
+    assert BuildSide.inline(side)
     for _ in range(4):
         measured(20e-6, 0.05)  # slow builds (I/O): to the build threads
-    assert not _Run._inline(run)
+    assert not BuildSide.inline(side)
     for _ in range(8):
         measured(20e-6, 30e-6)
-    assert _Run._inline(run)
+    assert BuildSide.inline(side)
 
 
 def test_quick_builds_on_the_supervisor_do_not_suggest_build_processes():
@@ -145,15 +147,16 @@ def test_quick_builds_on_the_supervisor_do_not_suggest_build_processes():
     supervisor built the batches itself, their fixed cost is the limit, and build processes would not help."""
     from types import SimpleNamespace
     from pipeline import devices
-    from pipeline.executor import _Run
+    from pipeline.local.building import BuildSide
     if devices.usable_cpus() < 2:
         pytest.skip("the note needs 2 usable CPUs")
-    run = SimpleNamespace(threads=2, builders=object(), counts={"built": 100, "build_cpu_s": 0.01, "inline": 0},
-                          breakdown={"build_s": 0.02, "idle_s": 1.0, "compute_s": 0.1},
-                          build_span=(5.0, 5.0098, 0.01, 0.02, 100))
-    assert "--build-processes" in _Run.gil_note(run)
+    run = SimpleNamespace(counts={"built": 100, "build_cpu_s": 0.01, "inline": 0},
+                          breakdown={"build_s": 0.02, "idle_s": 1.0, "compute_s": 0.1})
+    side = SimpleNamespace(threads=2, builders=SimpleNamespace(processes=0), run=run,
+                           build_span=(5.0, 5.0098, 0.01, 0.02, 100))
+    assert "--build-processes" in BuildSide.gil_note(side)
     run.counts["inline"] = 100
-    assert _Run.gil_note(run) is None
+    assert BuildSide.gil_note(side) is None
 
 
 @pytest.mark.timeout(120)
@@ -162,8 +165,9 @@ def test_workers_digest_results_when_the_caller_checksums_them():
     the worker, so the main's checksum costs a 32-byte update per batch; without it, no digest is made."""
     from pipeline.config import load_config
     from pipeline.outputs import batch_digest
-    from pipeline.runner import make_executor, make_source
-    from pipeline.sources import Work
+    from pipeline.runner import make_executor
+    from pipeline.sources.factory import open_source as make_source
+    from pipeline.sources.base import Work
     cfg = load_config(None, {"source.rows": 4, "source.cols": 4, "source.batches": 6, "kernel.name": "sum",
                              "workers.count": 1})
     src = make_source(cfg.source)

@@ -12,7 +12,7 @@ import torch
 import pipeline
 from pipeline import kernels
 from pipeline.config import SourceConfig
-from pipeline.sources import Synthetic
+from pipeline.sources.synthetic import Synthetic
 from conftest import TINY, workers_alive, ours
 
 

@@ -44,17 +44,19 @@ import sys
 import numpy as np
 
 from .. import devices, fields, kernels
+from ..compute import Computer
 from ..config import Config
 from ..errors import ConfigError, ExitCode
-from ..outputs import max_rel_diff  # noqa: F401 - pipeline.bench.max_rel_diff, as before; works on structures
-from ..runner import checksum, make_source, resolve
-from ..sources import MapSource
-from ..worker import Computer
+from ..images.folder import ImageSource
+from ..outputs import checksum, max_rel_diff
+from ..runner import resolve
+from ..sources.datasets import MapSource
+from ..sources.factory import open_source
 from . import images, peers, ray_modes
-from .calibration import bound, calibrate, roofline  # noqa: F401 - pipeline.bench.calibrate etc., as before
-from .peers import _dataloader, _executor, _has_spdl, _pipeline, _pool, _spdl, _timed  # noqa: F401 - as before the split
-from .ray_modes import _has_ray, _has_ray_data, _ray, _ray_data, _start_ray  # noqa: F401 - as before
-from .report import PLOT_EXTRA, breakdown_text, machine, plot, table  # noqa: F401 - pipeline.bench.table etc., as before
+from .calibration import bound, calibrate, roofline
+from .peers import _timed, has_spdl
+from .ray_modes import has_ray, has_ray_data, start_ray
+from .report import PLOT_EXTRA, machine, plot, table
 
 RUNNERS = {**peers.RUNNERS, **images.RUNNERS, **ray_modes.RUNNERS}  # mode -> (cfg, spec, src, repeat) -> (results, s, startup, extra)
 MODES = ("serial", *RUNNERS)
@@ -100,7 +102,7 @@ def _modes(text: str, dataset: bool, image_folder: bool = False) -> list[str]:
     """``--modes``: a comma list, or ``all``: every mode whose extra is installed (pipeline.procs only for a
     dataset; ray.data not for one, with a note; pipeline.device and spdl.io only for an image folder). A
     mode whose extra is missing: ConfigError naming it."""
-    present = {"ray": _has_ray(), "ray.data": _has_ray_data(), "spdl": _has_spdl()}
+    present = {"ray": has_ray(), "ray.data": has_ray_data(), "spdl": has_spdl()}
     if image_folder or "spdl.io" in text:
         why = images.has_spdl_io()
         present["spdl.io"] = why is None
@@ -159,11 +161,11 @@ def _build_lists(args) -> list[int] | None:
 def run_bench(cfg: Config, modes: list[str], counts: list[int], repeat: int,
               build_lists: list[int] | None = None) -> dict:
     spec = kernels.spec_for(cfg.kernel.name, dict(cfg.kernel.params), cfg.kernel.precision)
-    src = make_source(cfg.source)
+    src = open_source(cfg.source)
     n = len(src)
     batch_bytes, samples = _sizes(src)
     procs = (cfg.workers.build_processes or devices.usable_cpus()) if "pipeline.procs" in modes else 0
-    image_folder = isinstance(src, images.ImageSource)
+    image_folder = isinstance(src, ImageSource)
     if "ray.data" in modes and not image_folder and not isinstance(src.get(0), np.ndarray):
         raise ConfigError("--modes ray.data takes one array per batch; this source's batches are tuples or "
                           "dicts of fields: leave ray.data out (the ray mode takes them)")
@@ -196,7 +198,7 @@ def run_bench(cfg: Config, modes: list[str], counts: list[int], repeat: int,
     try:
         for mode in sorted((m for m in modes if m != "serial"), key=lambda m: m in RAY_MODES):
             if mode in RAY_MODES and ray_init_s is None:
-                ray_init_s = _start_ray(cfg, counts)
+                ray_init_s = start_ray(cfg, counts)
             runner = RUNNERS[mode]
             for workers in counts:
                 for bt in (build_lists or [0]) if mode == "pipeline" else [0]:

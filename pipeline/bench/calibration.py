@@ -6,8 +6,8 @@ import time
 import torch
 
 from .. import devices, fields, kernels
+from ..compute import Computer
 from ..config import Config
-from ..worker import Computer
 
 
 def calibrate(cfg: Config, spec, src, counts: list[int], build_lists: list[int] | None = None, k: int = 4,

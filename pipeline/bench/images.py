@@ -25,9 +25,9 @@ import time
 import numpy as np
 
 from .. import devices
-from ..images import ImageSource, crop_at, fit, resized  # noqa: F401 - pipeline.bench.images.ImageSource
-from ..runner import make_source
-from ..worker import Computer
+from ..compute import Computer
+from ..images.pillow import crop_at, fit, resized
+from ..sources.factory import open_source
 
 CACHE = os.environ.get("PIPELINE_BENCH_CACHE", os.path.expanduser("~/.cache/pipeline-bench"))
 IMAGE_MODES = ("pipeline.device", "spdl.io")  # only for an image folder
@@ -42,7 +42,7 @@ def make_jpegs(root: str, n: int = 256, seed: int = 0, quality: int = 90) -> lis
     """``n`` JPEGs of ImageNet-like sizes (400-640 x 300-480, about 500 x 375) in ``root``, made once and
     deterministically: smooth gradients and rings plus noise, so that they compress like photographs
     rather than like noise or flat colour."""
-    from ..images import pil
+    from ..images.pillow import pil
     Image, _ = pil()
     os.makedirs(root, exist_ok=True)
     paths = [os.path.join(root, f"img-{i:05d}.jpg") for i in range(n)]
@@ -81,12 +81,12 @@ def decode_agreement(cfg, batches: int = 2) -> dict:
     the largest and the mean absolute difference, in grey levels."""
     import torch
 
-    from ..decoding import decode
-    main = make_source(dataclasses.replace(cfg.source, decode="main"))
-    dev = make_source(dataclasses.replace(cfg.source, decode="device"))
+    from ..images.encoded import decode_batch
+    main = open_source(dataclasses.replace(cfg.source, decode="main"))
+    dev = open_source(dataclasses.replace(cfg.source, decode="device"))
     worst, total, count = 0, 0.0, 0
     for k in range(min(batches, len(main))):
-        got = decode(dev.get(k), torch.device("cpu"), k)[0]["image"].numpy().astype(np.int16)
+        got = decode_batch(dev.get(k), torch.device("cpu"), k)[0]["image"].numpy().astype(np.int16)
         diff = np.abs(got - main.get(k)["image"])
         worst, total, count = max(worst, int(diff.max())), total + float(diff.sum()), count + diff.size
     return {"max_abs": worst, "mean_abs": round(total / count, 4), "images": min(batches, len(main)) * main.batch_size}
@@ -121,7 +121,7 @@ def goals(rows: list[dict], cal: dict, batch_size: int) -> dict:
 def _pipeline_device(cfg, spec, src, repeat):
     from .peers import _pipeline
     c = cfg.replace(**{"source.decode": "device"})
-    return _pipeline(c, spec, make_source(c.source), repeat)
+    return _pipeline(c, spec, open_source(c.source), repeat)
 
 
 def has_spdl_io() -> str | None:
@@ -155,7 +155,7 @@ def _spdl_io_sample(folder, i: int) -> dict:
 
 def _spdl_io(cfg, spec, src, repeat):
     """The ``spdl`` mode's thread pipeline, with SPDL's decoder in place of Pillow."""
-    from ..sources import MapSource
+    from ..sources.datasets import MapSource
     from .peers import _spdl
     return _spdl(cfg, spec, MapSource(_SpdlFolder(src.dataset), src.batch_size, src.drop_last), repeat)
 

@@ -19,11 +19,12 @@ import numpy as np
 import torch
 
 from .. import devices
+from ..compute import Computer
 from ..errors import ConfigError
 from ..fields import fields
 from ..runner import make_executor
-from ..sources import Indexed, MapSource, Work
-from ..worker import Computer
+from ..sources.base import Indexed, Work
+from ..sources.datasets import MapSource
 
 
 def _timed(fn, repeat: int):
@@ -38,7 +39,7 @@ def _timed(fn, repeat: int):
 
 def _pipeline(cfg, spec, src, repeat):
     def work(batches):
-        return Work(batches, src if isinstance(src, Indexed) else None, getattr(src, "max_nbytes", None))
+        return Work.of(src, batches)
 
     with make_executor(cfg, spec) as ex:
         warm = list(src)[: 2 * cfg.workers.count]  # every worker sets its kernel up before timing
@@ -117,7 +118,7 @@ class _Batches(torch.utils.data.Dataset):
     """The bench's batches as a map-style dataset: DataLoader workers build them."""
 
     def __init__(self, src):
-        if not hasattr(src, "get"):
+        if not isinstance(src, Indexed):
             raise ConfigError("the DataLoader mode needs a source that can build batch i on its own "
                               "(synthetic or file input)")
         self.src = src
@@ -181,7 +182,7 @@ def _converter(collate):
 
 
 # -- SPDL: a thread pipeline in the main process ------------------------------------------------------
-def _has_spdl() -> bool:
+def has_spdl() -> bool:
     import importlib.util
     try:
         return importlib.util.find_spec("spdl.pipeline") is not None

@@ -1,6 +1,6 @@
 """The Ray modes: this package's Ray backend (``ray``) and Ray Data's ``map_batches`` (``ray.data``), each
 ``mode(cfg, spec, src, repeat) -> (results, seconds, startup, extra)`` as in ``peers``. Both run on one
-local Ray instance that ``run_bench`` starts once (``_start_ray``). ``_RayDataCompute`` stays at module
+local Ray instance that ``run_bench`` starts once (``start_ray``). ``_RayDataCompute`` stays at module
 level: Ray pickles it by name.
 """
 from __future__ import annotations
@@ -15,23 +15,23 @@ import torch
 
 from .. import devices
 from ..config import Config
-from ..images import ImageSource
-from ..worker import Computer
+from ..compute import Computer
+from ..images.folder import ImageSource
 from .images import ray_data_images
 from .peers import _pipeline
 
 
-def _has_ray() -> bool:
+def has_ray() -> bool:
     import importlib.util
     return importlib.util.find_spec("ray") is not None
 
 
-def _has_ray_data() -> bool:
+def has_ray_data() -> bool:
     import importlib.util
-    return _has_ray() and all(importlib.util.find_spec(m) is not None for m in ("pyarrow", "pandas"))
+    return has_ray() and all(importlib.util.find_spec(m) is not None for m in ("pyarrow", "pandas"))
 
 
-def _start_ray(cfg: Config, counts: list[int]) -> float:
+def start_ray(cfg: Config, counts: list[int]) -> float:
     """The local Ray instance both Ray modes use (private: loopback only, no dashboard); its start-up s."""
     from ..ray_backend import start_local_ray
     t0 = time.perf_counter()

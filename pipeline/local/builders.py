@@ -6,13 +6,14 @@ threads take them. A job without an index draws the next batch record from the s
 (a caller's iterator is not thread-safe, and the draw order is the batch order) and records its index in
 ``drawn``; the fill itself (an RNG fill, a copy out of a memory map or a caller's array) runs outside the
 lock, in parallel: numpy releases the GIL there. A rebuild builds batch ``i`` again from a source that can
-(``rebuild(i)``). A batch of rows (a dataset's samples, NOTE [ Samples ] in sources.py) is cut into
+(``rebuild(i)``). A batch of rows (a dataset's samples, NOTE [ Samples ] in sources/datasets.py) is cut into
 contiguous chunks, two per thread, and the thread that took it puts a hand-in token on the job queue for
 each other thread: an idle one joins in and claims chunks under the batch's own lock (so a tiny sample
 costs a loop iteration, not a queue round-trip); a busy one finds the token later and drops it. The thread
-that finishes the last chunk reports the batch. Every outcome goes to ``report``: ("built", Built),
-("exhausted", slot) or ("error", slot, exception, batch index or None); the supervisor never waits for a
-build, it is told. The same class runs in build processes (buildproc.py), over the same ring.
+that finishes the last chunk reports the batch. Every outcome goes to ``report``: (BUILT, Built),
+(EXHAUSTED, slot) or (ERROR, slot, exception, batch index or None) (wire.py); the supervisor never waits
+for a build, it is told. The same class runs in build processes (buildproc.py), over the same ring, and in
+Ray actors (ray_backend/actor.py), over slots of their own: any ``Ring`` (contracts.py).
 """
 from __future__ import annotations
 
@@ -23,9 +24,10 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
-from .fields import Layout, copy_into
-from .handoff import Descriptor
-from .sources import Batch
+from ..contracts import Ring
+from ..fields import Layout, copy_into
+from ..sources.base import Batch
+from ..wire import BUILT, ERROR, EXHAUSTED, Descriptor
 
 
 @dataclass
@@ -77,7 +79,11 @@ def _returned(event: tuple) -> tuple:
 
 
 class Builders:
-    def __init__(self, batches: Iterator[Batch] | None, rebuild: Callable[[int], Batch] | None, ring,
+    """``threads`` build threads over ``ring`` (a ``Ring``); the main's, a build process's or a Ray actor's."""
+
+    processes = 0  # (build processes: buildproc.BuildProcesses, the same interface)
+
+    def __init__(self, batches: Iterator[Batch] | None, rebuild: Callable[[int], Batch] | None, ring: Ring,
                  threads: int, report: Callable[[tuple], None], record_order: bool = True):
         self._batches, self._rebuild, self._ring, self._report = batches, rebuild, ring, report
         self._draw = threading.Lock()
@@ -126,7 +132,7 @@ class Builders:
     def build_here(self, slot: int, index: int | None = None, batch: Batch | None = None,
                    cpu: bool = True) -> tuple:
         """``submit``'s job, done in the caller's thread (the supervisor's, for batches that build in less
-        time than a hand-off to a thread costs: NOTE [ Small batches ] in worker.py); its outcome returned,
+        time than a hand-off to a thread costs: NOTE [ Small batches ] in local/worker.py); its outcome returned,
         not reported. ``cpu`` False: its CPU time is not measured (``Built.cpu`` is None; a thread's CPU
         clock is a system call, a tiny batch's budget), so the caller measures one build in several."""
         return self._job(slot, index, batch, share=False, cpu=cpu)
@@ -142,7 +148,7 @@ class Builders:
                     if batch is not None and self._record:
                         self.drawn.append(batch.index)
                 if batch is None:
-                    return report(("exhausted", slot))
+                    return report((EXHAUSTED, slot))
             elif batch is None:
                 batch = self._rebuild(index)
             shared = self._share(batch, slot) if share else None
@@ -151,11 +157,11 @@ class Builders:
                 return None
             built = self._fill(batch, slot)
         except BaseException as e:  # noqa: BLE001 - the supervisor decides: one clear error
-            return report(("error", slot, e, batch.index if batch is not None else index))
+            return report((ERROR, slot, e, batch.index if batch is not None else index))
         built.seconds, built.cpu = time.perf_counter() - t0, (time.thread_time() - c0 if cpu else None)
         if self._rebuild is None:  # a caller's batch: its record goes with it, for a retry
             built.batch = batch
-        return report(("built", built))
+        return report((BUILT, built))
 
     def _share(self, batch: Batch, slot: int) -> _Shared | None:
         """A batch of rows that fits its slot, split into contiguous chunks that idle threads may help
@@ -188,9 +194,9 @@ class Builders:
         if last:
             b = shared.batch
             if shared.error is not None:
-                self._report(("error", shared.slot, shared.error, b.index))
+                self._report((ERROR, shared.slot, shared.error, b.index))
             else:
-                self._report(("built", Built(b.index, shared.slot, shared.desc, None, b.nbytes,
+                self._report((BUILT, Built(b.index, shared.slot, shared.desc, None, b.nbytes,
                                              shared.seconds, shared.cpu)))
 
     def _fill(self, batch: Batch, slot: int) -> Built:

@@ -41,9 +41,9 @@ import numpy as np
 from ..config import SourceConfig
 from ..errors import ConfigError, SampleError
 from ..fields import Layout
-from ..sources import Batch, Indexed
-from . import PARQUET_EXTS
+from .base import Batch, Indexed
 
+PARQUET_EXTS = (".parquet", ".parq", ".pq")
 DEFAULT_BATCH_SIZE = 1024
 CACHE = 4  # row groups kept per process (NOTE [ Row groups ])
 EXTRA = "Parquet needs pyarrow: pip install -e '.[parquet]' (or pip install pyarrow)"
@@ -104,6 +104,28 @@ def _column(name: str, t, first_len) -> Column:
         t = t.value_type
     dtype = np.dtype(np.bool_) if pa.types.is_boolean(t) else np.dtype(t.to_pandas_dtype())
     return Column(name, dtype.str, tuple(dims), ragged, arrow)
+
+
+def is_parquet(path: str) -> bool:
+    """Whether ``--input PATH`` names Parquet: a glob, a ``.parquet`` file, or a directory that holds
+    Parquet files (at any depth) and no ``.npy`` file at its top."""
+    if not path:
+        return False
+    if glob.has_magic(path):
+        return True
+    if path.lower().endswith(PARQUET_EXTS):
+        return True
+    if os.path.isdir(path):
+        try:
+            names = os.listdir(path)
+        except OSError:
+            return False
+        if any(n.endswith(".npy") for n in names):
+            return False
+        for _, _, files in os.walk(path):
+            if any(f.lower().endswith(PARQUET_EXTS) for f in files):
+                return True
+    return False
 
 
 def list_files(path: str) -> list[str]:

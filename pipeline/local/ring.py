@@ -1,17 +1,10 @@
-"""The host-only rule, and the shared-memory slot ring that makes a handoff cost one memcpy.
-
-NOTE [ Handoff ]
-Only host data crosses the process boundary. ``to_host`` checks everything handed to a worker before it
-is sent: a tensor on a non-CPU device, or a non-leaf tensor that requires grad, raises ``HandoffError``.
-Torch would not stop it: on Linux a spawn pool passes a CUDA tensor through CUDA IPC silently (the child
-can't send it back and the parent must outlive it), a fork child dies and the pool hangs, and Windows has
-no CUDA IPC at all (DESIGN.md, "Measured facts").
+"""The shared-memory slot ring that makes a handoff cost one memcpy.
 
 NOTE [ Slot ring ]
 One shared-memory file of ``count`` slots, allocated once and reused for every batch (and every run on
 the same workers). Build threads write a batch straight into a free slot and the main sends a small
 descriptor; the worker views the slot without copying. Which slots are free is the run's business
-(executor.py, NOTE [ Slot release ]). The file lives in ``handoff.dir`` (/dev/shm) under a name that
+(local/slots.py, NOTE [ Slot release ]). The file lives in ``handoff.dir`` (/dev/shm) under a name that
 carries the main's pid (``pipeline-<pid>-<token>``): it is unlinked when the run ends by any path; workers
 unlink it when they notice that the main died (SIGKILL); and ``remove_stale`` clears files of dead mains.
 We use a plain file rather than ``multiprocessing.shared_memory`` because on Python 3.11/3.12 attaching
@@ -39,75 +32,21 @@ import re
 import secrets
 import stat
 import tempfile
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from . import devices
-from .config import RING_DIR
-from .errors import ConfigError, HandoffError
+from .. import devices
+from ..config import RING_DIR
+from ..errors import ConfigError
+from ..wire import Descriptor
 
 SHM_DIR = RING_DIR  # the default handoff.dir
-PREFIX = "pipeline-"
+RING_PREFIX = "pipeline-"
 RING_NAME = re.compile(r"^pipeline-(\d+)-[0-9a-f]{8}$")
 ALIGN = 4096
 MIB = 1 << 20
 NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOMEM)
 NOT_HERE = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOTDIR, errno.EOPNOTSUPP)
-
-
-def to_host(obj: Any, where: str) -> Any:
-    """``obj`` with every CPU tensor turned into numpy; HandoffError for device or autograd tensors.
-
-    Walks dicts, lists and tuples, so kernel params are checked as deeply as batches.
-    """
-    torch = _torch_if_loaded()
-    if torch is not None and isinstance(obj, torch.Tensor):
-        if obj.device.type != "cpu":
-            raise HandoffError(
-                f"{where}: a torch.Tensor on device '{obj.device}' (shape {tuple(obj.shape)}) cannot be "
-                f"handed to a worker; only host data crosses the process boundary. Pass "
-                f"`t.cpu().numpy()` from the main process; the worker moves it to its device."
-            )
-        if obj.requires_grad and obj.grad_fn is not None:
-            raise HandoffError(
-                f"{where}: a non-leaf torch.Tensor that requires grad (grad_fn "
-                f"{type(obj.grad_fn).__name__}) cannot be handed to a worker: autograd does not cross "
-                f"processes. Pass `t.detach().cpu().numpy()`."
-            )
-        return obj.detach().numpy()
-    if isinstance(obj, dict):
-        return {k: to_host(v, f"{where}.{k}") for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_host(v, f"{where}[{i}]") for i, v in enumerate(obj))
-    return obj
-
-
-def as_batch(obj: Any, where: str) -> np.ndarray:
-    """A batch from a caller's source as a numpy array (checked by ``to_host``)."""
-    arr = to_host(obj, where)
-    if not isinstance(arr, np.ndarray):
-        try:
-            arr = np.asarray(arr)
-        except Exception as e:  # noqa: BLE001 - any conversion failure is the caller's input
-            raise HandoffError(f"{where}: cannot turn {type(obj).__name__} into a numpy array: {e}") from None
-    if arr.dtype.hasobject:
-        raise HandoffError(f"{where}: object arrays are not batches (dtype {arr.dtype}); "
-                           f"pass a numeric array")
-    return arr
-
-
-def _torch_if_loaded():
-    import sys
-    return sys.modules.get("torch")
-
-
-@dataclass(frozen=True)
-class Descriptor:
-    """What travels to the worker for a slot batch: a few dozen bytes, whatever the batch size."""
-    slot: int
-    layout: Any  # fields.Layout: the structure, and each field's shape, dtype and offset in the slot
 
 
 class SlotRing:
@@ -122,7 +61,7 @@ class SlotRing:
         self.asked_dir = directory
         self.slot_bytes = aligned(slot_bytes)
         self.directory = os.path.abspath(directory)
-        self.name = f"{PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
+        self.name = f"{RING_PREFIX}{os.getpid()}-{secrets.token_hex(4)}"
         self.path = os.path.join(self.directory, self.name)
         self._mm = None
         self._views: dict = {}  # slot -> (layout, views, descriptor): see ``view``
@@ -254,7 +193,7 @@ def remove_stale(*directories: str, dead: int | None = None) -> list[str]:
             continue
         for name in names:
             m = RING_NAME.match(name)
-            if m is None or (int(m.group(1)) != dead and _alive(int(m.group(1)))):
+            if m is None or (int(m.group(1)) != dead and alive(int(m.group(1)))):
                 continue
             path = os.path.join(directory, name)
             try:
@@ -264,18 +203,6 @@ def remove_stale(*directories: str, dead: int | None = None) -> list[str]:
             except OSError:
                 pass
     return removed
-
-
-def watchdog(main_pid: int, ring_dir: str) -> None:
-    """A child's thread (worker or build process): when the main is gone (even by SIGKILL), unlink its
-    rings and exit (NOTE [ Shutdown ] in worker.py)."""
-    import time
-    ppid = os.getppid()
-    while True:
-        time.sleep(0.5)
-        if os.getppid() != ppid or not _alive(main_pid):
-            remove_stale(ring_dir, dead=main_pid)  # ours, and any other dead main's
-            os._exit(1)
 
 
 def aligned(slot_bytes: int) -> int:
@@ -394,7 +321,7 @@ def _size(n: int) -> str:
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     """Process ``pid`` runs (a zombie does not: it died and waits for its parent to reap it)."""
     try:
         os.kill(pid, 0)
@@ -407,17 +334,3 @@ def _alive(pid: int) -> bool:
             return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
     except (OSError, IndexError):
         return True
-
-
-def pipe_broke(main_pid: int, ring_dir: str, wait: float = 1.0) -> None:
-    """A child's pipe to the main broke: if the main is gone, unlink its rings (and any other dead main's).
-    Looked at for ``wait`` s: a dying process closes its pipes a moment before it is a zombie. The child's
-    parent is no sign: a forkserver's workers are the server's children, and the server may outlive the
-    main by a moment."""
-    import time
-    deadline = time.monotonic() + wait
-    while _alive(main_pid):
-        if time.monotonic() > deadline:
-            return
-        time.sleep(0.02)
-    remove_stale(ring_dir, dead=main_pid)

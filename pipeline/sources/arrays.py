@@ -28,7 +28,7 @@ import numpy as np
 from ..config import SourceConfig
 from ..errors import ConfigError
 from ..fields import Layout
-from ..sources import Batch, Indexed
+from .base import Batch, Indexed
 
 NUMERIC = "biufc"  # bool, signed, unsigned, float, complex
 

@@ -14,12 +14,12 @@ size by the time it is read is a bad file), so the slots need no fixed capacity 
 largest batch, or twice the median batch when a few huge files make that larger; such a batch travels
 pickled (the summary's handoff line counts it, and a note says to raise ``handoff.slot_mb``).
 
-Every place that computes a batch calls ``Computer`` (worker.py), which calls ``decode`` here first: the
+Every place that computes a batch calls ``Computer`` (compute.py), which calls ``decode_batch`` here first: the
 kernel sees the same fields as with ``decode = "main"`` (``image`` uint8 (B, S, S, 3) or (B, 3, S, S) on
 the worker's device, then ``index``, ``label``, ``valid``). On CUDA, JPEGs that are plain RGB or grayscale
 with no EXIF rotation are decoded together with nvJPEG (``torchvision.io.decode_jpeg(list, device=...)``);
 every other file, and every file on a CPU worker, is decoded with Pillow by the same rules as the main's
-(``images.decode``: EXIF orientation, 8-bit RGB, reduced-scale decode of a large JPEG). Then, on the
+(``pillow.decode_file``: EXIF orientation, 8-bit RGB, reduced-scale decode of a large JPEG). Then, on the
 device, the shorter side is resized to R (``interpolate``, bilinear, antialiased) and the centre S x S
 cropped: the same sizes and offsets as Pillow's resize and crop in the main, but a different resampler,
 so the pixels differ by a grey level or so (README: the tolerance). A file that can't be decoded fails
@@ -29,22 +29,97 @@ the batch naming it (a ``SampleError``), or with ``valid`` in the batch becomes 
 from __future__ import annotations
 
 import io
+import os
 import warnings
 
 import numpy as np
 import torch
 
-from .errors import SampleError
+from ..errors import ConfigError, SampleError
+from ..fields import Layout
+from .pillow import BAD_FILE_HINT, crop_at, decode_file, pil, resized
 
 ENCODED, OFFSETS, TRANSFORM = "encoded_images", "encoded_offsets", "encoded_transform"
 JPEG = b"\xff\xd8\xff"
 
 
+# -- the writer: the main's build threads read each file into its row ---------------------------------------
+def entries(folder) -> np.ndarray:
+    """Bytes each sample of ``folder`` (an ImageFolder) takes in an encoded batch (its path, a NUL, its
+    file), from the files' sizes now: int64 (samples,). Keeps the sizes in ``folder.sizes``: a file that has
+    changed size when it is read is a bad file."""
+    names = [len(f.encode()) + 1 for f in folder.files]
+    try:
+        sizes = [os.stat(os.path.join(folder.root, f)).st_size for f in folder.files]
+    except OSError as e:
+        raise ConfigError(f"--input {folder.root}: {e.filename}: {e.strerror or e}") from None
+    folder.sizes = np.asarray(sizes, np.int64)
+    return np.asarray(names, np.int64) + folder.sizes
+
+
+def layout(rows: int, nbytes: int, labels: bool, valid: bool) -> Layout:
+    """An encoded batch of ``rows`` samples and ``nbytes`` of entries: its fields and their shapes."""
+    fields = {ENCODED: (np.uint8, (nbytes,)), OFFSETS: (np.int64, (rows + 1,)), TRANSFORM: (np.int64, (3,)),
+              "index": (np.int64, (rows,))}
+    if labels:
+        fields["label"] = (np.int64, (rows,))
+    if valid:
+        fields["valid"] = (np.bool_, (rows,))
+    return Layout.make("dict", tuple(fields), [s for _, s in fields.values()], [d for d, _ in fields.values()])
+
+
+def fill_rows(folder, starts: np.ndarray, views: dict, base: int, lo: int, hi: int) -> None:
+    """Rows ``lo .. hi`` of the encoded batch whose first sample is ``base`` into ``views``: offsets (from
+    ``starts``, each sample's first byte in the whole listing), the transform, and per sample its path, a
+    NUL and its file's bytes; ``index``, ``label``, ``valid``."""
+    views[OFFSETS][lo:hi + 1] = starts[base + lo:base + hi + 1] - starts[base]
+    if lo == 0:
+        views[TRANSFORM][:] = (folder.size, folder.resize, folder.layout == "nchw")
+    data, offs = views[ENCODED], views[OFFSETS]
+    for row in range(lo, hi):
+        i = base + row
+        rel, at, end = folder.files[i], int(offs[row]), int(offs[row + 1])
+        name = rel.encode() + b"\0"
+        data[at:at + len(name)] = np.frombuffer(name, np.uint8)
+        why = _read_exactly(os.path.join(folder.root, rel), data[at + len(name):end], int(folder.sizes[i]))
+        if why is not None and not folder.skip:
+            raise SampleError(f"file {rel}: {why}{BAD_FILE_HINT}")
+        if why is not None:
+            folder.found_bad({i: why})
+            data[at + len(name):end] = 0
+        views["index"][row] = i
+        if folder.labels is not None:
+            views["label"][row] = folder.labels[i]
+        if folder.skip:
+            views["valid"][row] = why is None
+
+
+def _read_exactly(path: str, out: np.ndarray, size: int) -> str | None:
+    """The file's ``size`` bytes into ``out``; None, or why not (unreadable, or it changed size)."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            view, got = memoryview(out), 0
+            while got < size:
+                n = f.readinto(view[got:])
+                if not n:
+                    break
+                got += n
+            more = f.read(1)
+    except OSError as e:
+        return f"{type(e).__name__}: {e.strerror or e}"
+    if got != size or more:
+        return (f"OSError: the file changed size since the folder was listed ({size} bytes then, "
+                f"{'more' if more else got} now): run again")
+    return None
+
+
+
+# -- the reader: the worker decodes before the kernel ------------------------------------------------------
 def is_encoded(batch) -> bool:
     return isinstance(batch, dict) and ENCODED in batch
 
 
-def decode(batch: dict, device: torch.device, index: int = -1) -> tuple[dict, dict]:
+def decode_batch(batch: dict, device: torch.device, index: int = -1) -> tuple[dict, dict]:
     """An encoded batch as the batch the kernel sees (``image`` a tensor on ``device``, the other fields
     as they are), and ``{sample: why}`` for the files that could not be decoded (``valid`` False)."""
     data, offs = batch[ENCODED], batch[OFFSETS]
@@ -69,7 +144,6 @@ def decode(batch: dict, device: torch.device, index: int = -1) -> tuple[dict, di
                 failed[i] = f"{type(e).__name__}: {e}"
     if failed and valid is None:
         i = min(failed)
-        from .images import BAD_FILE_HINT
         raise SampleError(f"sample {int(batch['index'][i])} (batch {index}): file {names[i]}: {failed[i]}"
                           f"{BAD_FILE_HINT}")
     out = torch.zeros((len(blobs), 3, size, size), dtype=torch.uint8, device=device)
@@ -91,7 +165,6 @@ def decode(batch: dict, device: torch.device, index: int = -1) -> tuple[dict, di
 def transform(x: torch.Tensor, size: int, resize: int) -> torch.Tensor:
     """uint8 (3, h, w) -> (3, size, size): shorter side to ``resize`` (bilinear, antialiased, as Pillow's
     resize in the main: the same output size), then the centre crop (the same offsets)."""
-    from .images import crop_at, resized
     h, w = x.shape[1:]
     nw, nh = resized((w, h), resize)
     if (nw, nh) != (w, h):
@@ -114,9 +187,8 @@ class _File(io.BytesIO):
 
 
 def _pillow(blob: np.ndarray, resize: int, name: str) -> torch.Tensor:
-    """One file decoded with Pillow by the main's rules (``images.decode``): uint8 (3, h, w) on the CPU."""
-    from .images import decode as pil_decode
-    im = pil_decode(_File(memoryview(blob), name), resize)
+    """One file decoded with Pillow by the main's rules (``pillow.decode_file``): uint8 (3, h, w) on the CPU."""
+    im = decode_file(_File(memoryview(blob), name), resize)
     return torch.from_numpy(np.array(im)).permute(2, 0, 1)
 
 
@@ -124,7 +196,6 @@ def _plain_jpeg(blob: np.ndarray) -> bool:
     """A JPEG nvJPEG decodes as the main would: RGB or grayscale, no EXIF rotation (its header only)."""
     if blob[:3].tobytes() != JPEG:
         return False
-    from .images import pil
     Image, _ = pil()
     try:
         with Image.open(io.BytesIO(memoryview(blob))) as im:

@@ -11,57 +11,48 @@ dataset, synthetic batches, files); a caller's iterator is drawn in the main.
 
 The supervisor treats them like workers: it draws the batch indices itself, gives each ``(slot, index)``
 job to the process with the fewest, and sends a process the jobs of one supervisor turn in one message
-(``flush``); a reader thread per process turns what comes back (``("built", index, slot, layout, nbytes,
-seconds, cpu)``, ``("error", slot, packed, index)``) into the same build events the threads report. Both
-ways travel as plain ``pickle`` (NOTE [ Small batches ] in worker.py: a batch's fixed cost is these
-messages). A process
-that dies (SIGKILL, a segfault in a decoder) ends its reader with EOF; the supervisor records a restart,
+(``flush``); a reader thread per process turns what comes back (``(BUILT, index, slot, layout, nbytes,
+seconds, cpu)``, ``(ERROR, slot, packed, index)``: wire.py) into the same build events the threads
+report. Both ways travel as plain ``pickle`` (NOTE [ Small batches ] in local/worker.py: a batch's fixed
+cost is these messages). Their lifecycle is the workers' (procs.py): a process that dies (SIGKILL, a
+segfault in a decoder) ends its reader with EOF; the supervisor records a restart,
 builds the batches it held again elsewhere (quarantined after ``faults.max_attempts``), and starts a new
 process in its place. One that dies before it was ready ``faults.max_attempts`` times in a row fails the
 run. The processes live for one run (their start-up overlaps the workers').
-
-  main -> build process   [(slot, index), ...] | None (stop)
-  build process -> main   ("ready", pid) | ("fatal", packed) | ("built", index, slot, layout, nbytes, seconds,
-                          cpu) | ("built", Built) (a batch larger than a slot) | ("error", slot, packed, index)
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import pickle
-import signal
 import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from . import devices, outputs
+from .. import wire
+from ..errors import PackedError
+from ..wire import BUILDER_DIED, BUILT, ERROR, EXHAUSTED, FATAL, READY, Descriptor
 from .builders import Built, Builders
-from .errors import WorkerError, pack_error
-from .handoff import Descriptor, SlotReader, pipe_broke, watchdog
+from .procs import Child, Children, child_setup, pipe_broke
+from .ring import SlotReader
 
 
-def main(rank: int, conn, payload: bytes, ring_path: str, slot_bytes: int, threads: int, main_pid: int,
-         ring_dir: str, out=None) -> None:
-    """Entry point of a build process."""
-    outputs.worker_stdio(out)  # prints go to the main's stderr, as a worker's do
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main's (NOTE [ Shutdown ] in worker.py)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-    threading.Thread(target=watchdog, args=(main_pid, ring_dir), daemon=True).start()
+def main(rank: int, conn, out, main_pid: int, ring_dir: str, payload: bytes, ring_path: str, slot_bytes: int,
+         threads: int) -> None:
+    """Entry point of a build process (procs.Children starts it)."""
+    child_setup(out, main_pid, ring_dir)  # prints go to the main's stderr, as a worker's do
     lock = threading.Lock()
 
     def send(msg) -> None:
-        data = pickle.dumps(msg, pickle.HIGHEST_PROTOCOL)  # (plain pickle: see the NOTE)
         with lock:
-            conn.send_bytes(data)
+            wire.send(conn, msg)
 
     def report(event: tuple) -> None:
-        if event[0] == "error":
+        if event[0] == ERROR:
             _, slot, error, index = event
-            event = ("error", slot, pack_error(error), index)
-        elif event[0] == "built" and event[1].desc is not None:
+            event = (ERROR, slot, PackedError.pack(error), index)
+        elif event[0] == BUILT and event[1].desc is not None:
             b = event[1]
-            event = ("built", b.index, b.slot, b.desc.layout, b.nbytes, b.seconds, b.cpu)
+            event = (BUILT, b.index, b.slot, b.desc.layout, b.nbytes, b.seconds, b.cpu)
         send(event)
 
     try:
@@ -71,9 +62,9 @@ def main(rank: int, conn, payload: bytes, ring_path: str, slot_bytes: int, threa
             reader = SlotReader(ring_path, slot_bytes)
             builders = Builders(None, source.batch, _Ring(reader), threads, report, record_order=False)
         except BaseException as e:  # noqa: BLE001 - reported to the main, which raises it
-            send(("fatal", pack_error(e)))
+            send((FATAL, PackedError.pack(e)))
             return
-        send(("ready", os.getpid()))
+        send((READY, os.getpid()))
         while True:
             jobs = conn.recv()
             if jobs is None:
@@ -86,7 +77,8 @@ def main(rank: int, conn, payload: bytes, ring_path: str, slot_bytes: int, threa
 
 
 class _Ring:
-    """The builders' view of the ring in a build process: slot ``k`` in a layout, and its descriptor."""
+    """The builders' view of the ring in a build process (a ``Ring``): slot ``k`` in a layout, and its
+    descriptor."""
 
     def __init__(self, reader: SlotReader):
         self.reader, self.slot_bytes = reader, reader.slot_bytes
@@ -97,49 +89,31 @@ class _Ring:
 
 
 @dataclass
-class _Proc:
-    rank: int
-    process: mp.process.BaseProcess
-    conn: object
+class _Proc(Child):
     jobs: dict = field(default_factory=dict)  # slot -> batch index, given to it and not answered
     outbox: list = field(default_factory=list)  # (slot, index) jobs not sent yet (``flush``)
-    ready: bool = False
-    pid: int | None = None
     alive: bool = True  # False once its reader saw its pipe end
 
 
 class BuildProcesses:
     """N build processes with ``threads`` build threads each, behind the interface of ``Builders``:
     ``submit(slot, index)``, ``drawn``, ``close()``; outcomes go to ``report`` as build events, plus
-    ``("builder_died", rank)`` for a process that is gone (the supervisor calls ``replace``)."""
+    ``(BUILDER_DIED, rank)`` for a process that is gone (the supervisor calls ``replace``)."""
 
     def __init__(self, ctx, payload: bytes, ring, processes: int, threads: int, relay, ring_dir: str):
-        self._ctx, self._payload, self._ring = ctx, payload, ring
-        self._relay, self._ring_dir = relay, ring_dir
-        self._batches, self._report, self._record = iter(()), _nobody, True
         self.per_process = max(1, threads)
+        self._children = Children(ctx, "build process", "builder", main, relay, self.per_process, ring_dir,
+                                  make=_Proc)
+        self._args = (payload, ring.path, ring.slot_bytes, self.per_process)
+        self._batches, self._report, self._record = iter(()), _nobody, True
         self.drawn: deque[int] = deque()  # batch indices in the order they were drawn
-        self.key = None  # what they build, into which ring (the executor's: executor._build_processes)
+        self.key = None  # what they build, into which ring (the executor's: LocalExecutor._build_processes)
+        self.processes = processes
         self.count = processes * self.per_process  # build threads in all
-        self.starts_failed: dict[int, int] = {}  # rank -> deaths before 'ready', in a row
-        self.procs: list[_Proc] = []
-        for r in range(processes):
-            self.procs.append(self._spawn(r))
+        self.procs: list[_Proc] = [self._spawn(r) for r in range(processes)]
 
     def _spawn(self, rank: int) -> _Proc:
-        from .executor import _no_phantom_main_file, start_deaf
-        parent, child = self._ctx.Pipe(duplex=True)
-        out = self._relay.pipe()
-        p = self._ctx.Process(target=main, name=f"pipeline-builder-{rank}", daemon=True,
-                              args=(rank, child, self._payload, self._ring.path, self._ring.slot_bytes,
-                                    self.per_process, os.getpid(), self._ring_dir, out))
-        try:
-            with devices.thread_env(self.per_process), _no_phantom_main_file():
-                start_deaf(self._ctx, p)
-        finally:
-            out.close()
-        child.close()
-        proc = _Proc(rank, p, parent)
+        proc = self._children.start(rank, *self._args)
         threading.Thread(target=self._read, args=(proc,), name=f"pipeline-builder-{rank}-reader",
                          daemon=True).start()
         return proc
@@ -150,30 +124,30 @@ class BuildProcesses:
             while True:
                 msg = proc.conn.recv()
                 kind = msg[0]
-                if kind == "ready":
-                    proc.ready, proc.pid = True, msg[1]
-                    self.starts_failed.pop(proc.rank, None)
-                elif kind == "fatal":
-                    self._report(("error", None, _remote(msg[1], f"build process {proc.rank} could not "
-                                                                  f"set up the source"), None))
-                elif kind == "built":
+                if kind == READY:
+                    proc.pid = msg[1]
+                    self._children.came_up(proc)
+                elif kind == FATAL:
+                    self._report((ERROR, None, msg[1].exception(f"build process {proc.rank} could not "
+                                                                f"set up the source"), None))
+                elif kind == BUILT:
                     if len(msg) > 2:
                         _, index, slot, layout, nbytes, seconds, cpu = msg
-                        msg = ("built", Built(index, slot, Descriptor(slot, layout), None, nbytes, seconds, cpu))
+                        msg = (BUILT, Built(index, slot, Descriptor(slot, layout), None, nbytes, seconds, cpu))
                     proc.jobs.pop(msg[1].slot, None)
                     self._report(msg)
                 else:
                     _, slot, packed, index = msg
                     proc.jobs.pop(slot, None)
-                    self._report(("error", slot, _remote(packed, f"build process {proc.rank} (pid "
-                                                                 f"{proc.pid})"), index))
+                    self._report((ERROR, slot, packed.exception(f"build process {proc.rank} (pid {proc.pid})"),
+                                  index))
         except (EOFError, OSError):
             pass
         except BaseException as e:  # noqa: BLE001 - a bug here: the run fails with it, never hangs
-            self._report(("error", None, e, None))
+            self._report((ERROR, None, e, None))
         finally:
             proc.alive = False
-            self._report(("builder_died", proc.rank))
+            self._report((BUILDER_DIED, proc.rank))
 
     def bind(self, batches, report: Callable[[tuple], None], record_order: bool = True) -> None:
         """A run's batches and its report: processes kept from an earlier run serve the next one."""
@@ -197,7 +171,7 @@ class BuildProcesses:
         if index is None:
             batch = next(self._batches, None)
             if batch is None:
-                self._report(("exhausted", slot))
+                self._report((EXHAUSTED, slot))
                 return
             index = batch.index
             if self._record:
@@ -212,29 +186,18 @@ class BuildProcesses:
             if p.outbox:
                 jobs, p.outbox = p.outbox, []
                 try:
-                    p.conn.send_bytes(pickle.dumps(jobs, pickle.HIGHEST_PROTOCOL))
+                    wire.send(p.conn, jobs)
                 except OSError:
                     pass  # it died: its reader reports it, and the jobs are among those it held
 
     def replace(self, rank: int, limit: int) -> tuple[_Proc, list[tuple[int, int]], str]:
-        """The dead process ``rank``, what it held ((slot, index) pairs) and why it ended; a new one in
+        """The dead process ``rank``, its jobs not answered ((slot, index) pairs) and why it ended; a new one in
         its place. WorkerError if it died before it was ready ``limit`` times in a row."""
         proc = next(p for p in self.procs if p.rank == rank)
-        if proc.process.is_alive():  # its pipe broke while it lives on: it is of no use any more
-            proc.process.kill()
-        proc.process.join()
-        proc.conn.close()
-        from .executor import _likely, signal_name
-        if not proc.ready and self.starts_failed.get(rank, 0) + 1 >= limit:
-            raise WorkerError(f"build process {rank} (pid {proc.process.pid}) died while starting "
-                              f"{limit} times in a row, the last by {signal_name(proc.process.exitcode)}"
-                              f"{_likely(proc.process.exitcode)}; its error, if any, is printed above")
-        cause = signal_name(proc.process.exitcode) + _likely(proc.process.exitcode)
-        if not proc.ready:
-            self.starts_failed[rank] = self.starts_failed.get(rank, 0) + 1
-        held = list(proc.jobs.items())
+        cause = self._children.died(proc, limit)
+        jobs = list(proc.jobs.items())
         self.procs[self.procs.index(proc)] = self._spawn(rank)
-        return proc, held, cause
+        return proc, jobs, cause
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop them: each finishes the build it is in (up to ``timeout``); one still setting its source
@@ -244,24 +207,8 @@ class BuildProcesses:
             if not p.ready and p.process.is_alive():
                 p.process.kill()
         self.flush()
-        for p in self.procs:
-            try:
-                p.conn.send(None)
-            except OSError:
-                pass
-        for p in self.procs:
-            p.process.join(timeout)
-            if p.process.is_alive():
-                p.process.kill()
-                p.process.join()
-        for p in self.procs:
-            p.conn.close()
+        self._children.stop(self.procs, grace=timeout)
 
 
 def _nobody(event: tuple) -> None:
     """Where events go between runs: nowhere (a death then shows at the next run's ``idle`` check)."""
-
-
-def _remote(packed: tuple, where: str) -> BaseException:
-    from .executor import remote_error
-    return remote_error(packed, where)

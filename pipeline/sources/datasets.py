@@ -1,148 +1,22 @@
-"""Batch sources. Every batch is a deterministic function of (config, batch index).
+"""Your data: a map-style dataset (samples into rows, NOTE [ Samples ]), or an iterable of batches.
 
-A source yields ``Batch`` records: the index, shape and dtype, and ``fill(out)``, which writes the batch
-into an array the caller provides (a shared-memory slot, usually), so the main process spends one pass
-over the memory per batch and allocates nothing. Making the record is cheap; ``fill`` is the work, and
-build threads run it in parallel (NOTE [ Builders ] in builders.py).
-
-A source that can build batch ``i`` on its own has ``batch(i)`` (synthetic, file input): a lost batch is
-built again from it, so its slot can be reused as soon as a worker has copied it to the device. The
-caller's own iterable can only be drawn from in order, one thread at a time.
-
-Imports go one way: ``readers`` (file sources) builds on this module, never the reverse.
+``MapSource`` groups a dataset's samples into batches (batch k holds samples kB .. kB+B-1), writing each
+sample straight into its row of the slot; ``FromIterable`` draws a caller's iterable of whole batches in
+order; ``load_dataset`` makes ``source.object`` (``--source NAME``) from its name.
 """
 from __future__ import annotations
 
-import functools
 import importlib
-import threading
-from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .config import SourceConfig
-from .errors import ConfigError, SampleError
-from .fields import Layout, copy_into, fields, flatten
+from ..errors import ConfigError, SampleError
+from ..fields import Layout, copy_into, fields, flatten
+from .base import Batch, Indexed, Source
 
 
-@dataclass
-class Batch:
-    """One batch to build: ``fill(views)`` writes it into views in ``layout`` (a slot's). ``rows`` > 0: it
-    may instead be built a chunk at a time, ``fill_rows(views, lo, hi)`` for rows lo..hi, on several
-    threads at once. ``layout`` None: known only once built, by ``produce()`` (a collate function, a
-    dataset item that is a whole batch), whose fields are then copied into the slot."""
-    index: int
-    layout: Layout | None
-    fill: Callable | None
-    nbytes: int  # layout.nbytes (0 while unknown)
-    rows: int = 0
-    fill_rows: Callable | None = None
-    produce: Callable | None = None
-
-    def array(self):
-        """The batch as new arrays (an array, or a tuple or dict of them), built apart from the slots."""
-        if self.layout is None:
-            return self.produce()
-        out = self.layout.empty()
-        self.fill(out)
-        return out
-
-
-class Indexed:
-    """A source of ``n`` batches, each built on its own by ``batch(i)``: any thread, any order."""
-
-    n: int
-
-    def __len__(self) -> int:
-        return self.n
-
-    def batch(self, index: int) -> Batch:
-        raise NotImplementedError
-
-    def get(self, index: int):
-        """Batch ``index`` as new arrays (the bench's DataLoader mode builds them in its workers)."""
-        return self.batch(index).array()
-
-    def __iter__(self) -> Iterator[Batch]:
-        return map(self.batch, range(self.n))
-
-
-_rngs = threading.local()
-
-
-_M64 = (1 << 64) - 1
-_GOLD = 0x9E3779B97F4A7C15
-
-
-_BLOCK = 256  # batches whose seeds are computed together (``_seeds``)
-
-
-def _seeds(seed: int, block: int) -> list[tuple[int, int]]:
-    """PCG64 (state, increment) of batches ``block * _BLOCK`` on: four SplitMix64 outputs each, started
-    from (seed, index), computed with numpy for the whole block (uint64 arithmetic wraps, as SplitMix64's)."""
-    x = np.uint64((seed * _GOLD) & _M64) + np.arange(block * _BLOCK, (block + 1) * _BLOCK, dtype=np.uint64)
-    words = []
-    for k in range(1, 5):
-        y = x + np.uint64((k * _GOLD) & _M64)
-        z = (y ^ (y >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        words.append((z ^ (z >> np.uint64(31))).tolist())
-    return [(a << 64 | b, c << 64 | d | 1) for a, b, c, d in zip(*words)]
-
-
-def rng(seed: int, index: int) -> np.random.Generator:
-    """Batch ``index``'s generator: PCG64 (numpy's default, fast in bulk) whose 128-bit state and stream
-    are four SplitMix64 outputs started from (seed, index), as generators of the xoshiro family seed
-    themselves: a stream per batch for a microsecond or two (``default_rng([seed, index])`` hashes its
-    seed, which costs a tiny batch more than its bytes). One generator per thread, set afresh each time;
-    the seeds of a block of batches are computed at once and kept for the thread's next batches."""
-    local = _rngs.__dict__
-    g = local.get("g")
-    if g is None:
-        g = local["g"] = np.random.Generator(np.random.PCG64(0))
-    block = index // _BLOCK
-    kept = local.get("seeds")
-    if kept is None or kept[0] != seed or kept[1] != block:
-        kept = local["seeds"] = (seed, block, _seeds(seed, block))
-    state, inc = kept[2][index - block * _BLOCK]
-    g.bit_generator.state = {"bit_generator": "PCG64", "has_uint32": 0, "uinteger": 0,
-                             "state": {"state": state, "inc": inc}}
-    return g
-
-
-class Synthetic(Indexed):
-    """Uniform random batches from ``rng(seed, index)``: same index, same bytes, anywhere."""
-
-    def __init__(self, cfg: SourceConfig):
-        self.n = cfg.batches
-        self.shape = (cfg.rows, cfg.cols)
-        self.dtype = np.dtype(cfg.dtype)
-        self.floats = self.dtype in (np.float32, np.float64)  # (decided once: a tiny batch's budget)
-        self.seed = cfg.seed
-        self.layout = Layout.make("array", (), [self.shape], [self.dtype])
-        self.max_nbytes = self.layout.nbytes
-
-    def identity(self) -> dict:
-        """What batch i depends on: an output directory written from it is resumed only if this matches."""
-        return {"kind": "synthetic", "batches": self.n, "rows": self.shape[0], "cols": self.shape[1],
-                "dtype": self.dtype.name, "seed": self.seed, "rng": "splitmix-seeded pcg64"}
-
-    def build(self, index: int, out: np.ndarray) -> None:
-        g = rng(self.seed, index)
-        if self.floats:
-            g.random(dtype=self.dtype, out=out)  # ~4x cheaper than standard_normal
-        elif self.dtype == np.float16:
-            out[...] = g.random(out.shape, dtype=np.float32)
-        else:
-            lo, hi = (0, 256) if self.dtype == np.uint8 else (-100, 100)
-            out[...] = g.integers(lo, hi, size=out.shape, dtype=self.dtype)
-
-    def batch(self, index: int) -> Batch:
-        return Batch(index, self.layout, functools.partial(self.build, index), self.max_nbytes)
-
-
-class FromIterable:
+class FromIterable(Source):
     """The caller's own batches, drawn in order on one thread: arrays (numpy or CPU tensors), or tuples or
     dicts of them, each checked by the handoff rule."""
 
@@ -429,31 +303,3 @@ def _columns(samples: list, layout: Layout) -> list | None:
     if not all(type(s) is tuple and len(s) == n for s in samples):
         return None
     return [list(col) for col in zip(*samples)]
-
-
-class Work:
-    """The batches of one run for an executor: an iterator of ``Batch`` in batch order, with the ``source``
-    when it can build batch i on its own (``source.batch(i)``: rebuilds, build processes, Ray actors), the
-    largest batch's size when it is known, and the run's output directory (``sink``, an OutputDir, or
-    None) and whether the caller keeps the results (``keep``): a Ray actor may write its results itself;
-    ``digests``: the caller checksums them, so each is digested where it is computed (off the main)."""
-
-    def __init__(self, batches: Iterable[Batch], source: Indexed | None = None, max_nbytes: int | None = None,
-                 sink=None, keep: bool = True, digests: bool = False):
-        self._it = iter(batches)
-        self.source, self.max_nbytes = source, max_nbytes
-        self.sink, self.keep = sink, keep
-        self.digests = digests  # the caller checksums the results: workers digest each (outputs.batch_digest)
-
-    def __iter__(self) -> Iterator[Batch]:
-        return self._it  # (itself: one call less per batch)
-
-    def __next__(self) -> Batch:
-        return next(self._it)
-
-
-def length(source) -> int | None:
-    try:
-        return len(source)
-    except TypeError:
-        return None

@@ -1,0 +1,111 @@
+"""A run's results folded as they arrive, in batch order: the checksum, counts, failures, the progress
+bar, the output directory; and the summary (``run --json`` prints it whole)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import time
+
+from tqdm import tqdm
+
+from .config import Config
+from .contracts import Executor
+from .outputs import checksum_update
+from .sources.base import Source
+
+
+class Tally:
+    """A run's results folded as they arrive, in batch order: checksum, counts, failures, bar, output dir."""
+
+    def __init__(self, cfg: Config, total: int | None, progress: bool, keep: bool = False, sink=None,
+                 skipped: int = 0):
+        self.cfg, self.keep, self.sink, self.skipped = cfg, keep, sink, skipped
+        self.results: list = []
+        self.failed: list[dict] = []
+        self.sha = hashlib.sha256()
+        self.n = self.completed = self.bytes_in = 0
+        self.per_pid: dict[int, int] = {}
+        self.workers: list[dict] = []
+        self.executor: Executor | None = None
+        self.source: Source | None = None
+        self.relay = None  # the local executor's Relay: drained before the bar moves
+        self.fresh = False  # the workers started with this run: their start-up is part of it
+        self.t0 = time.perf_counter()
+        self.bar = tqdm(total=total, unit="batch", file=sys.stderr, dynamic_ncols=True,
+                        disable=not progress or not sys.stderr.isatty(), initial=skipped)
+
+    def begin(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def add(self, out) -> None:
+        """One batch's outcome (in batch order when the checksum is to mean anything)."""
+        if out.failure is not None:
+            self.failed.append(out.failure)
+        else:
+            self.completed += 1
+            self.bytes_in += out.info.get("h2d_bytes", 0)  # the batch's bytes, all fields (not restored ones)
+            pid = out.info.get("pid")
+            if pid is not None:
+                self.per_pid[pid] = self.per_pid.get(pid, 0) + 1
+            if out.info.get("bad_samples"):  # found where the batch was decoded (a worker)
+                self.source.record_bad(out.info["bad_samples"])
+            if "record" in out.info:  # written by the Ray actor that computed it: its manifest line
+                self.sink.append(out.info["record"])
+            elif self.sink is not None and not out.info.get("restored"):
+                self.sink.write(out.index, out.result, out.info, self.source.manifest(out.index) or None)
+        checksum_update(self.sha, out.index, out.result, out.info.get("digest"))
+        self.n = max(self.n, out.index + 1)
+        if self.keep:
+            self.results.extend([None] * (out.index + 1 - len(self.results)))
+            self.results[out.index] = out.result
+        if not out.info.get("restored"):
+            if self.relay is not None and not self.bar.disable:
+                self.relay.drain()  # what the worker printed for this batch, above its tick
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.relay is not None:
+            self.relay.drain()
+        self.bar.close()
+
+    def summary(self, spec, notes: list[str], error: str | None) -> dict:
+        cfg, ex = self.cfg, self.executor
+        wall = time.perf_counter() - self.t0
+        ran = self.n - self.skipped  # batches this run handled (the rest were loaded back from --output)
+        workers = [dict(w, batches=self.per_pid.get(w["pid"], 0))
+                   for w in (ex.worker_info() if ex is not None else self.workers)]
+        breakdown = ex.breakdown if ex is not None else None
+        done = self.completed - self.skipped
+        if breakdown and done > 0:
+            breakdown = {k.replace("_s", "_ms"): round(v / done * 1000, 3) for k, v in breakdown.items()}
+        startup = ex.startup_s if ex is not None and self.fresh else 0.0
+        ready = ex.ready_s if ex is not None and self.fresh else 0.0
+        return {
+            "batches": self.n,
+            "completed": self.completed,
+            "bytes_in": self.bytes_in,
+            "wall_s": round(wall, 4),
+            "startup_s": round(startup, 4),
+            "workers_ready_s": round(ready, 4) if ready else None,
+            "skipped": self.skipped,
+            "batches_per_s": round(ran / wall, 3) if wall else None,
+            "steady_batches_per_s": round(ran / (wall - startup), 3) if wall > startup else None,
+            "mb_per_s": round(self.bytes_in / wall / 1e6, 3) if wall and self.bytes_in else None,
+            "checksum": self.sha.hexdigest(),
+            "main_pid": os.getpid(),
+            "device": ",".join(sorted({w["device"] for w in workers if w.get("device")})),
+            "kernel": spec.name,
+            "precision": spec.precision,
+            "threads_per_worker": cfg.threads_per_worker(),
+            "workers": workers,
+            "restarts": list(ex.restarts) if ex is not None else [],
+            "failed": self.failed,
+            "handoff": (ex.figures or None) if ex is not None else None,
+            "breakdown_ms_per_batch": breakdown or None,
+            "notes": notes,
+            "error": error,
+            "output": self.sink.path if self.sink else None,
+            "config": cfg.to_dict(),
+            **(self.source.report() if self.source is not None else {}),  # images: classes, bad_samples
+        }
