@@ -59,6 +59,19 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                    help="images: decode on the main's build threads with Pillow (default), or send the files' "
                         "bytes and decode in each worker (nvJPEG on CUDA, Pillow on the CPU), then resize and "
                         "crop on its device")
+    g.add_argument("--ragged", metavar="A,B", type=_names,
+                   help="samples of their own length: the fields whose first axis varies (default: found by "
+                        "comparing a few samples); each batch is padded to its longest row and gets 'lengths'")
+    g.add_argument("--max-length", type=int, metavar="N",
+                   help="a bound on a sample's length: longer ones are cut (counted) or fail (--on-long)")
+    g.add_argument("--max-tokens", type=int, metavar="T",
+                   help="a token budget: batches cut so that rows x padded length <= T (--batch-size caps rows)")
+    g.add_argument("--order", metavar="input|length",
+                   help="length: group samples of similar length (results still in input order); default "
+                        "input (text: length)")
+    g.add_argument("--pad-multiple", type=int, metavar="M", help="round a batch's padded length up to M (default 8)")
+    g.add_argument("--on-long", metavar="truncate|fail", help="a sample over --max-length: cut it (default) or "
+                                                             "fail its batch")
     g.add_argument("--output", metavar="DIR",
                    help="write each result as DIR/batch-NNNNNN.npy (.npz when the kernel returns a tuple or "
                         "dict of arrays; atomically), with DIR/manifest.jsonl and DIR/summary.json; running "

@@ -3,6 +3,14 @@ Ray actors and the bench's peers. ``Computer`` builds the kernel once on its dev
 batch's host arrays to the device (``Stager``: on CUDA straight from a registered slot, or through pinned
 staging buffers, on a side stream), runs the kernel, and returns host numpy arrays (``outputs.host_result``)
 and the time of each step.
+
+NOTE [ Splits ]
+A kernel call that raises ``torch.OutOfMemoryError`` is run again on the two halves of its batch (views of
+the same rows, no copy), recursively, and the halves' outputs are joined row by row (each output must have
+one row per input row). The worker then remembers the largest rows x length that ran after the error
+(``fit``): a later batch above it is split before it runs, so a budget set too high costs one failed call,
+not one per batch. The summary counts the splits (``oom_splits``) and says so in ``notes``. A single row
+that does not fit fails its batch as any kernel error does, naming the batch, the row and its length.
 """
 from __future__ import annotations
 
@@ -10,9 +18,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from . import devices, fields, kernels, outputs
+from .errors import KernelError
 from .images import encoded
 
 
@@ -101,6 +111,31 @@ class Computer:
         self.autocast = spec.precision in ("bf16", "fp16") or (spec.precision == "tf32" and self.cuda)
         self.kernel = kernels.make(spec, device)
         self.stager = Stager(device, pinned)
+        self.fit: int | None = None  # the largest rows x length known to fit after running out of memory
+        self.splits = 0
+
+    def _run(self, x, index: int, first: int):
+        """The kernel on ``x``, split in halves on ``torch.OutOfMemoryError`` (NOTE [ Splits ])."""
+        rows, cost = _size(x)
+        if self.fit is None or cost <= self.fit or rows <= 1:
+            try:
+                return self.kernel(x)
+            except torch.OutOfMemoryError as e:
+                if rows <= 1:
+                    width = f", length {cost}" if cost != rows else ""
+                    e.args = (f"batch {index}: one row (row {first}{width}) does not fit in device memory"
+                              + (f" after {self.splits} split(s)" if self.splits else "")
+                              + f": {e.args[0] if e.args else ''}",) + e.args[1:]
+                    raise
+                self.fit = min(self.fit or cost, max(1, cost // 2))
+                del e
+                if self.cuda:
+                    torch.cuda.empty_cache()
+        self.splits += 1
+        mid = rows // 2
+        lo = self._run(fields.map_fields(lambda t: t[:mid], x), index, first)
+        hi = self._run(fields.map_fields(lambda t: t[mid:], x), index, first + mid)
+        return _joined(lo, hi, index, mid, rows - mid)
 
     def start(self, arr, registered: bool = False) -> Staged | None:
         """Start the copy of a batch received ahead (NOTE [ Overlap ]); None for an encoded image batch,
@@ -126,11 +161,12 @@ class Computer:
         h = staged or self.stager.start(decoded, registered)
         x = self.stager.ready(h)
         t1 = time.perf_counter()
+        self.splits = 0
         if self.autocast:
             with devices.precision(self.precision, self.device):
-                y = self.kernel(x)
+                y = self._run(x, index, 0)
         else:
-            y = self.kernel(x)
+            y = self._run(x, index, 0)
         if copied is not None and h.end is not None:
             h.end.synchronize()  # the copy, not the kernel: nothing reads the host memory any more
             copied()
@@ -144,11 +180,33 @@ class Computer:
         t3 = time.perf_counter()
         timings = {"h2d_s": self.stager.seconds(h), "h2d_bytes": fields.nbytes(arr), "direct": h.direct,
                    "stage_s": (t1 - t_decoded) if staged is None else 0.0, "compute_s": t2 - t1, "d2h_s": t3 - t2}
+        if self.splits:
+            timings.update(splits=self.splits, fit=self.fit)
         if bad is not None:  # an encoded image batch (images/encoded.py): decoded here
             timings.update(decode_s=t_decoded - t0, **({"bad_samples": bad} if bad else {}))
         if self.cuda:
             timings["gpu_reserved_mb"] = torch.cuda.memory_reserved(self.device) / 2**20
         return out, timings
+
+
+def _size(x) -> tuple[int, int]:
+    """(rows, rows x length) of a batch on the device: its first field's first two axes."""
+    t = fields.flatten(x)[0]
+    rows = int(t.shape[0]) if t.dim() else 1
+    return rows, rows * (int(t.shape[1]) if t.dim() >= 2 else 1)
+
+
+def _joined(a, b, index: int, na: int, nb: int):
+    """Two halves' outputs joined row by row (NOTE [ Splits ]); KernelError if they are not row-aligned."""
+    xs, ys = fields.flatten(a), fields.flatten(b)
+    out = []
+    for x, y in zip(xs, ys):
+        if not hasattr(x, "shape") or len(x.shape) == 0 or x.shape[0] != na or y.shape[0] != nb:
+            raise KernelError(f"batch {index} ran out of device memory and was split in halves, but the kernel's "
+                              f"output (shape {tuple(getattr(x, 'shape', ()))} for {na} rows) has no row per "
+                              f"input row to join: return (B, ...) outputs, or use smaller batches")
+        out.append(torch.cat([x, y]) if isinstance(x, torch.Tensor) else np.concatenate([x, y]))
+    return fields.like(a, out)
 
 
 def cuda_fault(e: BaseException, device: torch.device) -> BaseException:

@@ -50,6 +50,14 @@ class SourceConfig:
     layout: str = "nhwc"  # images: nhwc (B, S, S, 3) or nchw (B, 3, S, S)
     bad_samples: str = "fail"  # images: a file that can't be decoded fails its batch, or "skip" (valid False)
     decode: str = "main"  # images: decoded on the main's build threads, or "device": bytes in, decoded by each worker
+    # samples of their own length (docs/data.md, NOTE [ Ragged fields ], NOTE [ Batch plans ])
+    ragged: list = field(default_factory=list)  # the ragged fields ([]: found by comparing a few samples)
+    max_length: int = 0  # a bound on a sample's length (0: none); longer ones cut or failed (on_long)
+    max_tokens: int = 0  # a token budget: rows x padded length <= max_tokens per batch (0: none)
+    order: str = "auto"  # input | length: samples grouped by length (auto: length for text, else input)
+    pad_multiple: int = 8  # a batch's padded length is rounded up to a multiple of this
+    pad_values: dict = field(default_factory=dict)  # field -> the value its padding takes (default 0)
+    on_long: str = "truncate"  # a sample over max_length: truncate (counted in the summary) | fail its batch
 
 
 @dataclass(frozen=True)
@@ -148,7 +156,7 @@ MINIMUM = {
     "source.batches": 1, "source.rows": 1, "source.cols": 1, "source.seed": 0,
     "workers.count": 0, "workers.threads": 0, "workers.build_threads": 0, "workers.build_processes": 0,
     "handoff.in_flight": 0, "handoff.slot_mb": 0, "source.batch_size": 0, "source.image_size": 1,
-    "source.resize": 0,
+    "source.resize": 0, "source.max_length": 0, "source.max_tokens": 0, "source.pad_multiple": 1,
     "faults.max_attempts": 1, "faults.batch_timeout_s": 0,
 }
 CHOICES = {
@@ -156,6 +164,8 @@ CHOICES = {
     "source.layout": ("nhwc", "nchw"),
     "source.bad_samples": ("fail", "skip"),
     "source.decode": ("main", "device"),
+    "source.order": ("auto", "input", "length"),
+    "source.on_long": ("truncate", "fail"),
     "source.dtype": DTYPES,
     "workers.start_method": START_METHODS,
     "faults.on_error": ("fail", "skip"),
@@ -184,9 +194,12 @@ OVERRIDES = {
     "keep_columns": "source.keep_columns", "output_format": "run.output_format",
     "image_size": "source.image_size", "resize": "source.resize", "layout": "source.layout",
     "bad_samples": "source.bad_samples", "decode": "source.decode",
+    "ragged": "source.ragged", "max_length": "source.max_length", "max_tokens": "source.max_tokens",
+    "order": "source.order", "pad_multiple": "source.pad_multiple", "pad_values": "source.pad_values",
+    "on_long": "source.on_long",
 }
 FLAGS = {"source_object": "--source", "batch_timeout_s": "--batch-timeout", "progress": "--no-progress"}
-SET_ONLY = ("slot_mb", "pinned", "ray_build")  # no flag of their own
+SET_ONLY = ("slot_mb", "pinned", "ray_build", "pad_values")  # no flag of their own
 # What the workers were started with: a call on a running Pipeline can't change it.
 FIXED = ("kernel.", "workers.count", "workers.device", "workers.start_method", "workers.threads",
          "handoff.pinned", "run.backend", "run.ray_address")
@@ -302,10 +315,10 @@ def _check(key: str, value: Any, where: str) -> Any:
     if kind is list:  # names: a list of strings, or one string "a,b" (the command line's form)
         names = value.split(",") if isinstance(value, str) else value
         if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-            raise ConfigError(f"{bad}: expected a list of column names, e.g. [\"a\", \"b\"] or \"a,b\"")
+            raise ConfigError(f"{bad}: expected a list of names, e.g. [\"a\", \"b\"] or \"a,b\"")
         value = [n.strip() for n in names if n.strip()]
         if len(set(value)) != len(value):
-            raise ConfigError(f"{bad}: a column is named twice")
+            raise ConfigError(f"{bad}: a name is given twice")
     elif kind is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{bad}: expected true or false")
@@ -318,6 +331,11 @@ def _check(key: str, value: Any, where: str) -> Any:
         value = float(value)
     elif kind is str and not isinstance(value, str):
         raise ConfigError(f"{bad}: expected a string")
+    elif KEYS[key].default_factory is dict:  # (source.pad_values: field -> number)
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, (int, float))
+                                                     and not isinstance(v, bool) for k, v in value.items()):
+            raise ConfigError(f"{bad}: expected a table of field = number, e.g. {{input_ids = 0}}")
+        value = dict(value)
     if key in MINIMUM and value < MINIMUM[key]:
         raise ConfigError(f"{bad}: must be >= {MINIMUM[key]}")
     if key == "workers.start_method" and value == "fork":

@@ -137,7 +137,7 @@ class Pipeline:
         if cfg.run.output:
             raise ConfigError("imap yields the results to you; write them with run(output=...) instead")
         src = self._source(cfg, source, collate)
-        tally = Tally(cfg, length(src), progress=False)
+        tally = Tally(cfg, length(src), progress=False, source=src, ordered=ordered)
         return Stream(self._outcomes(cfg, src, [], ordered, tally), tally, self)
 
     def run(self, source: Iterable | None = None, *, keep_results: bool = True, collate: Callable | None = None,
@@ -148,7 +148,7 @@ class Pipeline:
         src = self._source(cfg, source, collate)
         sink = open_output(cfg, src, self.spec) if cfg.run.output else None  # before workers start
         done = sorted(sink.restored) if sink else []
-        tally = Tally(cfg, length(src), cfg.run.progress, keep_results, sink, skipped=len(done))
+        tally = Tally(cfg, length(src), cfg.run.progress, keep_results, sink, skipped=len(done), source=src)
         outcomes = self._outcomes(cfg, src, done, True, tally)
         try:
             for out in _merged(outcomes, done, sink):
@@ -200,7 +200,7 @@ class Pipeline:
         if ex.relay is not None:
             ex.relay.bar = tally.bar if not tally.bar.disable else None  # workers' prints go above the bar
             tally.relay = ex.relay
-        work = Work.of(src, batches(), sink=tally.sink, keep=tally.keep, digests=True)
+        work = Work.of(src, batches(), sink=tally.sink, keep=tally.keep, digests=tally.regroup is None)
         ex.start()  # local: returns at once (start-up overlaps the first builds); Ray: actors up
         yield from ex.stream(work, ordered, settle=not self._one_shot, cfg=cfg)
 
@@ -246,24 +246,26 @@ class Stream:
         self.failed = tally.failed
         self.summary: dict | None = None
         self._done = False
+        self._given: list = []  # results a batch completed, not yet yielded (NOTE [ Input order ])
 
     def __iter__(self) -> "Stream":
         return self
 
     def __next__(self) -> tuple[int, Any]:
-        if self._done:
-            raise StopIteration
-        try:
-            out = next(self._outcomes)
-        except StopIteration:
-            self.summary = self._pipeline._summarize(self._tally.cfg, self._tally)
-            self.close()
-            raise
-        except BaseException:
-            self.close(graceful=False)
-            raise
-        self._tally.add(out)
-        return out.index, out.result
+        while not self._given:
+            if self._done:
+                raise StopIteration
+            try:
+                out = next(self._outcomes)
+                self._given = self._tally.add(out)
+            except StopIteration:
+                self.summary = self._pipeline._summarize(self._tally.cfg, self._tally)
+                self.close()
+                raise
+            except BaseException:
+                self.close(graceful=False)
+                raise
+        return self._given.pop(0)
 
     def close(self, graceful: bool = True) -> None:
         """Stop the run; a one-shot ``pipeline.imap`` also stops its workers and removes the shared memory."""
@@ -347,7 +349,7 @@ def imap(config: Config | str | os.PathLike | None = None, *, source: Iterable |
         if cfg.run.output:
             raise ConfigError("imap yields the results to you; write them with run(output=...) instead")
         src = p._source(cfg, source, collate)
-        tally = Tally(cfg, length(src), progress=False)
+        tally = Tally(cfg, length(src), progress=False, source=src, ordered=ordered)
         return Stream(p._outcomes(cfg, src, [], ordered, tally), tally, p)
     except BaseException:
         p.close(graceful=False)

@@ -12,6 +12,7 @@ from tqdm import tqdm
 from .config import Config
 from .contracts import Executor
 from .outputs import checksum_update
+from .regroup import Regroup
 from .sources.base import Source
 
 
@@ -19,7 +20,7 @@ class Tally:
     """A run's results folded as they arrive, in batch order: checksum, counts, failures, bar, output dir."""
 
     def __init__(self, cfg: Config, total: int | None, progress: bool, keep: bool = False, sink=None,
-                 skipped: int = 0):
+                 skipped: int = 0, source: Source | None = None, ordered: bool = True):
         self.cfg, self.keep, self.sink, self.skipped = cfg, keep, sink, skipped
         self.results: list = []
         self.failed: list[dict] = []
@@ -28,7 +29,10 @@ class Tally:
         self.per_pid: dict[int, int] = {}
         self.workers: list[dict] = []
         self.executor: Executor | None = None
-        self.source: Source | None = None
+        self.source: Source | None = source
+        self.regroup = Regroup.of(source, ordered) if source is not None else None  # NOTE [ Input order ]
+        self.splits = self.split_batches = 0  # kernel calls split for device memory (NOTE [ Splits ])
+        self.fit: int | None = None
         self.relay = None  # the local executor's Relay: drained before the bar moves
         self.fresh = False  # the workers started with this run: their start-up is part of it
         self.t0 = time.perf_counter()
@@ -38,8 +42,10 @@ class Tally:
     def begin(self) -> None:
         self.t0 = time.perf_counter()
 
-    def add(self, out) -> None:
-        """One batch's outcome (in batch order when the checksum is to mean anything)."""
+    def add(self, out) -> list:
+        """One batch's outcome (in batch order when the checksum is to mean anything); returns the results
+        the caller now gets, as (index, result): the batch itself, or with a regrouping (NOTE [ Input
+        order ]) the input-order results it completed."""
         if out.failure is not None:
             self.failed.append(out.failure)
         else:
@@ -50,19 +56,31 @@ class Tally:
                 self.per_pid[pid] = self.per_pid.get(pid, 0) + 1
             if out.info.get("bad_samples"):  # found where the batch was decoded (a worker)
                 self.source.record_bad(out.info["bad_samples"])
+            if out.info.get("splits"):
+                self.splits += out.info["splits"]
+                self.split_batches += 1
+                self.fit = min(self.fit or out.info["fit"], out.info["fit"])
             if "record" in out.info:  # written by the Ray actor that computed it: its manifest line
                 self.sink.append(out.info["record"])
             elif self.sink is not None and not out.info.get("restored"):
                 self.sink.write(out.index, out.result, out.info, self.source.manifest(out.index) or None)
-        checksum_update(self.sha, out.index, out.result, out.info.get("digest"))
         self.n = max(self.n, out.index + 1)
-        if self.keep:
-            self.results.extend([None] * (out.index + 1 - len(self.results)))
-            self.results[out.index] = out.result
         if not out.info.get("restored"):
             if self.relay is not None and not self.bar.disable:
                 self.relay.drain()  # what the worker printed for this batch, above its tick
             self.bar.update(1)
+        if self.regroup is None:
+            given = [(out.index, out.result)]
+            checksum_update(self.sha, out.index, out.result, out.info.get("digest"))
+        else:
+            given = self.regroup.add(out.index, out.result)
+            for j, r in given:
+                checksum_update(self.sha, j, r, None)
+        if self.keep:
+            for j, r in given:
+                self.results.extend([None] * (j + 1 - len(self.results)))
+                self.results[j] = r
+        return given
 
     def close(self) -> None:
         if self.relay is not None:
@@ -103,7 +121,11 @@ class Tally:
             "failed": self.failed,
             "handoff": (ex.figures or None) if ex is not None else None,
             "breakdown_ms_per_batch": breakdown or None,
-            "notes": notes,
+            "notes": notes + ([f"{self.split_batches} batch(es) split in halves {self.splits} time(s) in all after "
+                               f"running out of device memory (NOTE [ Splits ]); the workers then split batches "
+                               f"over {self.fit} rows x length before running them: a smaller max_tokens or "
+                               f"batch_size avoids the failed calls"] if self.splits else []),
+            **({"oom_splits": self.splits} if self.splits else {}),
             "error": error,
             "output": self.sink.path if self.sink else None,
             "config": cfg.to_dict(),

@@ -156,6 +156,8 @@ class ImageSource(MapSource):
     classes and bad files for the summary; with ``decode = "device"`` its batches are the files' bytes
     (NOTE [ Encoded batches ] in images/encoded.py), decoded by the workers."""
 
+    probe = False  # every image is cropped to one size: nothing ragged to look for
+
     def __init__(self, dataset: ImageFolder, batch_size: int = DEFAULT_BATCH, drop_last: bool = False):
         super().__init__(dataset, batch_size, drop_last)
         if dataset.decode == "device":

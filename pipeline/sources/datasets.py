@@ -14,6 +14,8 @@ import numpy as np
 from ..errors import ConfigError, SampleError
 from ..fields import Layout, copy_into, fields, flatten
 from .base import Batch, Indexed, Source
+from .plan import RESULT_ROWS, Plan, Sequences, checked_lengths, make_plan
+from .ragged import PROBES, RaggedSamples, find_ragged
 
 
 class FromIterable(Source):
@@ -73,29 +75,90 @@ class MapSource(Indexed):
     shape from the others.
     """
 
-    def __init__(self, dataset, batch_size: int = 0, drop_last: bool = False, collate: Callable | None = None):
+    def __init__(self, dataset, batch_size: int = 0, drop_last: bool = False, collate: Callable | None = None,
+                 seq: Sequences | None = None):
         if not is_map_style(dataset):
             raise ConfigError(f"source: a {type(dataset).__name__} is not a map-style dataset: it needs "
                               f"__len__ and __getitem__(i) (torch.utils.data.Dataset, a list, a Hugging Face "
                               f"datasets.Dataset), or pass an iterable of batches")
         self.dataset, self.collate, self.drop_last = dataset, collate, bool(drop_last)
+        self.seq = seq = seq or Sequences()
         self.samples = len(dataset)
         self.batch_size = int(batch_size) or None
+        if seq.asked and collate is not None:
+            raise ConfigError("ragged, max_length, max_tokens and order = 'length' pad and group the samples "
+                              "themselves; leave out collate=")
+        if seq.plans and drop_last:
+            raise ConfigError("drop_last drops the last batch of samples in input order; with order = 'length' "
+                              "or max_tokens the batches are regrouped: leave drop_last off")
         b = self.batch_size or 1
         self.n = self.samples // b if drop_last else -(-self.samples // b)
         if self.n == 0:
             raise ConfigError(f"source: the dataset has {self.samples} sample(s)"
                               + (f", fewer than one batch of {b} (drop_last)" if self.samples else "")
                               + "; nothing to compute")
-        self.batched = hasattr(dataset, "__getitems__") and self.batch_size is not None
+        self.batched = hasattr(dataset, "__getitems__") and (self.batch_size is not None or seq.max_tokens > 0)
         self.sample_layout = None
-        if self.batch_size is not None and collate is None:
+        self.ragged: RaggedSamples | None = None
+        self.plan: Plan | None = None
+        self.lengths = None
+        if (self.batch_size is not None or seq.max_tokens) and collate is None:
             first = self._checked(self._first_sample(), 0, 0)
             self.sample_layout = Layout.of(first)
-            self.full_layout = self.sample_layout.rows(self.batch_size)
-            self.max_nbytes = self.full_layout.nbytes
+            ragged = find_ragged(self._probed(first), seq.ragged)
+            if any(ragged):
+                self._open_ragged(RaggedSamples(self.sample_layout, ragged, seq))
+            elif seq.plans or seq.max_length:
+                key = "order = 'length'" if seq.order == "length" else "max_tokens" if seq.max_tokens else "max_length"
+                raise ConfigError(f"source: {key} is for samples of their own length, and every field of the "
+                                  f"samples compared has one shape ({self.sample_layout.describe()}); declare the "
+                                  f"ragged fields (source.ragged / --ragged NAME) or leave {key} out")
+            else:
+                self.full_layout = self.sample_layout.rows(self.batch_size)
+                self.max_nbytes = self.full_layout.nbytes
+        elif seq.asked:
+            raise ConfigError("ragged, max_length, max_tokens and order group samples into batches: give "
+                              "batch_size (or max_tokens)")
         else:  # the first batch sizes the slots; larger ones travel pickled
             self.max_nbytes = Layout.of(self._produce(0)).nbytes
+
+    probe = True  # compare a few samples for ragged fields when the dataset opens (an image folder: no)
+
+    def _probed(self, first) -> list[Layout]:
+        """The layouts of sample 0 and up to PROBES samples spread over the dataset (same structure only)."""
+        layouts = [Layout.of(first)]
+        if not self.probe or self.samples < 2:
+            return layouts
+        for i in sorted(set(np.linspace(0, self.samples - 1, min(self.samples, PROBES)).astype(int)) - {0}):
+            try:
+                s = fields(self._get(0, [int(i)])[0], f"sample {i}")
+            except Exception:  # noqa: BLE001 - its own batch will fail, naming it
+                continue
+            lay = Layout.of(s)
+            if (lay.kind, lay.keys, len(lay.shapes)) == (layouts[0].kind, layouts[0].keys, len(layouts[0].shapes)):
+                layouts.append(lay)
+        return layouts
+
+    def _open_ragged(self, ragged: RaggedSamples) -> None:
+        """Samples with ragged fields (NOTE [ Ragged fields ]): a plan when their lengths are known."""
+        seq, self.ragged = self.seq, ragged
+        own = getattr(self.dataset, "lengths", None)
+        if callable(own):
+            self.lengths = checked_lengths(own(), self.samples, f"{type(self.dataset).__name__}.lengths()")
+        if self.lengths is None:
+            if seq.plans:
+                key = "order = 'length'" if seq.order == "length" else "max_tokens"
+                raise ConfigError(f"source: {key} needs each sample's length before it is built: give the "
+                                  f"dataset a lengths() method that returns one int per sample (the length of "
+                                  f"its ragged fields {', '.join(repr(n) for n in ragged.names)}), or use "
+                                  f"order = 'input' without max_tokens")
+            self.max_nbytes = (ragged.layout(self.batch_size, seq.width(seq.max_length)).nbytes
+                               if seq.max_length else Layout.of(self._produce(0)).nbytes)
+            return
+        self.plan = make_plan(self.lengths, seq, self.batch_size or 0, self.drop_last)
+        self.n = self.plan.n
+        self.max_nbytes = max(ragged.layout(self.plan.rows(k), int(self.plan.widths[k])).nbytes
+                              for k in range(self.n))
 
     ref: tuple | None = None  # (source.object, source.params) when it was made from its name
 
@@ -107,7 +170,7 @@ class MapSource(Indexed):
         """To a build process: a dataset made from its name is made again there from the name; any other
         travels by value (cloudpickle)."""
         if self.ref is not None:
-            return _from_ref, (*self.ref, self.batch_size or 0, self.drop_last, self.collate)
+            return _from_ref, (*self.ref, self.batch_size or 0, self.drop_last, self.collate, self.seq)
         return object.__reduce__(self)
 
     def identity(self) -> dict:
@@ -117,43 +180,92 @@ class MapSource(Indexed):
         ds = own() if callable(own) else {"type": f"{type(self.dataset).__module__}."
                                                   f"{type(self.dataset).__qualname__}", "samples": self.samples}
         return {"kind": "dataset", "dataset": ds, "batch_size": self.batch_size, "drop_last": self.drop_last,
-                **({"collate": getattr(self.collate, "__qualname__", repr(self.collate))} if self.collate else {})}
+                **({"collate": getattr(self.collate, "__qualname__", repr(self.collate))} if self.collate else {}),
+                **({"sequences": {"fields": self.ragged.names, **_jsonable(self.seq)}} if self.ragged else {})}
 
     def rows_of(self, index: int) -> int:
+        if self.plan is not None:
+            return self.plan.rows(index)
         b = self.batch_size or 1
         return min(b, self.samples - index * b)
 
+    def sample_ids(self, index: int) -> np.ndarray:
+        """The dataset indices of batch ``index``'s rows, in row order."""
+        if self.plan is not None:
+            return self.plan.ids(index)
+        b = self.batch_size or 1
+        return np.arange(index * b, index * b + self.rows_of(index))
+
+    def regrouping(self) -> int | None:
+        """The samples per result when the batches are not the input's consecutive groups (sorted by length,
+        or cut by a token budget) and their rows must be put back in input order (NOTE [ Input order ]);
+        None when batch k is samples kB .. kB+B-1."""
+        if self.plan is None:
+            return None
+        b = self.batch_size or RESULT_ROWS
+        p = self.plan
+        if not p.permutes() and np.array_equal(p.starts, np.minimum(np.arange(p.n + 1) * b, len(p.order))):
+            return None
+        return b
+
+    def report(self) -> dict:
+        """The summary's ``sequences``: padding share, samples cut to max_length (NOTE [ Ragged fields ])."""
+        if self.ragged is None:
+            return {}
+        out = {"fields": self.ragged.names, "order": self.seq.order, "batches": self.n}
+        if self.lengths is not None:
+            clipped = np.minimum(self.lengths, self.seq.max_length) if self.seq.max_length else self.lengths
+            rows = np.diff(self.plan.starts)
+            padded = int((rows * self.plan.widths).sum())
+            real = int(clipped[self.plan.order].sum())
+            out.update(real_tokens=real, padded_tokens=padded,
+                       padding_share=round(1 - real / padded, 4) if padded else 0.0,
+                       truncated=int((self.lengths > self.seq.max_length).sum()) if self.seq.max_length else 0)
+        else:
+            out["truncated"] = self.ragged.truncated  # counted by this process's build threads
+        return {"sequences": out}
+
     def batch(self, index: int) -> Batch:
-        if self.sample_layout is None:
+        if self.sample_layout is None or (self.ragged is not None and self.plan is None):
             return Batch(index, None, None, 0, produce=lambda: self._produce(index))
         rows = self.rows_of(index)
-        layout = self.sample_layout.rows(rows) if rows != self.batch_size else self.full_layout
-        fill_rows = lambda out, lo, hi: self._write(out, index, lo, hi)  # noqa: E731
+        if self.ragged is not None:
+            layout = self.ragged.layout(rows, int(self.plan.widths[index]))
+            fill_rows = lambda out, lo, hi: self._write_ragged(out, index, lo, hi)  # noqa: E731
+        else:
+            layout = self.sample_layout.rows(rows) if rows != self.batch_size else self.full_layout
+            fill_rows = lambda out, lo, hi: self._write(out, index, lo, hi)  # noqa: E731
         return Batch(index, layout, lambda out: fill_rows(out, 0, rows), layout.nbytes, rows, fill_rows)
 
     # -- fetching ----------------------------------------------------------------------------------------
     def _fetch(self, index: int, lo: int, hi: int) -> list:
-        """Samples ``lo .. hi`` of batch ``index``: one ``__getitems__`` call when the dataset has it, else
-        one ``__getitem__`` each; SampleError naming the sample(s) if the dataset raises."""
+        """Samples ``lo .. hi`` of batch ``index``."""
+        if self.plan is not None:
+            return self._get(index, [int(i) for i in self.plan.ids(index)[lo:hi]])
         base = index * (self.batch_size or 1)
+        return self._get(index, list(range(base + lo, base + hi)))
+
+    def _get(self, index: int, ids: list) -> list:
+        """Samples ``ids`` (of batch ``index``): one ``__getitems__`` call when the dataset has it, else one
+        ``__getitem__`` each; SampleError naming the sample(s) if the dataset raises."""
         try:
             if self.batched:
-                got = self.dataset.__getitems__(list(range(base + lo, base + hi)))
-                if len(got) != hi - lo:
-                    raise ValueError(f"__getitems__ returned {len(got)} samples for {hi - lo} indices")
+                got = self.dataset.__getitems__(ids)
+                if len(got) != len(ids):
+                    raise ValueError(f"__getitems__ returned {len(got)} samples for {len(ids)} indices")
                 return got
             get = self.dataset.__getitem__
-            return [get(i) for i in range(base + lo, base + hi)]
+            return [get(i) for i in ids]
         except Exception as e:  # noqa: BLE001 - the dataset's error: its batch fails, naming the samples
-            what = f"samples {base + lo}..{base + hi - 1}" if hi - lo > 1 else f"sample {base + lo}"
-            if not self.batched and hi - lo > 1:
-                what = self._culprit(base + lo, base + hi) or what
+            what = _span(ids)
+            if not self.batched and len(ids) > 1:
+                what = self._culprit(ids) or what
             why = str(e) if isinstance(e, SampleError) else f"{type(e).__name__}: {e}"  # (ours: named already)
             raise SampleError(f"{what} (batch {index}): {why}") from e
 
-    def _culprit(self, start: int, stop: int) -> str | None:
-        """Which sample of ``start .. stop`` raises (fetched again one by one: the error path only)."""
-        for i in range(start, stop):
+    def _culprit(self, ids: list) -> str | None:
+        """Which sample of ``ids`` raises (fetched again one by one: the error path only)."""
+        for i in ids:
             try:
                 self.dataset[i]
             except Exception:  # noqa: BLE001
@@ -166,6 +278,13 @@ class MapSource(Indexed):
             item = self._fetch(index, 0, 1)[0]
             return fields(item, f"source batch {index}")
         samples = self._fetch(index, 0, self.rows_of(index))
+        if self.ragged is not None:  # lengths unknown before the samples are built: padded apart, then copied
+            base = index * self.batch_size
+            checked = [self._checked(s, index, j) for j, s in enumerate(samples)]
+            lengths = [self.ragged.length_of(s, f"sample {base + j} (batch {index})") for j, s in enumerate(checked)]
+            out = self.ragged.layout(len(samples), self.seq.width(max(lengths))).empty()
+            self.ragged.truncated += self.ragged.write(out, checked, 0, lambda j: f"sample {base + j} (batch {index})")
+            return out
         try:
             batch = self.collate(samples)
         except Exception as e:  # noqa: BLE001 - the caller's collate: the batch fails, naming it
@@ -194,13 +313,22 @@ class MapSource(Indexed):
             base = index * self.batch_size
             raise SampleError(f"sample {base + lo + j} (batch {index}): {type(e).__name__}: {e}") from e
 
+    def _write_ragged(self, views, index: int, lo: int, hi: int) -> None:
+        """Samples ``lo .. hi`` of planned batch ``index`` into their padded rows (NOTE [ Ragged fields ])."""
+        ids = self.plan.ids(index)[lo:hi]
+        samples = [self._checked(s, index, lo + j) for j, s in enumerate(self._fetch(index, lo, hi))]
+        self.ragged.write(views, samples, lo, lambda j: f"sample {ids[j]} (batch {index})", self.lengths[ids])
+
     def _checked(self, sample, index: int, row: int):
         """``sample`` as numpy fields that fit the first sample's layout, or SampleError saying what
         differs and how to fix it."""
-        i = index * (self.batch_size or 1) + row
+        i = int(self.plan.ids(index)[row]) if self.plan is not None else index * (self.batch_size or 1) + row
         where = f"sample {i} (batch {index})"
         s = fields(sample, where)
         if self.sample_layout is None:
+            return s
+        if self.ragged is not None:
+            self.ragged.check(s, where)
             return s
         got, want = Layout.of(s), self.sample_layout
         if (got.kind, got.keys, len(got.shapes)) != (want.kind, want.keys, len(want.shapes)):
@@ -211,12 +339,27 @@ class MapSource(Indexed):
                 field = f", field {name!r}" if name else ""
                 raise SampleError(f"{where}{field}: shape {gs} {np.dtype(gd)} where sample 0 had {ws} "
                                   f"{np.dtype(wd)}; every sample of a field must have one shape and dtype: "
-                                  f"pad or cast in __getitem__, or pass collate=")
+                                  f"pad or cast in __getitem__, or pass collate="
+                                  + (", or declare it ragged (source.ragged / --ragged) if its length varies"
+                                     if gd == wd and len(gs) == len(ws) and gs[1:] == ws[1:] and gs else ""))
         return s
 
 
-def _from_ref(ref: str, params: dict, batch_size: int, drop_last: bool, collate) -> MapSource:
-    src = MapSource(load_dataset(ref, params), batch_size, drop_last, collate)
+def _span(ids: list) -> str:
+    if len(ids) == 1:
+        return f"sample {ids[0]}"
+    if list(ids) == list(range(ids[0], ids[0] + len(ids))):
+        return f"samples {ids[0]}..{ids[-1]}"
+    return f"samples {', '.join(map(str, ids[:4]))}{', ...' if len(ids) > 4 else ''}"
+
+
+def _jsonable(seq: Sequences) -> dict:
+    return {"max_length": seq.max_length, "max_tokens": seq.max_tokens, "order": seq.order,
+            "pad_multiple": seq.pad_multiple, "pad_values": dict(seq.pad_values), "on_long": seq.on_long}
+
+
+def _from_ref(ref: str, params: dict, batch_size: int, drop_last: bool, collate, seq=None) -> MapSource:
+    src = MapSource(load_dataset(ref, params), batch_size, drop_last, collate, seq)
     src.ref = (ref, params)
     return src
 

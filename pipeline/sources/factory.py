@@ -22,6 +22,7 @@ from ..images.folder import kind_of, open_images
 from .arrays import open_arrays
 from .datasets import FromIterable, MapSource, is_map_style, load_dataset
 from .parquet import DEFAULT_BATCH_SIZE, TableRows, is_parquet, open_parquet
+from .plan import Sequences
 from .synthetic import Synthetic
 
 
@@ -40,10 +41,13 @@ def infer_kind(cfg: SourceConfig) -> str:
 
 
 def _dataset(cfg: SourceConfig, collate: Callable | None):
-    src = MapSource(load_dataset(cfg.object, cfg.params), cfg.batch_size, cfg.drop_last, collate)
+    src = MapSource(load_dataset(cfg.object, cfg.params), cfg.batch_size, cfg.drop_last, collate,
+                    Sequences.of(cfg))
     src.ref = (cfg.object, dict(cfg.params))
     return src
 
+
+SEQUENCES = ("dataset", "parquet")  # the kinds whose samples may have their own length
 
 OPENERS = {  # kind -> (source config, collate) -> source
     "synthetic": lambda cfg, collate: Synthetic(cfg),
@@ -68,6 +72,11 @@ def open_source(cfg: SourceConfig, items: Iterable | None = None, collate: Calla
                           "source= objects" if items is not None else
                           f"source.params ({', '.join(cfg.params)}) are keyword arguments for source.object "
                           f"(--source NAME), and none is given")
+    seq = Sequences.of(cfg)
+    if seq.asked and items is None and kind not in SEQUENCES:
+        raise ConfigError(f"ragged, max_length, max_tokens and order are for samples of their own length: a "
+                          f"dataset (source= or --source), Parquet list columns or text; not for "
+                          f"source.kind = {kind!r}")
     if items is not None:
         return _from_items(cfg, items, collate)
     if kind == "dataset":
@@ -90,12 +99,15 @@ def _from_items(cfg: SourceConfig, items, collate: Callable | None):
             raise ConfigError("keep_columns are carried from Parquet input files (--input), not from a "
                               "pyarrow Table given as source=: add them to the kernel's outputs instead")
         return MapSource(TableRows(items, cfg.columns), cfg.batch_size or DEFAULT_BATCH_SIZE, cfg.drop_last,
-                         collate)
+                         collate, Sequences.of(cfg))
     if cfg.columns or cfg.keep_columns:
         raise ConfigError("columns and keep_columns are for Parquet input (--input) or a pyarrow Table, not "
                           f"for a {type(items).__name__} given as source=")
     if is_map_style(items):
-        return MapSource(items, cfg.batch_size, cfg.drop_last, collate)
+        return MapSource(items, cfg.batch_size, cfg.drop_last, collate, Sequences.of(cfg))
+    if Sequences.of(cfg).asked:
+        raise ConfigError(f"ragged, max_length, max_tokens and order group the samples of a map-style dataset "
+                          f"(__len__ and __getitem__); a {type(items).__name__} is drawn as whole batches")
     if cfg.batch_size or collate is not None:
         raise ConfigError(f"batch_size and collate group the samples of a map-style dataset (__len__ "
                           f"and __getitem__); a {type(items).__name__} is drawn as batches, one item each")
