@@ -12,7 +12,7 @@ from .config import Config, load_config
 from .errors import (ConfigError, ExitCode, HandoffError, KernelError, OutputError, PipelineError,
                      SampleError, WorkerError)
 
-__all__ = ["run", "imap", "Pipeline", "Stream", "RunResult", "Config", "load_config", "PipelineError", "ConfigError", "HandoffError",
+__all__ = ["run", "imap", "Pipeline", "Stream", "RunResult", "read_output", "Config", "load_config", "PipelineError", "ConfigError", "HandoffError",
            "KernelError", "WorkerError", "OutputError", "SampleError", "ExitCode"]
 __version__ = "0.1.0"
 
@@ -22,4 +22,7 @@ def __getattr__(name):
     if name in ("run", "imap", "Pipeline", "Stream", "RunResult"):
         from . import runner
         return getattr(runner, name)
+    if name == "read_output":
+        from .sinks import read_output
+        return read_output
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

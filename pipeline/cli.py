@@ -72,6 +72,10 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pad-multiple", type=int, metavar="M", help="round a batch's padded length up to M (default 8)")
     g.add_argument("--on-long", metavar="truncate|fail", help="a sample over --max-length: cut it (default) or "
                                                              "fail its batch")
+    g.add_argument("--text-column", metavar="NAME",
+                   help="text: the column of documents in JSON Lines, CSV or Parquet (default 'text')")
+    g.add_argument("--tokenizer", metavar="PATH",
+                   help="text: a tokenizer.json, or a model directory with one (default: the text kernel's)")
     g.add_argument("--output", metavar="DIR",
                    help="write each result as DIR/batch-NNNNNN.npy (.npz when the kernel returns a tuple or "
                         "dict of arrays; atomically), with DIR/manifest.jsonl and DIR/summary.json; running "

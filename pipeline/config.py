@@ -31,7 +31,7 @@ RING_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 @dataclass(frozen=True)
 class SourceConfig:
-    kind: str = "synthetic"  # synthetic | npy (a .npy/.npz file or a directory of .npy files) | parquet | dataset | images
+    kind: str = "synthetic"  # synthetic | npy (a .npy/.npz file or a directory of .npy files) | parquet | dataset | images | text
     batches: int = 64
     rows: int = 4096
     cols: int = 1024
@@ -58,6 +58,8 @@ class SourceConfig:
     pad_multiple: int = 8  # a batch's padded length is rounded up to a multiple of this
     pad_values: dict = field(default_factory=dict)  # field -> the value its padding takes (default 0)
     on_long: str = "truncate"  # a sample over max_length: truncate (counted in the summary) | fail its batch
+    text_column: str = ""  # text: the column of documents (JSON Lines, CSV, Parquet); "" = "text"
+    tokenizer: str = ""  # text: a tokenizer.json or a directory with one ("": the text kernel's model directory)
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,7 @@ MINIMUM = {
     "faults.max_attempts": 1, "faults.batch_timeout_s": 0,
 }
 CHOICES = {
-    "source.kind": ("synthetic", "npy", "parquet", "dataset", "images"),
+    "source.kind": ("synthetic", "npy", "parquet", "dataset", "images", "text"),
     "source.layout": ("nhwc", "nchw"),
     "source.bad_samples": ("fail", "skip"),
     "source.decode": ("main", "device"),
@@ -196,7 +198,7 @@ OVERRIDES = {
     "bad_samples": "source.bad_samples", "decode": "source.decode",
     "ragged": "source.ragged", "max_length": "source.max_length", "max_tokens": "source.max_tokens",
     "order": "source.order", "pad_multiple": "source.pad_multiple", "pad_values": "source.pad_values",
-    "on_long": "source.on_long",
+    "on_long": "source.on_long", "text_column": "source.text_column", "tokenizer": "source.tokenizer",
 }
 FLAGS = {"source_object": "--source", "batch_timeout_s": "--batch-timeout", "progress": "--no-progress"}
 SET_ONLY = ("slot_mb", "pinned", "ray_build", "pad_values")  # no flag of their own

@@ -21,6 +21,7 @@ import torch
 from . import fields
 from .errors import ConfigError, KernelError
 from .images import torchvision as tv
+from .text import models as text_models
 from .sources.datasets import load_object
 
 # The batch a worker is computing, for kernels that care (``faulty``). Set by ``compute.Computer``.
@@ -185,6 +186,8 @@ def _spec_for(kernel: str | Callable, params: dict) -> KernelSpec:
     if isinstance(kernel, str):
         if kernel.startswith(tv.KERNEL_PREFIX):  # torchvision:NAME, a built-in (images/torchvision.py)
             tv.torchvision_models(kernel[len(tv.KERNEL_PREFIX):])
+        elif kernel.startswith(text_models.PREFIXES):  # transformers:DIR, sentence-transformers:DIR
+            text_models.check(kernel)
         elif kernel not in BUILTINS:
             _import(kernel)
         return KernelSpec(kernel, params)
@@ -265,6 +268,8 @@ def make(spec: KernelSpec, device: torch.device) -> Callable[[torch.Tensor], Any
         obj = cloudpickle.loads(spec.payload)
     elif spec.name in BUILTINS:
         obj = BUILTINS[spec.name]
+    elif spec.name.startswith(text_models.PREFIXES):
+        return text_models.make(spec.name, device, spec.params)
     elif spec.name.startswith(tv.KERNEL_PREFIX):
         obj = tv.TorchVision()
         obj.setup(device, model=spec.name[len(tv.KERNEL_PREFIX):], **spec.params)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 from . import devices, kernels
+from .text import models as text_models
 from .compute import Computer
 from .config import FIXED, Config, load_config, override_key
 from .contracts import Executor, Outcome
@@ -42,6 +43,9 @@ def resolve(config: Config | str | os.PathLike | None, overrides: dict[str, Any]
         cfg = config.replace(**dotted) if dotted else config
     else:
         cfg = load_config(config, dotted, origins)
+    text_dir = text_models.model_dir(cfg.kernel.name)
+    if text_dir and not cfg.source.tokenizer:  # a text kernel's model directory has its tokenizer
+        cfg = cfg.replace(**{"source.tokenizer": text_dir})
     kind = infer_kind(cfg.source)
     return cfg.replace(**{"source.kind": kind}) if kind != cfg.source.kind else cfg
 
@@ -177,7 +181,12 @@ class Pipeline:
         if cfg.source.keep_columns and (not cfg.run.output or cfg.run.output_format != "parquet"):
             raise ConfigError("keep_columns (--keep-columns) are carried into Parquet output: add --output DIR "
                               "--output-format parquet")
-        return open_source(cfg.source, source, collate)
+        src = open_source(cfg.source, source, collate)
+        text_dir = text_models.model_dir(cfg.kernel.name)
+        tokens = getattr(getattr(src, "dataset", None), "tokens", None)
+        if text_dir and tokens is not None:
+            text_models.check_tokens(text_dir, tokens, cfg.source.tokenizer)
+        return src
 
     def _outcomes(self, cfg: Config, src, done: list[int], ordered: bool, tally: Tally) -> Iterator:
         """Every batch of ``src`` not in ``done``, computed; ``tally`` times the run and counts bytes in."""

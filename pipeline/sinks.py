@@ -155,10 +155,11 @@ class OutputDir:
     """One run's output directory: verified resume state on open, then ``write`` per batch, ``finish``."""
 
     def __init__(self, path: str, ident: dict, overwrite: bool = False, output_format: str = "npy",
-                 keep=None):
+                 keep=None, samples=None):
         self.path = os.path.abspath(path)
         self.format = output_format
         self.kept_from = keep  # Parquet output: the source, whose ``keep_table(index)`` adds --keep-columns
+        self.samples = samples  # the source, when each part carries its rows' sample indices (NOTE [ Input order ])
         self.RUN, self.MANIFEST, self.SUMMARY = NAMES[output_format]
         self._dir_fd: int | None = None
         self._manifest_fd: int | None = None
@@ -266,6 +267,9 @@ class OutputDir:
 
     def load(self, index: int):
         """Batch ``index``'s result from DIR (an array, or the tuple or dict it was written from)."""
+        return unwrap(self._load(index), self._records[index])
+
+    def _load(self, index: int):
         r = self._records[index]
         path = self._join(r["file"])
         if self.format == "parquet":
@@ -300,11 +304,12 @@ class OutputDir:
 
     def files(self) -> "BatchFiles":
         """What writes this directory's batch files (a Ray actor makes its own from ``spec()``)."""
-        return BatchFiles(self.path, self.format, self.kept_from)
+        return BatchFiles(self.path, self.format, self.kept_from, self.samples)
 
-    def spec(self) -> tuple[str, str, bool]:
-        """(path, format, keep columns?): enough for ``BatchFiles`` elsewhere, with that place's source."""
-        return self.path, self.format, self.kept_from is not None
+    def spec(self) -> tuple[str, str, bool, bool]:
+        """(path, format, keep columns?, sample indices?): enough for ``BatchFiles`` elsewhere, with that
+        place's source."""
+        return self.path, self.format, self.kept_from is not None, self.samples is not None
 
     def append(self, record: dict) -> None:
         """A finished batch's manifest line (its file already in place), appended and fsynced."""
@@ -351,13 +356,18 @@ class BatchFiles:
     its manifest line: by the run's OutputDir, or by a Ray actor that computed the batch (the driver then
     appends the line). ``kept_from``: the source whose ``keep_table(index)`` adds --keep-columns."""
 
-    def __init__(self, path: str, output_format: str, kept_from=None):
-        self.path, self.format, self.kept_from = path, output_format, kept_from
+    def __init__(self, path: str, output_format: str, kept_from=None, samples=None):
+        self.path, self.format, self.kept_from, self.samples = path, output_format, kept_from, samples
 
     def _join(self, name: str) -> str:
         return os.path.join(self.path, name)
 
     def write(self, index: int, result, info: dict, extra: dict | None = None) -> dict:
+        if self.samples is not None:  # each part carries its rows' sample indices (NOTE [ Input order ])
+            kind = "dict" if isinstance(result, dict) else "tuple" if isinstance(result, tuple) else "array"
+            result = {**{k or "output": a for k, a in outputs.arrays(result)},
+                      SAMPLE: np.asarray(self.samples.sample_ids(index), np.int64)}
+            extra = {**(extra or {}), "result": kind}
         several = isinstance(result, (tuple, dict))
         name = part_name(index) if self.format == "parquet" else batch_name(index, several)
         members = outputs.arrays(result) if several or self.format == "parquet" else []
@@ -410,8 +420,67 @@ def open_output(cfg, source, spec) -> OutputDir:
     if fmt == "parquet":
         from .sources.parquet import pyarrow
         pyarrow()  # the [parquet] extra, named, before any worker starts
+    regroups = getattr(source, "regrouping", None)
     return OutputDir(cfg.run.output, identity(source, spec, fmt, keep), cfg.run.overwrite, fmt,
-                     source if keep else None)
+                     source if keep else None, source if regroups is not None and regroups() else None)
+
+
+SAMPLE = "sample"  # the member or column that holds each row's sample index (NOTE [ Input order ])
+
+
+def unwrap(result, record: dict):
+    """A part written with its sample indices (``record["result"]``) back as the kernel's result."""
+    kind = record.get("result")
+    if kind is None:
+        return result
+    got = {k: v for k, v in result.items() if k != SAMPLE}
+    if kind == "array":
+        return got["output"]
+    return tuple(got.values()) if kind == "tuple" else got
+
+
+def read_output(path: str):
+    """An output directory's results as one table, in input order: for ``npy`` the kernel's structure (an
+    array, or a tuple or dict of arrays) with every batch's rows joined; for ``parquet`` a pyarrow Table
+    (the kept columns included). Rows written with their sample indices (``order = "length"``,
+    ``max_tokens``: NOTE [ Input order ]) are put back in sample order, and for Parquet keep their
+    ``sample`` column; failed batches (``on_error = "skip"``) are missing."""
+    path = os.path.abspath(path)
+    fmt = "parquet" if os.path.exists(os.path.join(path, NAMES["parquet"][1])) else "npy"
+    manifest = os.path.join(path, NAMES[fmt][1])
+    try:
+        with open(manifest) as f:
+            records = {}
+            for line in f:
+                try:
+                    r = json.loads(line)
+                    records[r["batch"]] = r
+                except (ValueError, KeyError):
+                    continue  # a torn last line (NOTE [ Resume ])
+    except OSError as e:
+        raise OutputError(f"read_output({path!r}): no manifest ({e.strerror}); is it an output directory "
+                          f"(--output)?") from None
+    if not records:
+        raise OutputError(f"read_output({path!r}): no batch finished in it yet")
+    order = sorted(records)
+    if fmt == "parquet":
+        from .sources.parquet import pyarrow
+        pa, pq, _ = pyarrow()
+        table = pa.concat_tables([pq.read_table(os.path.join(path, records[i]["file"])) for i in order])
+        return table.sort_by(SAMPLE) if SAMPLE in table.column_names else table
+    out = OutputDir.__new__(OutputDir)
+    out.path, out.format, out._records = path, fmt, records
+    parts = [out._load(i) for i in order]
+    ids = np.concatenate([p[SAMPLE] for p in parts]) if records[order[0]].get("result") else None
+    parts = [unwrap(p, records[i]) for p, i in zip(parts, order)]
+    joined = [np.concatenate([a for _, a in col]) for col in zip(*(outputs.arrays(p) for p in parts))]
+    if ids is not None:
+        at = np.argsort(ids, kind="stable")
+        joined = [a[at] for a in joined]
+    first = parts[0]
+    if isinstance(first, dict):
+        return dict(zip(first, joined))
+    return tuple(joined) if isinstance(first, tuple) else joined[0]
 
 
 def _part_bytes(index: int, members: list, keep) -> bytes:

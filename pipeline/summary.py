@@ -44,8 +44,8 @@ class Tally:
 
     def add(self, out) -> list:
         """One batch's outcome (in batch order when the checksum is to mean anything); returns the results
-        the caller now gets, as (index, result): the batch itself, or with a regrouping (NOTE [ Input
-        order ]) the input-order results it completed."""
+        the caller now gets, as (index, result): the batch itself, or with a regrouping
+        (NOTE [ Input order ]) the input-order results it completed."""
         if out.failure is not None:
             self.failed.append(out.failure)
         else:

@@ -8,6 +8,8 @@
 #   6. your own data: a JPEG dataset through the pipeline, DataLoader and SPDL (when installed)
 #   7. images: the CUDA decode test (nvJPEG), bench-images and bench-images-resnet (resnet50, bf16)
 #   8. lesson 09's facts about tensors crossing processes (docs/gpu-facts/)
+#   0. first: the gpu tests of samples of their own length and of text (a real OOM split, bf16), and
+#      bench-seq / bench-text on CUDA (text needs the [text] extra: carry its wheels)
 # then a short table (scripts/gpu_summary.py). Each step writes its JSON/log to OUTDIR as it finishes,
 # so a step that runs out of time leaves the others' results. bench-gpu also runs the ray and ray.data
 # modes when Ray Data is installed (pip install -e '.[ray]').
@@ -35,6 +37,14 @@ log="$out/gpu-check.log"
 step() { echo; echo "== $1 ($(date +%H:%M:%S))" | tee -a "$log"; }
 cores=$("$py" -c "from pipeline import devices; print(devices.usable_cpus())")
 "$py" -m pipeline devices | tee "$log"
+
+step "samples of their own length and text: gpu tests, bench-seq and bench-text on CUDA (never run on a GPU yet)"
+timeout 150 "$py" -m pytest -q -p no:cacheprovider tests/test_sequences.py tests/test_text.py -m gpu 2>&1 | tail -n 5 | tee -a "$log"
+timeout 200 "$py" -m pipeline bench --config configs/bench-seq.toml --device cuda --modes serial.sorted,pipeline.length,pipeline.tokens,DataLoader \
+  --workers-list 2 --json "$out/bench-seq.json" 2>&1 | tee -a "$log"
+"$py" -c "import tokenizers, transformers, sentence_transformers" 2>/dev/null && \
+  timeout 240 "$py" -m pipeline bench --config configs/bench-text.toml --device cuda --precision bf16 --modes all \
+  --workers-list 2 --json "$out/bench-text.json" 2>&1 | tee -a "$log"
 
 step "bench-gpu (serial, pipeline, DataLoader, mp.Pool at 1, 2, 4, 8 workers)"
 modes=serial,pipeline,DataLoader,mp.Pool

@@ -11,7 +11,7 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "scripts" / "examples").glob("*.py"))
 NEEDS = {"image_folder.py": ("PIL", "torchvision"), "parquet_roundtrip.py": ("pyarrow",),
-         "ray_cluster.py": ("ray",)}
+         "ray_cluster.py": ("ray",), "embed_text.py": ("pyarrow", "tokenizers", "transformers")}
 
 
 def test_every_tour_job_has_an_example():

@@ -263,7 +263,7 @@ def test_a_sample_that_fails_on_the_actor_fails_its_batch():
     """A sample that does not fit its batch, found by the actor building it: on_error=skip fails that batch
     alone (the rest computed, as serial); on_error=fail raises SampleError naming the sample and batch."""
     samples = [np.full(3, i, np.float32) for i in range(6)]
-    samples[3] = np.zeros(4, np.float32)
+    samples[3] = np.zeros(3, np.float64)  # (another length would make the field ragged: another dtype)
     kw = dict(source=samples, batch_size=2, kernel="sum", progress=False)
     ref = pipeline.run(workers=0, on_error="skip", **kw).summary
     s = pipeline.run(workers=2, backend="ray", on_error="skip", **kw).summary

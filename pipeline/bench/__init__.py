@@ -52,7 +52,7 @@ from ..outputs import checksum, max_rel_diff
 from ..runner import resolve
 from ..sources.datasets import MapSource
 from ..sources.factory import open_source
-from . import images, peers, ray_modes
+from . import images, peers, ray_modes, sequences, text
 from .calibration import bound, calibrate, roofline
 from .peers import _timed, has_spdl
 from .ray_modes import has_ray, has_ray_data, start_ray
@@ -78,6 +78,10 @@ def bench(args, overrides: dict) -> int:
     if getattr(args, "plot", None) and importlib.util.find_spec("matplotlib") is None:  # (before, not after the run)
         raise ConfigError(PLOT_EXTRA)
     cfg = resolve(args.config, overrides)
+    if cfg.source.object == sequences.DATASET:  # the sequence bench (configs/bench-seq.toml)
+        return _sequences(args, cfg, counts, sequences)
+    if cfg.source.object == text.MARKER:  # the text bench (configs/bench-text.toml)
+        return _sequences(args, cfg, counts, text)
     if cfg.source.kind == "images" and not cfg.source.path:  # the image bench: its own set of JPEGs
         cfg, took = images.image_set(cfg)
         print(f"pipeline bench: {cfg.source.path} ({took:.1f} s to make or find)", file=sys.stderr)
@@ -95,6 +99,35 @@ def bench(args, overrides: dict) -> int:
     for r in bad:
         print(f"pipeline bench: {r['mode']} x{r['workers']} disagrees with serial: max_rel_diff "
               f"{r['max_rel_diff_vs_serial']:.3g} > {r.get('tolerance', report['tolerance']):g}", file=sys.stderr)
+    return ExitCode.FAILED if bad else ExitCode.OK
+
+
+def _sequences(args, cfg: Config, counts: list[int], bench_module) -> int:
+    """``configs/bench-seq.toml`` and ``configs/bench-text.toml``: samples of their own length, every way of
+    feeding them (bench/sequences.py, bench/text.py)."""
+    if args.quick:
+        cfg = cfg.replace(**{"source.params": {**cfg.source.params, "n": 400}})
+    known = bench_module.MODES
+    if args.modes == "all":
+        modes = [m for m in known if m != "ray.data" or has_ray_data()]
+    else:
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        unknown = [m for m in modes if m not in known]
+        if unknown:
+            raise ConfigError(f"--modes: unknown mode(s) {', '.join(unknown)} for this bench; known: "
+                              f"{', '.join(known)}")
+        if "ray.data" in modes and not has_ray_data():
+            raise ConfigError("--modes ray.data needs Ray Data: pip install -e '.[ray]'")
+    run = sequences.run_seq_bench if bench_module is sequences else text.run_text_bench
+    report = run(cfg, modes, max(counts))
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+    print(bench_module.table(report))
+    bad = [r for r in report["results"] if not r["agrees"]]
+    for r in bad:
+        print(f"pipeline bench: {r['mode']} disagrees with serial: max_rel_diff {r['max_rel_diff_vs_serial']:.3g}",
+              file=sys.stderr)
     return ExitCode.FAILED if bad else ExitCode.OK
 
 

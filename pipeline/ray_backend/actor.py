@@ -134,8 +134,9 @@ class _ActorRun:
         self.builders = Builders(None, self.source.batch, self, threads, self._report, record_order=False)
         self.files = None
         if output is not None:
-            path, fmt, keep_columns = output
-            self.files = BatchFiles(path, fmt, self.source if keep_columns else None)
+            path, fmt, keep_columns, samples = output
+            self.files = BatchFiles(path, fmt, self.source if keep_columns else None,
+                                    self.source if samples else None)
 
     def view(self, slot: int, layout):
         return layout.views(self.slots[slot]), Descriptor(slot, layout)

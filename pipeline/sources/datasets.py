@@ -143,8 +143,9 @@ class MapSource(Indexed):
         """Samples with ragged fields (NOTE [ Ragged fields ]): a plan when their lengths are known."""
         seq, self.ragged = self.seq, ragged
         own = getattr(self.dataset, "lengths", None)
-        if callable(own):
-            self.lengths = checked_lengths(own(), self.samples, f"{type(self.dataset).__name__}.lengths()")
+        got = own() if callable(own) else None
+        if got is not None:
+            self.lengths = checked_lengths(got, self.samples, f"{type(self.dataset).__name__}.lengths()")
         if self.lengths is None:
             if seq.plans:
                 key = "order = 'length'" if seq.order == "length" else "max_tokens"

@@ -22,7 +22,10 @@ from ..images.folder import kind_of, open_images
 from .arrays import open_arrays
 from .datasets import FromIterable, MapSource, is_map_style, load_dataset
 from .parquet import DEFAULT_BATCH_SIZE, TableRows, is_parquet, open_parquet
+from .parquet_ragged import open_parquet_rows
 from .plan import Sequences
+from ..text.docs import TEXT_EXTS, has_txt
+from ..text.source import open_text
 from .synthetic import Synthetic
 
 
@@ -31,28 +34,36 @@ def infer_kind(cfg: SourceConfig) -> str:
     if cfg.kind != "synthetic":
         return cfg.kind
     if cfg.path:
+        if cfg.text_column or cfg.path.lower().endswith(TEXT_EXTS) or (cfg.tokenizer and has_txt(cfg.path)):
+            return "text"  # (Parquet documents: --text-column names their column)
         if is_parquet(cfg.path):
             return "parquet"
         found = kind_of(cfg.path)  # a directory with images, or .npy files, or neither
         if found == "images" or (found is None and os.path.isdir(cfg.path) and not cfg.key):
             return "images"  # (one with neither: the images' opener says it has neither)
         return "npy"
-    return "dataset" if cfg.object else "synthetic"
+    if cfg.object:
+        return "dataset"
+    return "text" if cfg.tokenizer or cfg.text_column else "synthetic"
 
 
 def _dataset(cfg: SourceConfig, collate: Callable | None):
+    if cfg.tokenizer:
+        ds = load_dataset(cfg.object, cfg.params)
+        if _texts(ds):  # a dataset of documents
+            return open_text(cfg, ds)
     src = MapSource(load_dataset(cfg.object, cfg.params), cfg.batch_size, cfg.drop_last, collate,
                     Sequences.of(cfg))
     src.ref = (cfg.object, dict(cfg.params))
     return src
 
 
-SEQUENCES = ("dataset", "parquet")  # the kinds whose samples may have their own length
+SEQUENCES = ("dataset", "parquet", "text")  # the kinds whose samples may have their own length
 
 OPENERS = {  # kind -> (source config, collate) -> source
     "synthetic": lambda cfg, collate: Synthetic(cfg),
     "npy": lambda cfg, collate: open_arrays(cfg),
-    "parquet": lambda cfg, collate: open_parquet(cfg),
+    "parquet": lambda cfg, collate: open_parquet_rows(cfg, open_parquet(cfg)),
     "images": lambda cfg, collate: open_images(cfg),
     "dataset": _dataset,
 }
@@ -77,6 +88,10 @@ def open_source(cfg: SourceConfig, items: Iterable | None = None, collate: Calla
         raise ConfigError(f"ragged, max_length, max_tokens and order are for samples of their own length: a "
                           f"dataset (source= or --source), Parquet list columns or text; not for "
                           f"source.kind = {kind!r}")
+    if kind == "text" and (items is None or _texts(items)):
+        if collate is not None:
+            raise ConfigError("text is tokenized, padded and grouped by the pipeline itself: leave out collate=")
+        return open_text(cfg, items)
     if items is not None:
         return _from_items(cfg, items, collate)
     if kind == "dataset":
@@ -104,6 +119,9 @@ def _from_items(cfg: SourceConfig, items, collate: Callable | None):
         raise ConfigError("columns and keep_columns are for Parquet input (--input) or a pyarrow Table, not "
                           f"for a {type(items).__name__} given as source=")
     if is_map_style(items):
+        if _texts(items):
+            raise ConfigError("the samples are strings: text needs a tokenizer (tokenizer=PATH, --tokenizer, or a "
+                              "transformers:DIR / sentence-transformers:DIR kernel)")
         return MapSource(items, cfg.batch_size, cfg.drop_last, collate, Sequences.of(cfg))
     if Sequences.of(cfg).asked:
         raise ConfigError(f"ragged, max_length, max_tokens and order group the samples of a map-style dataset "
@@ -112,6 +130,14 @@ def _from_items(cfg: SourceConfig, items, collate: Callable | None):
         raise ConfigError(f"batch_size and collate group the samples of a map-style dataset (__len__ "
                           f"and __getitem__); a {type(items).__name__} is drawn as batches, one item each")
     return FromIterable(items)
+
+
+def _texts(items) -> bool:
+    """A map-style dataset whose samples are strings (documents)."""
+    try:
+        return is_map_style(items) and len(items) > 0 and isinstance(items[0], str)
+    except Exception:  # noqa: BLE001 - its own error comes when it is read as a dataset
+        return False
 
 
 def _is_table(obj) -> bool:

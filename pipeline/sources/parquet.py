@@ -282,7 +282,7 @@ class ParquetSource(Indexed):
 
     def __setstate__(self, state):
         self.__dict__.update(state)
-        self._cache = _Cache(CACHE)
+        self._cache = _Cache(getattr(self, "cache_groups", CACHE))
         self._keep_cache = _Cache(2)
         self._local = threading.local()
 
@@ -380,6 +380,26 @@ def put(out: np.ndarray, col, c: Column, where) -> None:
         pos += n
 
 
+def row_values(col, c: Column, where) -> list:
+    """One column of rows taken from a row group: a list per row (numpy), or one value per row."""
+    col = col.combine_chunks() if hasattr(col, "combine_chunks") else col
+    if col.null_count:
+        row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+        raise SampleError(f"{where(row, c.name)}: null; a computed column must have no nulls: fill them "
+                          f"(pyarrow.compute.fill_null) or drop those rows")
+    if not c.ragged:
+        arr = col
+        for _ in c.dims:
+            arr = arr.flatten()
+        return list(arr.to_numpy(zero_copy_only=False).astype(c.dtype, copy=False).reshape(len(col), *c.dims))
+    values = col.flatten()
+    if values.null_count:
+        raise SampleError(f"{where(0, c.name)}: a null inside a list; fill them (pyarrow.compute.fill_null)")
+    flat = values.to_numpy(zero_copy_only=False).astype(c.dtype, copy=False)
+    offsets = col.offsets.to_numpy() - col.offsets[0].as_py()
+    return [flat[offsets[i]:offsets[i + 1]] for i in range(len(col))]
+
+
 class _Cache:
     """Row groups read, shared by the threads of one process: each is read once while it is kept."""
 
@@ -460,7 +480,20 @@ class TableRows:
             raise IndexError(i)
         return self.__getitems__([i % len(self)])[0]
 
+    def lengths(self) -> np.ndarray | None:
+        """Each row's length when a list column's rows differ in length (samples of their own length)."""
+        _, _, pc = pyarrow()
+        ragged = [c.name for c in self.cols if c.ragged]
+        if not ragged:
+            return None
+        return pc.list_value_length(self.table.column(ragged[0])).to_numpy(zero_copy_only=False).astype(np.int64)
+
     def __getitems__(self, indices: list[int]) -> list[dict]:
+        if any(c.ragged for c in self.cols):  # rows of their own length: one array per row
+            part = self.table.take(np.asarray(indices, np.int64))
+            cols = [row_values(part.column(k), c, lambda r, name: f"source: row {indices[r]}, column {name!r}")
+                    for k, c in enumerate(self.cols)]
+            return [{c.name: col[j] for c, col in zip(self.cols, cols)} for j in range(len(indices))]
         lo, hi = min(indices), max(indices) + 1
         part = self.table.slice(lo, hi - lo)
         arrays = {}

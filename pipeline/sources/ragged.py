@@ -28,22 +28,22 @@ def find_ragged(layouts: list[Layout], declared: tuple) -> list[bool]:
     """Per field of ``layouts[0]``: ragged or not. ``layouts``: a few samples' layouts (the same structure);
     ``declared``: the names the config gives (checked against the fields)."""
     first = layouts[0]
-    names = first.names
+    names = ["array"] if first.kind == "array" else first.names  # (a sample that is one array: "array")
     if declared:
         unknown = [d for d in declared if d not in names]
         if unknown:
             raise ConfigError(f"source.ragged = {list(declared)}: no field {unknown[0]!r}; the samples' fields: "
-                              f"{', '.join(repr(n) for n in names)}" + (" (one array: name it '')" if names == [""] else ""))
+                              f"{', '.join(repr(n) for n in names)}")
         for n, s in zip(names, first.shapes):
             if n in declared and not s:
                 raise ConfigError(f"source.ragged: field {n!r} is a scalar (shape ()); a ragged field has a "
                                   f"first axis of varying length")
         return [n in declared for n in names]
     out = []
-    for i, shape in enumerate(first.shapes):
-        shapes = {lay.shapes[i] for lay in layouts}
-        out.append(len(shape) >= 1 and len(shapes) > 1 and len({s[1:] for s in shapes}) == 1
-                   and len({len(s) for s in shapes}) == 1)
+    for i, shape in enumerate(first.shapes):  # (a probe of other axes or dtype: its own batch fails, naming it)
+        alike = {lay.shapes[i][0] for lay in layouts if len(lay.shapes[i]) == len(shape) and shape
+                 and lay.shapes[i][1:] == shape[1:] and lay.dtypes[i] == first.dtypes[i]}
+        out.append(len(alike) > 1)
     return out
 
 
