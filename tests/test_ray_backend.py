@@ -271,3 +271,36 @@ def test_a_sample_that_fails_on_the_actor_fails_its_batch():
     assert [f["batch"] for f in s["failed"]] == [1] and "sample 3 (batch 1)" in s["failed"][0]["cause"]
     with pytest.raises(pipeline.SampleError, match=r"^batch 1 \(ray actor pid \d+.*sample 3 \(batch 1\): shape"):
         pipeline.run(workers=2, backend="ray", **kw)
+
+
+class Tokens(torch.utils.data.Dataset):
+    """Samples of their own length, with ``lengths()``: actors build them, the driver regroups the results."""
+
+    def __init__(self, n=40):
+        self.L = np.random.default_rng(0).integers(1, 30, n)
+
+    def __len__(self):
+        return len(self.L)
+
+    def __getitem__(self, i):
+        return {"ids": np.arange(1, int(self.L[i]) + 1), "doc": np.int64(i)}
+
+    def lengths(self):
+        return self.L
+
+
+def ids_sums(b):
+    return {"s": b["ids"].sum(1), "n": b["lengths"], "doc": b["doc"]}
+
+
+@pytest.mark.timeout(180)
+def test_samples_of_their_own_length_on_ray_come_back_in_input_order(tmp_path):
+    """order = length and a token budget on Ray: actors build and write the parts (with their sample
+    indices), the results and checksum are the local backend's, read_output gives input order."""
+    kw = dict(source=Tokens(), kernel=ids_sums, batch_size=8, order="length", max_tokens=96, progress=False)
+    local = pipeline.run(workers=0, **kw)
+    r = pipeline.run(workers=2, backend="ray", output=str(tmp_path / "out"), **kw)
+    assert r.summary["checksum"] == local.summary["checksum"]
+    assert r.summary["handoff"]["transport"] == "built by the actors"
+    back = pipeline.read_output(str(tmp_path / "out"))
+    assert back["doc"].tolist() == list(range(40)) and back["n"].tolist() == Tokens().L.tolist()

@@ -1,7 +1,6 @@
 """Samples of their own length: ragged fields padded per batch, plans (order = "length", token budgets),
 results back in input order, out-of-memory splits, output parts with sample indices, Parquet list columns."""
 import json
-import os
 import re
 
 import numpy as np

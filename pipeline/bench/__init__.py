@@ -119,7 +119,7 @@ def _sequences(args, cfg: Config, counts: list[int], bench_module) -> int:
         if "ray.data" in modes and not has_ray_data():
             raise ConfigError("--modes ray.data needs Ray Data: pip install -e '.[ray]'")
     run = sequences.run_seq_bench if bench_module is sequences else text.run_text_bench
-    report = run(cfg, modes, max(counts))
+    report = run(cfg, modes, max(counts), args.repeat)
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(report, f, indent=1, default=str)

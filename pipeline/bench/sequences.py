@@ -21,6 +21,7 @@ in input order). Worker start-up is kept out of every timing (each mode warms up
 from __future__ import annotations
 
 import math
+import statistics
 import time
 
 import numpy as np
@@ -30,6 +31,7 @@ from .. import devices, kernels
 from ..compute import Computer
 from ..outputs import max_rel_diff
 from ..sources.plan import Sequences, make_plan
+from .ray_modes import rows_after_warmup
 from .report import machine
 
 DEVICE = [torch.device("cpu")]  # where serial, DataLoader and the model alone compute (the run's device)
@@ -179,7 +181,7 @@ def ray_data(ds, spec, B: int, workers: int):
     import ray
     import ray.data
     from ..ray_backend import start_local_ray
-    start_local_ray(max(2, workers))
+    start_local_ray(workers + 2)  # (the actors take one CPU each; the fetch tasks need some too)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
@@ -198,10 +200,10 @@ def ray_data(ds, spec, B: int, workers: int):
             e = self.comp({"input_ids": ids, "lengths": batch["lengths"]})[0]["embedding"]
             return {"embedding": e, "id": batch["id"]}
 
-    t0 = time.perf_counter()
-    out = ray.data.range(len(ds)).map_batches(fetch, batch_size=B).map_batches(
-        Model, batch_size=B, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1).take_all()
-    seconds = time.perf_counter() - t0
+    warm = list(range(2 * B * workers))  # (the actors start and warm up before the timing)
+    out, seconds, _ = rows_after_warmup(ray.data.from_items([{"id": i} for i in warm + list(range(len(ds)))])
+                                        .map_batches(fetch, batch_size=B).map_batches(
+        Model, batch_size=B, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1), len(warm))
     ray.shutdown()
     emb = np.stack([r["embedding"] for r in out])
     ids = np.asarray([r["id"] for r in out])
@@ -211,11 +213,14 @@ def ray_data(ds, spec, B: int, workers: int):
     return e, seconds, _padded(batches, ds.L)
 
 
-def model_alone(ds, spec, seq: Sequences, B: int, workers: int, threads: int) -> dict:
+def model_alone(ds, spec, seq: Sequences, B: int, workers: int, threads: int, fixed: bool = True) -> dict:
     """The model on the pipeline.tokens batches built beforehand: tokens/s on one thread x workers, and on
     every thread; per-batch compute times (p90/p10) for those batches and for sorted batches of B."""
     out = {}
-    for name, plan in (("tokens", make_plan(ds.L, seq, 0)), ("fixed", make_plan(ds.L, Sequences(order="length"), B))):
+    plans = [("tokens", make_plan(ds.L, seq, 0))]
+    if fixed:  # (batches of B sorted by length: their per-batch spread, once)
+        plans.append(("fixed", make_plan(ds.L, Sequences(order="length"), B)))
+    for name, plan in plans:
         batches = []
         for k in range(plan.n):
             ids = plan.ids(k)
@@ -225,7 +230,7 @@ def model_alone(ds, spec, seq: Sequences, B: int, workers: int, threads: int) ->
                 x[row, :ds.L[i]] = ds[i]["input_ids"]
             batches.append({"input_ids": x, "lengths": ds.L[ids].copy()})
         real = int(ds.L.sum())
-        for t in sorted({1, threads}):
+        for t in sorted({1, threads}) if name == "tokens" else [1]:
             comp = _computer(spec, t)
             comp(batches[0])
             times = []
@@ -242,24 +247,49 @@ def model_alone(ds, spec, seq: Sequences, B: int, workers: int, threads: int) ->
     return out
 
 
-def run_seq_bench(cfg, modes: list[str], workers: int) -> dict:
+SLOW = ("serial", "pipeline", "DataLoader", "ray.data")  # mostly padding: run once (the others --repeat times)
+
+
+def interleaved(modes: list[str], one, alone, repeat: int, slow: tuple) -> dict:
+    """Each slow mode once, then ``repeat`` rounds of the model alone and every other mode, one after the
+    other (this machine's speed drifts: the ratios that matter are measured side by side), then ray.data
+    (Ray's processes take a while to go after it); each mode's median seconds, with its first run's
+    embeddings and padding."""
+    got: dict = {m: [one(m)] for m in modes if m in slow and m != "ray.data"}
+    for _ in range(repeat):
+        alone()
+        for m in modes:
+            if m not in slow:
+                got.setdefault(m, []).append(one(m))
+    if "ray.data" in modes:
+        got["ray.data"] = [one("ray.data")]
+    return {m: (r[0][0], statistics.median(x[1] for x in r), r[0][2]) for m, r in got.items()}
+
+
+def run_seq_bench(cfg, modes: list[str], workers: int, repeat: int = 1) -> dict:
     params = dict(cfg.source.params)
     ds = SeqDataset(**params)
     spec = kernels.spec_for(cfg.kernel.name, dict(cfg.kernel.params), cfg.kernel.precision)
     B, T = cfg.source.batch_size or 32, cfg.source.max_tokens or 4096
     threads = devices.usable_cpus()
     DEVICE[0] = devices.choose(cfg.workers.device, 0)
-    runs = {}
-    for mode in modes:
+    def one(mode):
         if mode in ("serial", "serial.sorted"):
-            runs[mode] = serial(ds, spec, B, threads, mode == "serial.sorted")
-        elif mode.startswith("pipeline"):
+            return serial(ds, spec, B, threads, mode == "serial.sorted")
+        if mode.startswith("pipeline"):
             order = "input" if mode == "pipeline" else "length"
-            runs[mode] = run_pipeline(ds, spec, B, workers, order, T if mode == "pipeline.tokens" else 0)
-        elif mode.startswith("DataLoader"):
-            runs[mode] = dataloader(ds, spec, B, workers, threads, mode == "DataLoader.grouped")
-        elif mode == "ray.data":
-            runs[mode] = ray_data(ds, spec, B, workers)
+            return run_pipeline(ds, spec, B, workers, order, T if mode == "pipeline.tokens" else 0)
+        if mode.startswith("DataLoader"):
+            return dataloader(ds, spec, B, workers, threads, mode == "DataLoader.grouped")
+        return ray_data(ds, spec, B, workers)
+
+    alone_runs = []
+
+    def alone():
+        alone_runs.append(model_alone(ds, spec, Sequences(max_tokens=T, order="length"), B, workers, threads,
+                                      fixed=not alone_runs))
+    runs = interleaved(modes, one, alone, repeat, SLOW)
+    alone_fig = {k: statistics.median(a[k] for a in alone_runs if k in a) for k in alone_runs[0]}
     ref = runs.get("serial", next(iter(runs.values())))[0]
     real = int(ds.L.sum())
     rows = []
@@ -269,8 +299,8 @@ def run_seq_bench(cfg, modes: list[str], workers: int) -> dict:
                      "tokens_per_s": round(real / seconds, 1), "padding_share": round(1 - r / padded, 4),
                      "max_rel_diff_vs_serial": max_rel_diff([emb], [ref]),
                      "agrees": max_rel_diff([emb], [ref]) <= 1e-3})
-    alone = model_alone(ds, spec, Sequences(max_tokens=T, order="length"), B, workers, threads)
-    return {"machine": machine(), "config": cfg.to_dict(), "samples": len(ds), "real_tokens": real,
+    alone = alone_fig
+    return {"repeat": repeat, "machine": machine(), "config": cfg.to_dict(), "samples": len(ds), "real_tokens": real,
             "median_length": float(np.median(ds.L)), "batch_size": B, "max_tokens": T, "workers": workers,
             "results": rows, "model_alone": alone, "goals": goals(rows, alone)}
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import time
 
 import numpy as np
@@ -28,6 +29,8 @@ from .. import devices, kernels
 from ..compute import Computer
 from ..outputs import max_rel_diff
 from ..sources.plan import Sequences, make_plan
+from .ray_modes import rows_after_warmup
+from .sequences import interleaved
 from .report import machine
 
 DEVICE = [torch.device("cpu")]  # where serial, DataLoader and the model alone compute (the run's device)
@@ -188,7 +191,7 @@ def ray_data(texts, bert, tokens, B, workers):
     import ray
     import ray.data
     from ..ray_backend import start_local_ray
-    start_local_ray(max(2, workers))
+    start_local_ray(workers + 2)  # (the actors take one CPU each; the fetch tasks need some too)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False
@@ -208,10 +211,10 @@ def ray_data(texts, bert, tokens, B, workers):
             e = self.comp({"input_ids": ids, "attention_mask": mask, "lengths": batch["lengths"]})[0]["embedding"]
             return {"embedding": e, "lengths": batch["lengths"]}
 
-    t0 = time.perf_counter()
-    rows = ray.data.from_items([{"text": t} for t in texts]).map_batches(tokenize, batch_size=B).map_batches(
-        Model, batch_size=B, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1).take_all()
-    seconds = time.perf_counter() - t0
+    warm = texts[:2 * B * workers]  # (the actors start and load the model before the timing)
+    rows, seconds, _ = rows_after_warmup(ray.data.from_items([{"text": t} for t in warm + list(texts)])
+                                         .map_batches(tokenize, batch_size=B).map_batches(
+        Model, batch_size=B, compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=1), len(warm))
     ray.shutdown()
     n = np.asarray([r["lengths"] for r in rows])
     padded = sum(len(n[lo:lo + B]) * int(n[lo:lo + B].max()) for lo in range(0, len(n), B))
@@ -243,7 +246,10 @@ def model_alone(texts, bert, tokens, T, workers, threads) -> dict:
     return out
 
 
-def run_text_bench(cfg, modes: list[str], workers: int) -> dict:
+SLOW = ("serial", "DataLoader", "ray.data")  # mostly padding: run once (the others --repeat times)
+
+
+def run_text_bench(cfg, modes: list[str], workers: int, repeat: int = 1) -> dict:
     from ..text.tokens import Tokens
     params = dict(cfg.source.params)
     n, seed = int(params.get("n", 20000)), int(params.get("seed", 0))
@@ -255,20 +261,22 @@ def run_text_bench(cfg, modes: list[str], workers: int) -> dict:
     threads = devices.usable_cpus()
     DEVICE[0] = devices.choose(cfg.workers.device, 0)
     real = int(sum(len(a) for a, _ in tokens.encode(texts)))
-    runs = {}
-    for mode in modes:
+    def one(mode):
         if mode == "serial":
-            runs[mode] = serial(texts, bert, tokens, B, threads)
-        elif mode == "pipeline":
-            runs[mode] = run_pipeline(texts, bert, B, T, workers)
-        elif mode == "st.encode":
-            runs[mode] = st_encode(texts, st, B, threads)
-        elif mode == "st.pool":
-            runs[mode] = st_encode(texts, st, B, 1, workers)
-        elif mode == "DataLoader":
-            runs[mode] = dataloader(texts, bert, tokens, B, workers, threads)
-        elif mode == "ray.data":
-            runs[mode] = ray_data(texts, bert, tokens, B, workers)
+            return serial(texts, bert, tokens, B, threads)
+        if mode == "pipeline":
+            return run_pipeline(texts, bert, B, T, workers)
+        if mode == "st.encode":
+            return st_encode(texts, st, B, threads)
+        if mode == "st.pool":
+            return st_encode(texts, st, B, 1, workers)
+        if mode == "DataLoader":
+            return dataloader(texts, bert, tokens, B, workers, threads)
+        return ray_data(texts, bert, tokens, B, workers)
+
+    alone_runs = []
+    runs = interleaved(modes, one, lambda: alone_runs.append(model_alone(texts, bert, tokens, T, workers, threads)),
+                       repeat, SLOW)
     ref = runs.get("serial", next(iter(runs.values())))[0]
     rows = []
     for mode, (emb, seconds, padded) in runs.items():
@@ -278,8 +286,8 @@ def run_text_bench(cfg, modes: list[str], workers: int) -> dict:
                      "tokens_per_s": round(real / seconds, 1),
                      "padding_share": round(1 - real / padded, 4) if padded else None,
                      "max_rel_diff_vs_serial": diff, "agrees": diff <= 1e-3})
-    alone = model_alone(texts, bert, tokens, T, workers, threads)
-    return {"machine": machine(), "config": cfg.to_dict(), "documents": n, "real_tokens": real,
+    alone = {k: statistics.median(a[k] for a in alone_runs) for k in alone_runs[0]}
+    return {"repeat": repeat, "machine": machine(), "config": cfg.to_dict(), "documents": n, "real_tokens": real,
             "batch_size": B, "max_tokens": T, "workers": workers, "model": bert, "results": rows,
             "model_alone": alone, "goals": goals(rows, alone)}
 

@@ -15,7 +15,7 @@ from ..errors import ConfigError, SampleError
 from ..fields import Layout, copy_into, fields, flatten
 from .base import Batch, Indexed, Source
 from .plan import RESULT_ROWS, Plan, Sequences, checked_lengths, make_plan
-from .ragged import PROBES, RaggedSamples, find_ragged
+from .ragged import RaggedSamples, find_ragged, probe
 
 
 class FromIterable(Source):
@@ -105,7 +105,9 @@ class MapSource(Indexed):
         if (self.batch_size is not None or seq.max_tokens) and collate is None:
             first = self._checked(self._first_sample(), 0, 0)
             self.sample_layout = Layout.of(first)
-            ragged = find_ragged(self._probed(first), seq.ragged)
+            layouts = (probe(first, self.samples, lambda i: fields(self._get(0, [i])[0], f"sample {i}"))
+                       if self.probe else [self.sample_layout])
+            ragged = find_ragged(layouts, seq.ragged)
             if any(ragged):
                 self._open_ragged(RaggedSamples(self.sample_layout, ragged, seq))
             elif seq.plans or seq.max_length:
@@ -123,21 +125,6 @@ class MapSource(Indexed):
             self.max_nbytes = Layout.of(self._produce(0)).nbytes
 
     probe = True  # compare a few samples for ragged fields when the dataset opens (an image folder: no)
-
-    def _probed(self, first) -> list[Layout]:
-        """The layouts of sample 0 and up to PROBES samples spread over the dataset (same structure only)."""
-        layouts = [Layout.of(first)]
-        if not self.probe or self.samples < 2:
-            return layouts
-        for i in sorted(set(np.linspace(0, self.samples - 1, min(self.samples, PROBES)).astype(int)) - {0}):
-            try:
-                s = fields(self._get(0, [int(i)])[0], f"sample {i}")
-            except Exception:  # noqa: BLE001 - its own batch will fail, naming it
-                continue
-            lay = Layout.of(s)
-            if (lay.kind, lay.keys, len(lay.shapes)) == (layouts[0].kind, layouts[0].keys, len(layouts[0].shapes)):
-                layouts.append(lay)
-        return layouts
 
     def _open_ragged(self, ragged: RaggedSamples) -> None:
         """Samples with ragged fields (NOTE [ Ragged fields ]): a plan when their lengths are known."""
@@ -201,13 +188,7 @@ class MapSource(Indexed):
         """The samples per result when the batches are not the input's consecutive groups (sorted by length,
         or cut by a token budget) and their rows must be put back in input order (NOTE [ Input order ]);
         None when batch k is samples kB .. kB+B-1."""
-        if self.plan is None:
-            return None
-        b = self.batch_size or RESULT_ROWS
-        p = self.plan
-        if not p.permutes() and np.array_equal(p.starts, np.minimum(np.arange(p.n + 1) * b, len(p.order))):
-            return None
-        return b
+        return None if self.plan is None else self.plan.regrouping(self.batch_size or RESULT_ROWS)
 
     def report(self) -> dict:
         """The summary's ``sequences``: padding share, samples cut to max_length (NOTE [ Ragged fields ])."""
@@ -215,13 +196,7 @@ class MapSource(Indexed):
             return {}
         out = {"fields": self.ragged.names, "order": self.seq.order, "batches": self.n}
         if self.lengths is not None:
-            clipped = np.minimum(self.lengths, self.seq.max_length) if self.seq.max_length else self.lengths
-            rows = np.diff(self.plan.starts)
-            padded = int((rows * self.plan.widths).sum())
-            real = int(clipped[self.plan.order].sum())
-            out.update(real_tokens=real, padded_tokens=padded,
-                       padding_share=round(1 - real / padded, 4) if padded else 0.0,
-                       truncated=int((self.lengths > self.seq.max_length).sum()) if self.seq.max_length else 0)
+            out.update(self.plan.tokens(self.lengths, self.seq.max_length))
         else:
             out["truncated"] = self.ragged.truncated  # counted by this process's build threads
         return {"sequences": out}

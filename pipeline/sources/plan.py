@@ -91,9 +91,22 @@ class Plan:
     def rows(self, k: int) -> int:
         return int(self.starts[k + 1] - self.starts[k])
 
-    def permutes(self) -> bool:
-        """Whether the samples are out of input order."""
-        return bool(np.any(self.order[1:] < self.order[:-1]))
+    def regrouping(self, size: int) -> int | None:
+        """``size`` when the batches are not the input's consecutive groups of ``size`` samples (sorted by
+        length, or cut by a budget): their rows go back to input order (NOTE [ Input order ]); else None."""
+        consecutive = not np.any(self.order[1:] < self.order[:-1])
+        if consecutive and np.array_equal(self.starts, np.minimum(np.arange(self.n + 1) * size, len(self.order))):
+            return None
+        return size
+
+    def tokens(self, lengths: np.ndarray, max_length: int) -> dict:
+        """Real and padded tokens of the plan's batches, the padding share, the samples cut to max_length."""
+        clipped = np.minimum(lengths, max_length) if max_length else lengths
+        padded = int((np.diff(self.starts) * self.widths).sum())
+        real = int(clipped[self.order].sum())
+        return {"real_tokens": real, "padded_tokens": padded,
+                "padding_share": round(1 - real / padded, 4) if padded else 0.0,
+                "truncated": int((lengths > max_length).sum()) if max_length else 0}
 
 
 def make_plan(lengths: np.ndarray, seq: Sequences, batch_size: int, drop_last: bool = False) -> Plan:

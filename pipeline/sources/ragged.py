@@ -24,6 +24,20 @@ LENGTHS = "lengths"  # the field that holds each row's length (NOTE [ Ragged fie
 PROBES = 16  # samples compared when a dataset opens, to find its ragged fields
 
 
+def probe(first, samples: int, get) -> list[Layout]:
+    """The layouts of sample 0 (``first``) and of up to PROBES samples spread over ``samples`` (``get(i)``:
+    sample i as numpy fields), those of the same structure only."""
+    layouts = [Layout.of(first)]
+    for i in sorted(set(np.linspace(0, samples - 1, min(samples, PROBES)).astype(int)) - {0}):
+        try:
+            lay = Layout.of(get(int(i)))
+        except Exception:  # noqa: BLE001 - its own batch will fail, naming it
+            continue
+        if (lay.kind, lay.keys, len(lay.shapes)) == (layouts[0].kind, layouts[0].keys, len(layouts[0].shapes)):
+            layouts.append(lay)
+    return layouts
+
+
 def find_ragged(layouts: list[Layout], declared: tuple) -> list[bool]:
     """Per field of ``layouts[0]``: ragged or not. ``layouts``: a few samples' layouts (the same structure);
     ``declared``: the names the config gives (checked against the fields)."""

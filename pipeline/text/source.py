@@ -15,6 +15,7 @@ in the summary's ``sequences.truncated``.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -107,6 +108,6 @@ def open_text(cfg, items=None, tokenizer: str = "", model_dir: str | None = None
     path = cfg.tokenizer or tokenizer
     tokens = Tokens(path, cfg.max_length, model_dir or (path if os.path.isdir(path) else None))
     rows = TextRows(docs, tokens, cfg.bad_samples == "skip")
-    seq = Sequences.of(cfg)
+    seq = Sequences.of(dataclasses.replace(cfg, kind="text"))  # (order "auto": by length)
     batch_size = cfg.batch_size or (0 if seq.max_tokens else 64)
     return TextSource(rows, batch_size, seq, list(cfg.keep_columns))
