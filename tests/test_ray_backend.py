@@ -273,34 +273,21 @@ def test_a_sample_that_fails_on_the_actor_fails_its_batch():
         pipeline.run(workers=2, backend="ray", **kw)
 
 
-class Tokens(torch.utils.data.Dataset):
-    """Samples of their own length, with ``lengths()``: actors build them, the driver regroups the results."""
-
-    def __init__(self, n=40):
-        self.L = np.random.default_rng(0).integers(1, 30, n)
-
-    def __len__(self):
-        return len(self.L)
-
-    def __getitem__(self, i):
-        return {"ids": np.arange(1, int(self.L[i]) + 1), "doc": np.int64(i)}
-
-    def lengths(self):
-        return self.L
-
-
-def ids_sums(b):
-    return {"s": b["ids"].sum(1), "n": b["lengths"], "doc": b["doc"]}
-
 
 @pytest.mark.timeout(180)
 def test_samples_of_their_own_length_on_ray_come_back_in_input_order(tmp_path):
-    """order = length and a token budget on Ray: actors build and write the parts (with their sample
-    indices), the results and checksum are the local backend's, read_output gives input order."""
-    kw = dict(source=Tokens(), kernel=ids_sums, batch_size=8, order="length", max_tokens=96, progress=False)
+    """order = length and a token budget on Ray, on a pyarrow Table with a list column of varying length:
+    the actors build and write the parts (with their sample indices), the results and checksum are the
+    local backend's, read_output gives input order."""
+    pa = pytest.importorskip("pyarrow")
+    L = np.random.default_rng(0).integers(1, 30, 40)
+    table = pa.table({"ids": pa.array([list(range(1, int(n) + 1)) for n in L], pa.list_(pa.int64())),
+                      "doc": np.arange(40, dtype=np.int64)})
+    kw = dict(source=table, columns=["ids", "doc"], batch_size=8, order="length", max_tokens=96, progress=False,
+              kernel=lambda b: {"s": b["ids"].sum(1), "n": b["lengths"], "doc": b["doc"]})
     local = pipeline.run(workers=0, **kw)
     r = pipeline.run(workers=2, backend="ray", output=str(tmp_path / "out"), **kw)
     assert r.summary["checksum"] == local.summary["checksum"]
     assert r.summary["handoff"]["transport"] == "built by the actors"
     back = pipeline.read_output(str(tmp_path / "out"))
-    assert back["doc"].tolist() == list(range(40)) and back["n"].tolist() == Tokens().L.tolist()
+    assert back["doc"].tolist() == list(range(40)) and back["n"].tolist() == L.tolist()
