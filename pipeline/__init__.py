@@ -8,7 +8,16 @@
     with pipeline.Pipeline(kernel="matmul", workers=4) as p:                 # workers kept warm
         p.run(batches=8); p.run(batches=16)
 """
-from .config import Config, load_config
+import sys as _sys
+
+import signal as _signal
+
+# `python -m pipeline`, still importing: a Ctrl-C now is held, and main() reports it (one line, exit 130)
+if _sys.argv[:1] == ["-m"] and _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler:
+    EARLY_SIGINT: list = []
+    _signal.signal(_signal.SIGINT, lambda signum, frame: EARLY_SIGINT.append(signum))
+
+from .config import Config, load_config  # noqa: E402
 from .errors import (ConfigError, ExitCode, HandoffError, KernelError, OutputError, PipelineError,
                      SampleError, WorkerError)
 

@@ -269,6 +269,12 @@ def import_torch() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    early = sys.modules["pipeline"].__dict__.get("EARLY_SIGINT")  # (python -m pipeline: see __init__.py)
+    if early is not None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if early:
+            print("pipeline: interrupted", file=sys.stderr)
+            return ExitCode.INTERRUPTED
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
