@@ -26,7 +26,6 @@ class Regroup:
     def __init__(self, source, size: int, ordered: bool = True):
         self.source, self.size, self.ordered = source, size, ordered
         self.samples = source.samples
-        self.n = -(-self.samples // size)
         self.pending: dict[int, list] = {}  # result j -> [rows in, failed?, [(positions, rows of outputs)]]
         self.ready: dict[int, object] = {}  # complete results not yet handed out (ordered)
         self.next = 0
