@@ -7,6 +7,7 @@ import signal
 import sys
 import traceback
 
+from . import verdict
 from .config import OVERRIDES, parse_value
 from .errors import ConfigError, ExitCode, HandoffError, Interrupted, KernelError
 
@@ -86,6 +87,10 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--overwrite", action="store_true", default=None,
                    help="with --output: delete the results of a DIR written by another config and start "
                         "afresh (without it such a DIR is refused)")
+    g.add_argument("--trace", metavar="FILE",
+                   help="write a timeline of every batch through every stage to FILE (Chrome trace-event "
+                        "JSON: open it in https://ui.perfetto.dev or chrome://tracing; draw it with pipeline "
+                        "trace FILE --plot out.png); bench: the pipeline.trace mode's file")
     g.add_argument("--batches", type=int, metavar="N")
     g.add_argument("--rows", type=int, metavar="N")
     g.add_argument("--cols", type=int, metavar="N")
@@ -147,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pipeline", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Batch compute on GPUs or CPUs across spawn worker processes.",
         epilog=EXIT_CODES)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,bench,devices}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,bench,trace,devices}")
     p = sub.add_parser("run", help="run the batch job", epilog=EXIT_CODES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _run_flags(p)
@@ -168,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", metavar="PATH", dest="json_path", help="write the results as JSON")
     b.add_argument("--plot", metavar="PATH.png", help="throughput vs workers per mode (needs [plot] extra)")
     b.set_defaults(func=cmd_bench)
+    t = sub.add_parser("trace", help="read a --trace file: each lane's busy share, the events, the verdict")
+    t.add_argument("file", metavar="FILE", help="a trace written by pipeline run --trace FILE")
+    t.add_argument("--plot", metavar="PATH.png", help="draw the timeline (needs the [plot] extra)")
+    t.add_argument("--traceback", action="store_true")
+    t.set_defaults(func=cmd_trace)
     d = sub.add_parser("devices", help="torch/CUDA versions, visible devices, cores, start method")
     d.add_argument("--json", action="store_true")
     d.add_argument("--traceback", action="store_true")
@@ -223,9 +233,21 @@ def human(s: dict) -> str:
         lines.append(f"BAD SAMPLE   {b['file']}: {b['cause']}")
     if s.get("output"):
         lines.append(f"output       {s['output']} ({s.get('skipped', 0)} batch(es) already there, skipped)")
+    if s.get("bottleneck"):
+        lines.append(f"bottleneck   {verdict.line(s['bottleneck'])}")
+    if s.get("trace"):
+        lines.append(f"trace        {s['trace']} (open in https://ui.perfetto.dev, or: pipeline trace FILE --plot out.png)")
     lines += [f"note         {n}" for n in s["notes"]]
     lines.append(f"checksum     {s['checksum']}")
     return "\n".join(lines)
+
+
+def cmd_trace(args) -> int:
+    from .timeline import Trace, draw
+    print(Trace(args.file).text())
+    if args.plot:
+        print(f"timeline     {draw(args.file, args.plot)}")
+    return ExitCode.OK
 
 
 def _size(n: int) -> str:

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from . import devices, fields, kernels, outputs
+from . import devices, fields, kernels, outputs, trace
 from .errors import KernelError
 from .images import encoded
 
@@ -113,6 +113,7 @@ class Computer:
         self.stager = Stager(device, pinned)
         self.fit: int | None = None  # the largest rows x length known to fit after running out of memory
         self.splits = 0
+        self.trace = False  # send the batch's spans with its timings (NOTE [ Trace ] in trace.py)
 
     def _run(self, x, index: int, first: int):
         """The kernel on ``x``, split in halves on ``torch.OutOfMemoryError`` (NOTE [ Splits ])."""
@@ -186,6 +187,12 @@ class Computer:
             timings.update(decode_s=t_decoded - t0, **({"bad_samples": bad} if bad else {}))
         if self.cuda:
             timings["gpu_reserved_mb"] = torch.cuda.memory_reserved(self.device) / 2**20
+        if self.trace:  # NOTE [ Trace ] in trace.py: where this batch's time went, for the main's file
+            items = [("decode", "compute", t0, t_decoded)] if bad is not None else []
+            copy = ("h2d wait" if staged is not None else "h2d") if self.cuda else "stage"
+            items += [(copy, "copy" if self.cuda else "compute", t_decoded, t1), ("compute", "compute", t1, t2),
+                      ("d2h", "compute", t2, t3)]
+            timings["spans"] = trace.spans(items)
         return out, timings
 
 

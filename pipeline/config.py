@@ -103,6 +103,7 @@ class RunConfig:
     ray_address: str = ""  # "": start a local Ray; "auto": join this machine's cluster; or host:port
     ray_build: str = "auto"  # who builds a Ray run's batches: auto (the actors when they can) | actors | driver
     output_format: str = "npy"  # npy (batch-N.npy / .npz) | parquet (part-N.parquet)
+    trace: str = ""  # a Chrome trace-event JSON of the run, written here at its end (NOTE [ Trace ])
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,7 @@ OVERRIDES = {
     "ragged": "source.ragged", "max_length": "source.max_length", "max_tokens": "source.max_tokens",
     "order": "source.order", "pad_multiple": "source.pad_multiple", "pad_values": "source.pad_values",
     "on_long": "source.on_long", "text_column": "source.text_column", "tokenizer": "source.tokenizer",
+    "trace": "run.trace",
 }
 FLAGS = {"source_object": "--source", "batch_timeout_s": "--batch-timeout", "progress": "--no-progress"}
 SET_ONLY = ("slot_mb", "pinned", "ray_build", "pad_values")  # no flag of their own

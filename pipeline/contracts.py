@@ -39,6 +39,7 @@ class Executor(Protocol):
     restarts: list  # every worker that died or was replaced: {"rank", "pid", "cause", "batch", ...}
     notes: list  # for every run of this executor (a ring that had to shrink, ...)
     run_notes: list  # the last run's own
+    gil: str | None  # the last run's build held the GIL: the verdict's advice (NOTE [ Verdict ])
     breakdown: dict  # the last run's seconds per stage, summed over its batches
     figures: dict  # the last run's handoff figures (slots, pickled fallbacks, host-to-device rate, ...)
     startup_s: float  # until the first worker could compute

@@ -8,6 +8,7 @@ stream: ``imap`` yields them, ``run`` folds them into a checksum, a progress bar
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -199,7 +200,8 @@ class Pipeline:
             for b in src:
                 if b.index not in skip:
                     yield b
-        tally.begin()
+        d = cfg.workers.device
+        tally.begin(cuda=cfg.workers.count > 0 and (d.startswith("cuda") or (d == "auto" and devices.gpu_count() > 0)))
         tally.source = src  # its manifest(i) lines and report() entries (images)
         if cfg.workers.count == 0:
             yield from self._serial(cfg, batches(), tally)
@@ -209,7 +211,8 @@ class Pipeline:
         if ex.relay is not None:
             ex.relay.bar = tally.bar if not tally.bar.disable else None  # workers' prints go above the bar
             tally.relay = ex.relay
-        work = Work.of(src, batches(), sink=tally.sink, keep=tally.keep, digests=tally.regroup is None)
+        work = Work.of(src, batches(), sink=tally.sink, keep=tally.keep, digests=tally.regroup is None,
+                       trace=tally.trace)
         ex.start()  # local: returns at once (start-up overlaps the first builds); Ray: actors up
         yield from ex.stream(work, ordered, settle=not self._one_shot, cfg=cfg)
 
@@ -218,10 +221,13 @@ class Pipeline:
         device = devices.choose(cfg.workers.device, 0)
         me = {"rank": 0, "pid": os.getpid(), "device": str(device)}
         tally.workers = [me]
+        trace = tally.trace
         with devices.torch_threads(cfg.threads_per_worker()):
             if self.serial is None:
                 self.serial = Computer(self.spec, device, cfg.handoff.pinned)
+            self.serial.trace = trace is not None  # NOTE [ Trace ]: one process, every stage on its lanes
             for b in batches:
+                t0 = time.perf_counter()
                 try:
                     arr = b.array()
                 except Exception as e:  # noqa: BLE001 - a sample or file: as with build threads
@@ -230,6 +236,7 @@ class Pipeline:
                     yield Outcome(b.index, None, {}, {"batch": b.index, "cause": f"{type(e).__name__}: {e}",
                                                       "attempts": 1})
                     continue
+                t_built = time.perf_counter()
                 try:
                     out, timings = self.serial(arr, b.index)
                 except Exception as e:  # noqa: BLE001 - as in a worker: on_error decides
@@ -238,12 +245,17 @@ class Pipeline:
                         yield Outcome(b.index, None, {}, {"batch": b.index, "cause": packed.text, "attempts": 1})
                         continue
                     raise packed.exception(f"batch {b.index} (main process, device {device})") from None
+                if trace is not None:
+                    trace.span("build", "build", t0, t_built, b.index)
+                    trace.remote(me["pid"], timings.pop("spans"), b.index, 1)
                 yield Outcome(b.index, out, {"pid": me["pid"], "device": me["device"], **timings})
 
     def _summarize(self, cfg: Config, tally: Tally, error: str | None = None) -> dict:
         ex = tally.executor
         notes = ([self.note] if self.note else []) + (list(ex.notes) + list(ex.run_notes) if ex is not None else [])
-        return tally.summary(self.spec, notes, error)
+        summary = tally.summary(self.spec, notes, error)
+        tally.write_trace(summary)  # NOTE [ Trace ]: its path in the summary
+        return summary
 
 
 class Stream:

@@ -9,11 +9,13 @@ import time
 
 from tqdm import tqdm
 
+from . import verdict
 from .config import Config
 from .contracts import Executor
 from .outputs import checksum_update
 from .regroup import Regroup
 from .sources.base import Source
+from .trace import Recorder
 
 
 class Tally:
@@ -35,12 +37,19 @@ class Tally:
         self.fit: int | None = None
         self.relay = None  # the local executor's Relay: drained before the bar moves
         self.fresh = False  # the workers started with this run: their start-up is part of it
+        self.write_s = 0.0  # writing the output directory (NOTE [ Verdict ])
+        self.trace = Recorder(cfg.run.trace) if cfg.run.trace else None  # NOTE [ Trace ]
+        self.traced: str | None = None  # where the trace was written
+        self.gpu: verdict.GpuSampler | None = None
         self.t0 = time.perf_counter()
         self.bar = tqdm(total=total, unit="batch", file=sys.stderr, dynamic_ncols=True,
                         disable=not progress or not sys.stderr.isatty(), initial=skipped)
 
-    def begin(self) -> None:
+    def begin(self, cuda: bool = False) -> None:
+        """The run starts (``cuda``: its workers compute on GPUs, sampled through NVML when it is there)."""
         self.t0 = time.perf_counter()
+        if cuda and self.gpu is None:
+            self.gpu = verdict.GpuSampler()
 
     def add(self, out) -> list:
         """One batch's outcome (in batch order when the checksum is to mean anything); returns the results
@@ -48,6 +57,9 @@ class Tally:
         (NOTE [ Input order ]) the input-order results it completed."""
         if out.failure is not None:
             self.failed.append(out.failure)
+            if self.trace is not None:
+                self.trace.instant("failed", "consumer", out.index, out.failure.get("attempts", 1),
+                                   args={"cause": str(out.failure.get("cause", out.failure.get("raise")))[:200]})
         else:
             self.completed += 1
             self.bytes_in += out.info.get("h2d_bytes", 0)  # the batch's bytes, all fields (not restored ones)
@@ -63,7 +75,11 @@ class Tally:
             if "record" in out.info:  # written by the Ray actor that computed it: its manifest line
                 self.sink.append(out.info["record"])
             elif self.sink is not None and not out.info.get("restored"):
+                t0 = time.perf_counter()
                 self.sink.write(out.index, out.result, out.info, self.source.manifest(out.index) or None)
+                self.write_s += time.perf_counter() - t0
+                if self.trace is not None:
+                    self.trace.span("write", "consumer", t0, time.perf_counter(), out.index)
         self.n = max(self.n, out.index + 1)
         if not out.info.get("restored"):
             if self.relay is not None and not self.bar.disable:
@@ -86,6 +102,19 @@ class Tally:
         if self.relay is not None:
             self.relay.drain()
         self.bar.close()
+        self.write_trace(None)  # (a run that ended without a summary: interrupted, or an imap closed early)
+        if self.gpu is not None:
+            self.gpu.stop()
+
+    def write_trace(self, summary: dict | None) -> None:
+        """The trace file, once (NOTE [ Trace ] in trace.py); its path goes in ``summary["trace"]``."""
+        if self.trace is not None and self.traced is None:
+            self.traced = self.trace.write(summary)
+            if summary is not None:
+                summary["trace"] = self.traced
+                if self.trace.dropped:
+                    summary["notes"].append(f"trace: {self.trace.dropped} events over the first {self.trace.capacity} "
+                                            f"were dropped (NOTE [ Trace ]): trace a shorter run")
 
     def summary(self, spec, notes: list[str], error: str | None) -> dict:
         cfg, ex = self.cfg, self.executor
@@ -94,12 +123,14 @@ class Tally:
         workers = [dict(w, batches=self.per_pid.get(w["pid"], 0))
                    for w in (ex.worker_info() if ex is not None else self.workers)]
         breakdown = ex.breakdown if ex is not None else None
+        if breakdown and self.write_s:
+            breakdown = dict(breakdown, write_s=self.write_s)
         done = self.completed - self.skipped
         if breakdown and done > 0:
             breakdown = {k.replace("_s", "_ms"): round(v / done * 1000, 3) for k, v in breakdown.items()}
         startup = ex.startup_s if ex is not None and self.fresh else 0.0
         ready = ex.ready_s if ex is not None and self.fresh else 0.0
-        return {
+        s = {
             "batches": self.n,
             "completed": self.completed,
             "bytes_in": self.bytes_in,
@@ -131,3 +162,7 @@ class Tally:
             "config": cfg.to_dict(),
             **(self.source.report() if self.source is not None else {}),  # images: classes, bad_samples
         }
+        gpu = self.gpu.stop() if self.gpu is not None else None
+        self.gpu = None
+        s["bottleneck"] = verdict.bottleneck(s, ex.gil if ex is not None else None, gpu)  # NOTE [ Verdict ]
+        return s

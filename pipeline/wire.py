@@ -5,14 +5,15 @@ at the places that send or read it). Plain ``pickle`` on both sides (``send``), 
 ForkingPickler, which copies its table of reducers for every message (NOTE [ Small batches ] in
 local/worker.py). The same kinds name the events the build threads report to the supervisor in the main.
 
-  main -> worker        (TASKS, ring, slot_bytes, digest, [(index, attempt, slot, layout), ...])  (``pack``)
+  main -> worker        (TASKS, ring, slot_bytes, digest, trace, [(index, attempt, slot, layout), ...])  (``pack``)
                         Task(index, attempt, array=batch)  (a batch larger than a slot, pickled) | None (stop)
   worker -> main        (READY, pid, device) | (FATAL, PackedError) | (NOTE, text)
                         (COPIED, index) | (RETIRE, index, cause)
                         (RESULT, index, arrays, timings) | (PACKED, index, fields.to_wire(arrays), timings)
                         (ERROR, index, PackedError) | (SEVERAL, [RESULT/PACKED/ERROR messages])
   main -> build process [(slot, index), ...] | None (stop)
-  build process -> main (READY, pid) | (FATAL, PackedError) | (BUILT, index, slot, layout, nbytes, seconds, cpu)
+  build process -> main (READY, pid) | (FATAL, PackedError)
+                        | (BUILT, index, slot, layout, nbytes, seconds, cpu, start, lane)
                         (BUILT, Built) (a batch larger than a slot) | (ERROR, slot, PackedError, index)
   build threads -> supervisor (in the main)
                         (BUILT, Built) | (EXHAUSTED, slot) | (ERROR, slot, exception, index or None)
@@ -57,10 +58,12 @@ class Task:
     array: Any = None  # the pickled fallback, for a batch larger than a slot (an array, tuple or dict)
     batch: Any = None  # (main side) a caller's batch record, to build it again for a retry
     digest: bool = False  # the worker sends the result's digest with it (outputs.batch_digest)
+    trace: bool = False  # the worker sends its spans with the result (NOTE [ Trace ] in trace.py)
+    built_at: float = 0.0  # (main side, tracing) when the batch was built: its wait for a worker starts
 
     def __reduce__(self):  # what travels: no main-side bookkeeping (and a tuple pickles faster than a dict)
         return (Task, (self.index, self.attempt, self.ring, self.slot_bytes, self.desc, self.array, None,
-                       self.digest))
+                       self.digest, self.trace))
 
 
 def pack(tasks: list[Task]) -> tuple:
@@ -68,13 +71,13 @@ def pack(tasks: list[Task]) -> tuple:
     copy of a layout that several share): a fifth of the bytes and of the time of pickled ``Task`` objects.
     ``unpack`` makes them ``Task`` objects again."""
     t = tasks[0]
-    return (TASKS, t.ring, t.slot_bytes, t.digest,
+    return (TASKS, t.ring, t.slot_bytes, t.digest, t.trace,
             [(t.index, t.attempt, t.desc.slot, t.desc.layout) for t in tasks])
 
 
 def unpack(msg: tuple) -> list[Task]:
-    _, ring, slot_bytes, digest, items = msg
-    return [Task(index, attempt, ring, slot_bytes, Descriptor(slot, layout), digest=digest)
+    _, ring, slot_bytes, digest, trace, items = msg
+    return [Task(index, attempt, ring, slot_bytes, Descriptor(slot, layout), digest=digest, trace=trace)
             for index, attempt, slot, layout in items]
 
 

@@ -344,18 +344,20 @@ def test_build_processes_with_an_iterator_say_why_not():
 
 @pytest.mark.timeout(120)
 def test_a_gil_bound_build_suggests_build_processes():
-    """Pure-Python samples on two build threads: the summary's notes name the rates and --build-processes.
+    """Pure-Python samples on two build threads: the verdict's advice names the rates and --build-processes.
     (Two slots: most batches are built once the worker is up, so the build is the limit while it runs.)"""
     r = pipeline.run(source=Python(n=96, spin=30000), batch_size=4, kernel="sum", workers=1, build_threads=2,
                      in_flight=2, **FAST)
-    assert any("--build-processes" in n and "CPUs" in n for n in r.summary["notes"]), r.summary["notes"]
+    assert "--build-processes" in r.summary["bottleneck"]["advice"] and "CPUs" in r.summary["bottleneck"]["advice"], \
+        r.summary["bottleneck"]
     rows = np.random.default_rng(0).random((120 * 1024, 16), dtype=np.float32)  # tiny samples, shared in chunks
     r = pipeline.run(source=Rows(rows), batch_size=1024, kernel="sum", workers=1, build_threads=2, in_flight=8,
                      **FAST)  # (each chunk holds the GIL alone: the CPU is counted over the builds' span)
-    assert any("--build-processes" in n and "CPUs" in n for n in r.summary["notes"]), r.summary["notes"]
+    assert "--build-processes" in r.summary["bottleneck"]["advice"] and "CPUs" in r.summary["bottleneck"]["advice"], \
+        r.summary["bottleneck"]
     r = pipeline.run(source=Records(n=96, sleep=0.003), batch_size=4, kernel="sum", workers=1, build_threads=2,
                      in_flight=2, **FAST)  # waiting (I/O), not holding the GIL: no such note
-    assert not any("--build-processes" in n for n in r.summary["notes"]), r.summary["notes"]
+    assert "--build-processes" not in r.summary["bottleneck"]["advice"], r.summary["bottleneck"]
 
 
 # -- the command line ------------------------------------------------------------------------------------

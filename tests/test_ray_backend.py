@@ -43,11 +43,21 @@ def test_checksum_equals_local_backend(kernel):
 
 
 @pytest.mark.timeout(180)
-def test_killed_actor_batch_is_retried():
-    """An actor killed mid-batch is restarted by Ray and its batch resubmitted; checksum unchanged."""
-    s = pipeline.run(kernel="faulty", workers=2, **{"kernel.params.crash_on": [2]}, **RAY).summary
+def test_killed_actor_batch_is_retried(tmp_path):
+    """An actor killed mid-batch is restarted by Ray and its batch resubmitted; checksum unchanged. Its
+    trace (NOTE [ Trace ]) has each actor's build and compute spans, and the loss."""
+    s = pipeline.run(kernel="faulty", workers=2, trace=str(tmp_path / "ray.json"),
+                     **{"kernel.params.crash_on": [2]}, **RAY).summary
     clean = pipeline.run(kernel="sum", workers=0, **dict(RAY, backend="local")).summary["checksum"]
     assert s["checksum"] == clean and s["failed"] == []
+    import json
+    with open(s["trace"]) as f:
+        evs = json.load(f)["traceEvents"]
+    actors = {e["pid"] for e in evs if e["ph"] == "M" and e["args"].get("name", "").startswith("ray actor")}
+    for stage in ("build", "compute"):
+        spans = [e for e in evs if e["ph"] == "X" and e.get("cat") == stage]
+        assert {e["args"]["batch"] for e in spans} == set(range(6)) and {e["pid"] for e in spans} <= actors
+    assert [e["cat"] for e in evs if e["ph"] == "i"].count("actor lost") == len(s["restarts"])
     # a death with several tasks queued on the actor is charged to nobody (batch None): they are
     # retried alone, and a death then is charged exactly (NOTE [ Ray attribution ])
     assert [r["batch"] for r in s["restarts"]] in ([2], [None, 2])

@@ -5,6 +5,8 @@ Modes (each at every worker count, with the same kernel code and thread cap):
   pipeline             this package: shared-memory slots, spawn workers
   mp.Pool              stdlib spawn ``multiprocessing.Pool.imap``, batches pickled through its pipes
   ProcessPoolExecutor  ``concurrent.futures`` (spawn) ``map``, batches pickled
+  pipeline.trace       the pipeline with ``--trace`` (NOTE [ Trace ]), its file written in the timed run: what
+                       tracing costs (not in ``all``); ``--trace FILE`` keeps its file, ``--plot`` draws it
   pipeline.procs       the same, a dataset's batches built in build processes (``workers.build_processes``,
                        or the usable CPUs): for a ``__getitem__`` that holds the GIL
   DataLoader           ``torch.utils.data.DataLoader(num_workers=N)``: its workers build the batches,
@@ -95,6 +97,12 @@ def bench(args, overrides: dict) -> int:
             json.dump(report, f, indent=1, default=str)
     if getattr(args, "plot", None):
         plot(report, args.plot)
+        traced = [r for r in report["results"] if r.get("trace")]
+        if traced:  # the traced run's timeline beside it (the last one: the most workers)
+            from ..timeline import draw
+            out = args.plot[:-4] + "-timeline.png" if args.plot.endswith(".png") else args.plot + "-timeline.png"
+            draw(traced[-1]["trace"], out)
+            print(f"pipeline bench: the timeline of pipeline.trace x{traced[-1]['workers']}: {out}", file=sys.stderr)
     bad = [r for r in report["results"] if not r["agrees"]]
     for r in bad:
         print(f"pipeline bench: {r['mode']} x{r['workers']} disagrees with serial: max_rel_diff "
@@ -132,8 +140,8 @@ def _sequences(args, cfg: Config, counts: list[int], bench_module) -> int:
 
 
 def _modes(text: str, dataset: bool, image_folder: bool = False) -> list[str]:
-    """``--modes``: a comma list, or ``all``: every mode whose extra is installed (pipeline.procs only for a
-    dataset; ray.data not for one, with a note; pipeline.device and spdl.io only for an image folder). A
+    """``--modes``: a comma list, or ``all``: every mode whose extra is installed but pipeline.trace (the
+    package's own cost of tracing, asked for by name; pipeline.procs only for a dataset; ray.data not for one, with a note; pipeline.device and spdl.io only for an image folder). A
     mode whose extra is missing: ConfigError naming it."""
     present = {"ray": has_ray(), "ray.data": has_ray_data(), "spdl": has_spdl()}
     if image_folder or "spdl.io" in text:
@@ -145,7 +153,7 @@ def _modes(text: str, dataset: bool, image_folder: bool = False) -> list[str]:
         if dataset and present["ray.data"]:
             print("pipeline bench: ray.data left out of 'all' for a dataset (its mode takes one array per "
                   "batch); ask for it with --modes ray.data", file=sys.stderr)
-        return [m for m in MODES if present.get(m, True) and (m != "pipeline.procs" or dataset)
+        return [m for m in MODES if present.get(m, True) and (m != "pipeline.procs" or dataset) and m != "pipeline.trace"
                 and not (m == "ray.data" and dataset) and (m not in images.IMAGE_MODES or image_folder)]
     modes = [m.strip() for m in text.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]

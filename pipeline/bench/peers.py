@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import multiprocessing as mp
+import os
 import statistics
+import tempfile
 import time
 import warnings
 
@@ -25,6 +27,7 @@ from ..fields import fields
 from ..runner import make_executor
 from ..sources.base import Indexed, Work
 from ..sources.datasets import MapSource
+from ..trace import Recorder
 
 
 def _timed(fn, repeat: int):
@@ -37,9 +40,14 @@ def _timed(fn, repeat: int):
     return results, statistics.median(times)
 
 
-def _pipeline(cfg, spec, src, repeat):
+def _pipeline(cfg, spec, src, repeat, traced: bool = False):
+    recorder = None
+
     def work(batches):
-        return Work.of(src, batches)
+        nonlocal recorder
+        if traced:  # pipeline.trace: a new recorder per run, written at its end (timed, as a user's run)
+            recorder = Recorder(cfg.run.trace or os.path.join(tempfile.gettempdir(), f"pipeline-bench-{os.getpid()}.trace.json"))
+        return Work.of(src, batches, trace=recorder)
 
     with make_executor(cfg, spec) as ex:
         warm = list(src)[: 2 * cfg.workers.count]  # every worker sets its kernel up before timing
@@ -50,6 +58,8 @@ def _pipeline(cfg, spec, src, repeat):
 
         def once():
             got = {o.index: o.result for o in ex.stream(work(src), ordered=False)}
+            if recorder is not None:
+                recorder.write()
             figures.update(ex.figures)
             return [got[i] for i in range(len(got))]
         results, seconds = _timed(once, repeat)
@@ -63,7 +73,14 @@ def _pipeline(cfg, spec, src, repeat):
                      slots=figures.get("slots"), h2d_from_slot=figures.get("h2d_from_slot"),
                      tasks_per_send=figures.get("tasks_per_send"),
                      answers_per_message=figures.get("answers_per_message"))
+        if recorder is not None:
+            extra.update(trace=recorder.path, trace_events=recorder.recorded)
         return results, seconds, ex.startup_s, extra
+
+
+def _pipeline_traced(cfg, spec, src, repeat):
+    """The pipeline with ``--trace`` (NOTE [ Trace ]): its cost is this row against the pipeline's."""
+    return _pipeline(cfg, spec, src, repeat, traced=True)
 
 
 # -- peers: the kernel is built once per worker process, as in the pipeline ----------------------------
@@ -244,5 +261,5 @@ def _stack(samples: list):
     return np.stack(fs)
 
 
-RUNNERS = {"pipeline": _pipeline, "pipeline.procs": _pipeline, "mp.Pool": _pool, "ProcessPoolExecutor": _executor,
+RUNNERS = {"pipeline": _pipeline, "pipeline.trace": _pipeline_traced, "pipeline.procs": _pipeline, "mp.Pool": _pool, "ProcessPoolExecutor": _executor,
            "DataLoader": _dataloader, "spdl": _spdl}

@@ -74,7 +74,7 @@ def table(report: dict) -> str:
 
 def breakdown_text(b: dict) -> str:
     """The per-batch breakdown in three groups: the main's own work, the worker's, and waits."""
-    main = ("build", "dispatch", "receive")
+    main = ("build", "dispatch", "receive", "write")
     work = ("decode", "stage", "h2d", "compute", "d2h")
     waits = ("slot_wait", "worker_wait", "idle", "return", "order_wait")
 

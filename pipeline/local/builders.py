@@ -41,6 +41,9 @@ class Built:
     cpu: float | None = 0.0  # their CPU time (less than ``seconds``: waiting for the GIL, or for I/O;
     # None: not measured, see ``Builders.build_here``)
     batch: Batch | None = None  # the record of a caller's batch (a retry builds it again from it)
+    start: float = 0.0  # when its build began (perf_counter: one clock for every process of this machine)
+    lane: str = ""  # the thread that built it (its last chunk), for the trace
+    pid: int = 0  # the build process that built it (0: the main)
 
 
 class _Shared:
@@ -53,6 +56,7 @@ class _Shared:
         self.left = len(chunks)
         self.error: BaseException | None = None
         self.seconds = self.cpu = 0.0
+        self.start = 0.0  # when the first thread began on it
 
     def claim(self) -> tuple[int, int] | None:
         with self.lock:
@@ -151,7 +155,7 @@ class Builders:
                     return report((EXHAUSTED, slot))
             elif batch is None:
                 batch = self._rebuild(index)
-            shared = self._share(batch, slot) if share else None
+            shared = self._share(batch, slot, t0) if share else None
             if shared is not None:
                 self._chunks(shared, time.perf_counter() - t0, time.thread_time() - c0)
                 return None
@@ -159,11 +163,12 @@ class Builders:
         except BaseException as e:  # noqa: BLE001 - the supervisor decides: one clear error
             return report((ERROR, slot, e, batch.index if batch is not None else index))
         built.seconds, built.cpu = time.perf_counter() - t0, (time.thread_time() - c0 if cpu else None)
+        built.start, built.lane = t0, threading.current_thread().name
         if self._rebuild is None:  # a caller's batch: its record goes with it, for a retry
             built.batch = batch
         return report((BUILT, built))
 
-    def _share(self, batch: Batch, slot: int) -> _Shared | None:
+    def _share(self, batch: Batch, slot: int, t0: float) -> _Shared | None:
         """A batch of rows that fits its slot, split into contiguous chunks that idle threads may help
         with: two per thread, so that a slow chunk doesn't hold the batch; None to build it in one go."""
         if self.count < 2 or batch.rows < 2 or batch.layout is None or batch.nbytes > self._ring.slot_bytes:
@@ -172,6 +177,7 @@ class Builders:
         cuts = [batch.rows * k // n for k in range(n + 1)]
         views, desc = self._ring.view(slot, batch.layout)
         shared = _Shared(batch, slot, views, desc, list(zip(cuts, cuts[1:])))
+        shared.start = t0
         for _ in range(min(self.count, n) - 1):
             self._jobs.put(shared)
         return shared
@@ -196,8 +202,8 @@ class Builders:
             if shared.error is not None:
                 self._report((ERROR, shared.slot, shared.error, b.index))
             else:
-                self._report((BUILT, Built(b.index, shared.slot, shared.desc, None, b.nbytes,
-                                             shared.seconds, shared.cpu)))
+                self._report((BUILT, Built(b.index, shared.slot, shared.desc, None, b.nbytes, shared.seconds,
+                                           shared.cpu, start=shared.start, lane=threading.current_thread().name)))
 
     def _fill(self, batch: Batch, slot: int) -> Built:
         if batch.layout is None:  # known once built: a collated batch, a dataset item that is a batch

@@ -105,6 +105,9 @@ class BuildSide:
         batch ``index`` (a dataset's sample, a file): that batch fails, under ``faults.on_error``."""
         if slot is not None:
             self.run.pool.give_back(slot)
+        if self.run.trace is not None:
+            self.run.trace.instant("build failed", index=-1 if index is None else index,
+                                   args={"error": f"{type(error).__name__}: {error}"[:200]})
         if index is None:
             raise error
         if self.run.cfg.faults.on_error != "skip":
@@ -124,6 +127,8 @@ class BuildSide:
 
     def fail(self, index: int, cause: str, attempts: int) -> None:
         """Batch ``index`` is quarantined (or skipped): its record goes to the consumer in its place."""
+        if self.run.trace is not None:
+            self.run.trace.instant("quarantined", index=index, attempt=attempts, args={"cause": cause[:200]})
         self.run.handover.deliver(Outcome(index, None, {"_done_at": time.perf_counter()},
                                           {"batch": index, "cause": cause, "attempts": attempts}))
 
@@ -134,6 +139,8 @@ class BuildSide:
             return
         limit = self.run.cfg.faults.max_attempts
         old, jobs, cause = self.builders.replace(rank, limit)
+        if self.run.trace is not None:
+            self.run.trace.instant("build process died", pid=old.pid or None, args={"cause": cause})
         self.run.ex.restarts.append({"builder": rank, "pid": old.pid or old.process.pid, "cause": cause,
                                      "batch": jobs[0][1] if jobs else None})
         for slot, index in jobs:
@@ -147,9 +154,9 @@ class BuildSide:
 
     def _on_built(self, b: Built) -> None:
         run, counts = self.run, self.run.counts
+        now = time.perf_counter()
         if run.ex.up:  # (the workers are up: builds are not held back by their start)
             first, _, cpu, wall, n = self.build_span
-            now = time.perf_counter()
             self.build_span = (first or now, now, cpu + (b.cpu or 0.0), wall + b.seconds, n + 1)
         run.breakdown["build_s"] += b.seconds
         counts["built"] += 1
@@ -172,6 +179,12 @@ class BuildSide:
             run.pool.built(b.slot, b.index)
             task = Task(b.index, attempt, run.ring.path, run.ring.slot_bytes, b.desc, digest=self.digests)
             task.batch = b.batch  # a caller's batch: kept (a reference, no copy) to build it again
+        if run.trace is not None:
+            task.trace, task.built_at = True, now
+            if b.pid and b.pid not in run.trace.processes:
+                run.trace.name_process(b.pid, f"build process (pid {b.pid})")
+            run.trace.span("build", b.lane or "build", b.start or now - b.seconds, now, b.index, attempt,
+                           pid=b.pid or None)
         run.workers.queue(task)
 
     # -- deciding where to build --------------------------------------------------------------------

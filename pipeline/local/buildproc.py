@@ -52,7 +52,7 @@ def main(rank: int, conn, out, main_pid: int, ring_dir: str, payload: bytes, rin
             event = (ERROR, slot, PackedError.pack(error), index)
         elif event[0] == BUILT and event[1].desc is not None:
             b = event[1]
-            event = (BUILT, b.index, b.slot, b.desc.layout, b.nbytes, b.seconds, b.cpu)
+            event = (BUILT, b.index, b.slot, b.desc.layout, b.nbytes, b.seconds, b.cpu, b.start, b.lane)
         send(event)
 
     try:
@@ -132,8 +132,9 @@ class BuildProcesses:
                                                                 f"set up the source"), None))
                 elif kind == BUILT:
                     if len(msg) > 2:
-                        _, index, slot, layout, nbytes, seconds, cpu = msg
-                        msg = (BUILT, Built(index, slot, Descriptor(slot, layout), None, nbytes, seconds, cpu))
+                        _, index, slot, layout, nbytes, seconds, cpu, start, lane = msg
+                        msg = (BUILT, Built(index, slot, Descriptor(slot, layout), None, nbytes, seconds, cpu,
+                                            start=start, lane=lane, pid=proc.pid))
                     proc.jobs.pop(msg[1].slot, None)
                     self._report(msg)
                 else:

@@ -29,6 +29,7 @@ from multiprocessing.connection import wait
 
 from .. import fields, wire
 from ..contracts import Outcome
+from ..trace import SPAN
 from ..wire import COPIED, FATAL, NOTE, PACKED, READY, RESULT, RETIRE, Task
 from .procs import Child
 from .worker import HOLD_S
@@ -127,7 +128,19 @@ class WorkerSide:
         for w, tasks in sends.values():
             send_tasks(w, tasks, run.pool, run.counts)
         if sends:
-            run.breakdown["dispatch_s"] += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            run.breakdown["dispatch_s"] += t1 - t0
+            if run.trace is not None:
+                self._traced(sends, t0, t1)
+
+    def _traced(self, sends: dict, t0: float, t1: float) -> None:
+        """NOTE [ Trace ] in trace.py: the dispatch, and each batch's wait for a worker, into the trace."""
+        trace = self.run.trace
+        trace.span("dispatch", "pipeline-supervisor", t0, t1, args={"batches": sum(len(t) for _, t in sends.values())})
+        for _, tasks in sends.values():
+            for task in tasks:
+                if task.built_at:
+                    trace.wait("waiting for a worker", task.built_at, t0, task.index, task.attempt)
 
     # -- back -----------------------------------------------------------------------------------------------
     def pump(self, timeout: float) -> None:
@@ -187,10 +200,20 @@ class WorkerSide:
                 w.gpu_reserved_mb = info["gpu_reserved_mb"]
             self._account(info)
             info["pid"], info["device"], info["_done_at"] = w.pid, w.device, time.perf_counter()
+            if run.trace is not None and "spans" in info:
+                run.trace.remote(w.pid, info.pop("spans"), task.index, task.attempt)
+                run.trace.put((SPAN, "return", w.pid, "return", info["sent"], time.time(), task.index,
+                               task.attempt, None))
+                if info.get("splits"):
+                    run.trace.instant("split", "compute", task.index, task.attempt, w.pid,
+                                      {"halvings": info["splits"]})
             run.handover.deliver(Outcome(task.index, fields.from_wire(msg[2]) if kind == PACKED else msg[2], info))
             return
         if kind in (READY, FATAL, NOTE):
             self.ex.on_setup_message(w, msg)
+            if kind == READY and run.trace is not None:
+                run.trace.name_process(w.pid, f"worker {w.rank} (pid {w.pid})")
+                run.trace.span("start-up", "compute", w.started, time.perf_counter(), pid=w.pid)
             return
         if kind == RETIRE:  # NOTE [ CUDA faults ] in compute.py: its sentinel follows
             w.retired = f"{msg[2]} (sticky CUDA error: worker retired and replaced)"
@@ -201,6 +224,8 @@ class WorkerSide:
                 self._release(task)
             return
         task = self._answered(w, msg[1])  # ERROR
+        if run.trace is not None:
+            run.trace.instant("batch raised", "compute", task.index, task.attempt, w.pid, {"error": msg[2].text[:200]})
         if run.cfg.faults.on_error == "skip":
             run.handover.deliver(Outcome(task.index, None, {"_done_at": time.perf_counter()},
                                          {"batch": task.index, "cause": msg[2].text, "attempts": task.attempt}))
@@ -249,6 +274,9 @@ class WorkerSide:
             return
         lost = list(w.tasks)
         batch = lost[0].index if lost else None
+        if run.trace is not None:
+            run.trace.instant("worker died", "compute", pid=w.pid,
+                              args={"cause": cause, "held": [t.index for t in lost]})
         if lost:
             # the batch it was computing, as the worker said in its status word; else the oldest it held
             # (a worker that died between batches: the one it was about to start)
@@ -258,6 +286,8 @@ class WorkerSide:
             head = lost[0]
             batch = head.index
             head.attempt += 1
+            if run.trace is not None and head.attempt <= run.cfg.faults.max_attempts:
+                run.trace.instant("retry", index=head.index, attempt=head.attempt, args={"cause": cause})
             if head.attempt > run.cfg.faults.max_attempts:
                 self._release(head)
                 lost = lost[1:]
@@ -270,6 +300,10 @@ class WorkerSide:
                 self.ready.appendleft(task)
                 self.pickled_ready += 1
         self.ex.replace(w, cause, batch)
+        if run.trace is not None:  # its replacement (its "start-up" span ends when it says READY)
+            new = next(h for h in self.ex.workers if h.rank == w.rank)
+            run.trace.name_process(new.process.pid, f"worker {w.rank} (pid {new.process.pid})")
+            run.trace.instant("worker started", "compute", pid=new.process.pid, args={"replacing": w.pid})
 
     def check_deadlines(self) -> None:
         limit = self.run.cfg.faults.batch_timeout_s

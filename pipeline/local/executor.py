@@ -73,6 +73,7 @@ class LocalExecutor:
         self.breakdown: dict = {}
         self.figures: dict = {}
         self.run_notes: list[str] = []  # the last run's own notes
+        self.gil: str | None = None  # the last run's build held the GIL: what to do (BuildSide.gil_note)
         self.build_pool: BuildProcesses | None = None  # build processes kept from the last run
         self.ring: SlotRing | None = None
         self.status: SlotRing | None = None  # the workers' status words (``computing``)
@@ -168,8 +169,10 @@ class LocalExecutor:
             yield from run.outcomes()
         finally:
             run.stop(settle)
-            self.breakdown, self.figures = run.breakdown, run.figures()
-            self.run_notes = run.notes + [n for n in [run.gil_note()] if n]
+            self.breakdown = dict(run.breakdown, build_cpu_s=run.counts["build_cpu_s"])
+            self.figures = run.figures()
+            self.run_notes = list(run.notes)
+            self.gil = run.gil_note()  # the verdict's advice when the build holds the GIL (NOTE [ Verdict ])
 
     def build_processes(self, source, ring: SlotRing, processes: int, threads: int, ring_dir: str):
         """The run's build processes (NOTE [ Build processes ]): those of the previous run when it built
@@ -294,6 +297,7 @@ class Run:
 
     def __init__(self, ex: LocalExecutor, work: Work, ordered: bool, window: int | None, cfg: Config):
         self.ex, self.cfg, self.work, self.ordered = ex, cfg, work, ordered
+        self.trace = work.trace  # trace.Recorder or None (NOTE [ Trace ] in trace.py)
         d = cfg.workers.device
         self.cuda = d.startswith("cuda") or (d == "auto" and devices.gpu_count() > 0)
         self.in_flight = cfg.in_flight(self.cuda)
@@ -341,6 +345,10 @@ class Run:
         self.workers = WorkerSide(self, asked)
         self.build = BuildSide(self, batches, self.work.source, self.work.digests)
         self.handover.drawn = self.build.builders.drawn
+        if self.trace is not None:
+            for w in self.ex.workers:  # (one still starting: its start-up span comes with its READY)
+                pid = w.pid or w.process.pid
+                self.trace.name_process(pid, f"worker {w.rank} (pid {pid})")
         return True
 
     def stop(self, settle_workers: bool) -> None:
@@ -405,6 +413,9 @@ class Run:
                 if workers.hold_until:  # a held dispatch (see dispatch): look again when the hold ends
                     tick = min(tick, max(0.0, workers.hold_until - time.perf_counter()))
                 handover.post(now=False)
+                if self.trace is not None:
+                    self.trace.counters({"slots in use": self.pool.count - len(self.pool),
+                                         "batches in flight": handover.started - handover.taken})
                 post = handover.post_due()
                 workers.pump(tick if post is None else min(tick, post))
                 handover.post(now=False)

@@ -79,7 +79,11 @@ class Handover:
             if not (drawn and drawn[0] in self.done):
                 return None
             out = self.done.pop(drawn.popleft())
-        self.run.breakdown["order_wait_s"] += time.perf_counter() - out.info.pop("_done_at")
+        now = time.perf_counter()
+        done_at = out.info.pop("_done_at")
+        self.run.breakdown["order_wait_s"] += now - done_at
+        if self.run.trace is not None:
+            self.run.trace.wait("waiting for order", done_at, now, out.index)
         return out
 
     # -- the supervisor's side ----------------------------------------------------------------------

@@ -41,6 +41,7 @@ class Child:
     conn: object  # the main's end of its duplex pipe
     pid: int | None = None
     ready: bool = False  # it said READY: set up
+    started: float = 0.0  # when it was started (perf_counter): its start-up, in a trace
 
 
 class Children:
@@ -64,7 +65,9 @@ class Children:
         finally:
             out.close()  # the child holds its own copy: the relay sees EOF when the child exits
         child.close()
-        return self.make(rank, p, parent)
+        c = self.make(rank, p, parent)
+        c.started = time.perf_counter()
+        return c
 
     def came_up(self, c: Child) -> None:
         """``c`` said READY: its deaths while starting are forgiven."""

@@ -137,6 +137,7 @@ def _loop(rank: int, conn, computer: Computer, words=None) -> None:
         if arr is None:
             arr, registered = view(task)
         copied = (lambda i=task.index: conn.send((wire.COPIED, i))) if cuda and task.desc is not None else None
+        computer.trace = task.trace
         try:
             out, timings = computer(arr, task.index, task.attempt, staged, prefetch if cuda else None, copied,
                                     registered)

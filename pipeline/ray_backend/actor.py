@@ -74,11 +74,12 @@ class Actor:
             return self.run
 
     def build(self, job: tuple):
-        """Actor-built: ``job`` = (index, attempt, run key, [source ref] or None); one argument, because
+        """Actor-built: ``job`` = (index, attempt, run key, [source ref] or None, trace); one argument, because
         each argument of a Ray task costs the driver its own serialisation (NOTE [ Actor builds ])."""
-        return self.compute(job[0], job[1], None, job[2], job[3])
+        return self.compute(job[0], job[1], None, job[2], job[3], job[4])
 
-    def compute(self, index: int, attempt: int, arr, key: str | None = None, ref: list | None = None):
+    def compute(self, index: int, attempt: int, arr, key: str | None = None, ref: list | None = None,
+                trace: bool = False):
         run, slot, timings = None, None, {}
         try:
             if arr is None:  # actor-built (NOTE [ Actor builds ])
@@ -89,6 +90,7 @@ class Actor:
                 arr, slot = run.build(index)
                 build_s = time.perf_counter() - t0
             with self.lock:
+                self.computer.trace = trace  # its spans go back with the result (NOTE [ Trace ] in trace.py)
                 out, timings = self.computer(arr, index, attempt)
             if run is not None:
                 arr = None
@@ -96,6 +98,8 @@ class Actor:
                     run.release(slot)
                     slot = None
                 timings["build_s"] = build_s
+                if trace:
+                    timings["spans"][1].insert(0, ("build", "build", t0, t0 + build_s))
                 found = run.source.learned(index)  # bad image files: for the driver's summary
                 if found:
                     timings["learned"] = found

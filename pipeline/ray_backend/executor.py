@@ -35,6 +35,7 @@ class RayExecutor:
         self.figures = {"slots": 0, "slot_bytes": 0, "pickled_fallbacks": 0, "h2d_gbps": None,
                         "transport": "ray object store"}
         self.notes: list[str] = []
+        self.gil: str | None = None  # (the local backend's: build threads that hold the GIL)
         self.run_notes: list[str] = []  # this run's: who builds the batches and why, who writes the output
         self.startup_s = 0.0
         self.up_restarts: list[int] = []  # per rank: Ray's restart count when its actor was last up (or lost)
@@ -199,6 +200,7 @@ class RayExecutor:
         self.run_notes = []
         args = plan(self, work, cfg)
         run = Run(self, iter(work), ordered, min(in_flight, window), window, cfg.faults, args, work.source)
+        run.trace = work.trace
         try:
             while True:
                 run.submit()

@@ -76,6 +76,8 @@ class Recovery:
         pid = pids[-1] if pids else None
         self.run.ex.restarts.append({"rank": rank, "pid": pid, "cause": cause, "node": self.run.ex.node_of[rank],
                                  "batch": lost[0].index if known and not node_lost else None})
+        if self.run.trace is not None:
+            self.run.trace.instant("actor lost", "compute", pid=pid, args={"cause": cause, "held": [t.index for t in lost]})
         if node_lost:
             self.run.todo.extend((t.index, t.attempt, t.obj, False) for t in lost)
             return

@@ -36,6 +36,7 @@ class Run:
         self.exhausted = False
         self.finished = False
         self.recovery = Recovery(self)
+        self.trace = None  # the run's trace.Recorder (NOTE [ Trace ] in trace.py): actors send their spans
 
     # -- handing out work ------------------------------------------------------------------------------
     def submit(self) -> None:
@@ -71,14 +72,19 @@ class Run:
                         continue
                     self.ex.figures["put_bytes"] += batch_nbytes(arr)
                     self.ex.breakdown["build_s"] += time.perf_counter() - t0
+                    if self.trace is not None:
+                        self.trace.here("build", t0, index)
             rank = min(free, key=lambda r: len(self.queues[r]))
             if not self.queues[rank]:
                 self.since[rank] = time.monotonic()
             if self.args:  # actor-built: the source's ref goes with a rank's first task only (it costs)
                 key, source = self.args
                 ref = self.ex.actors[rank].build.remote((index, attempt, key,
-                                                         None if rank in self.sent else source))
+                                                         None if rank in self.sent else source,
+                                                         self.trace is not None))
                 self.sent.add(rank)
+            elif self.trace is not None:  # (each argument of a Ray task costs: this one only when tracing)
+                ref = self.ex.actors[rank].compute.remote(index, attempt, obj, None, None, True)
             else:
                 ref = self.ex.actors[rank].compute.remote(index, attempt, obj)
             self.queues[rank].append(Pending(ref, index, attempt, obj, solo))
@@ -146,6 +152,9 @@ class Run:
             found = timings.pop("learned", None)
             if found and self.learn is not None:
                 self.learn(found)
+            if self.trace is not None and "spans" in timings:
+                self.trace.name_process(who[1], f"ray actor {who[0]} (pid {who[1]}, node {who[3][:12]})")
+                self.trace.remote(who[1], timings.pop("spans"), index, attempt)
             self.ready[index] = Outcome(index, out, {"pid": who[1], "device": who[2], "node": who[3],
                                                      **timings}, None)
             return

@@ -97,8 +97,9 @@ class Work:
     ``digests``: the caller checksums them, so each is digested where it is computed (off the main)."""
 
     def __init__(self, batches: Iterable[Batch], source: Indexed | None = None, max_nbytes: int | None = None,
-                 sink=None, keep: bool = True, digests: bool = False):
+                 sink=None, keep: bool = True, digests: bool = False, trace=None):
         self._it = iter(batches)
+        self.trace = trace  # the run's trace.Recorder, or None (NOTE [ Trace ] in trace.py)
         self.source, self.max_nbytes = source, max_nbytes
         self.sink, self.keep = sink, keep
         self.digests = digests  # the caller checksums the results: workers digest each (outputs.batch_digest)
@@ -106,7 +107,7 @@ class Work:
     @classmethod
     def of(cls, source: Source, batches: Iterable[Batch] | None = None, **kw) -> "Work":
         """The Work of ``source`` (or of ``batches`` drawn from it): the source itself goes with it when it
-        builds batch i on its own; ``kw``: ``sink``, ``keep``, ``digests``."""
+        builds batch i on its own; ``kw``: ``sink``, ``keep``, ``digests``, ``trace``."""
         return cls(source if batches is None else batches, source if isinstance(source, Indexed) else None,
                    source.max_nbytes, **kw)
 

@@ -1,0 +1,213 @@
+"""``--trace`` (NOTE [ Trace ]) and the summary's ``bottleneck`` (NOTE [ Verdict ]): the file opens as a
+Chrome trace, every batch's stages are in it on one time base, a SIGKILLed worker's death, retry and
+replacement show; the verdict names the stage that limits in four constructed runs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import pipeline
+from pipeline import sinks, verdict
+from pipeline.trace import Recorder
+
+FAST = dict(progress=False, threads_per_worker=1)
+
+
+class Slow(torch.utils.data.Dataset):
+    """Samples that take ``sleep`` s each (a slow disk or network: the GIL is free meanwhile), or hold the
+    GIL for ``spin`` iterations of pure Python."""
+
+    def __init__(self, n=48, sleep=0.0, spin=0):
+        self.n, self.sleep, self.spin = n, sleep, spin
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if self.sleep:
+            time.sleep(self.sleep)
+        x = 0
+        for k in range(self.spin):
+            x += k
+        return np.full(8, i, dtype=np.float32)
+
+
+def events(path):
+    with open(path) as f:
+        doc = json.load(f)
+    return doc, doc["traceEvents"]
+
+
+def spans_of(evs, cat):
+    return [e for e in evs if e["ph"] == "X" and e.get("cat") == cat]
+
+
+@pytest.mark.timeout(120)
+def test_a_trace_has_every_batch_through_every_stage_on_one_clock(tmp_path):
+    path = tmp_path / "run.trace.json"
+    r = pipeline.run(kernel="sum", workers=2, batches=6, rows=64, cols=16, trace=str(path),
+                     output=str(tmp_path / "out"), **FAST)
+    s = r.summary
+    assert s["trace"] == str(path) and s["completed"] == 6
+    doc, evs = events(path)
+    assert doc["otherData"]["bottleneck"] == s["bottleneck"] and doc["otherData"]["dropped_events"] == 0
+    names = {e["args"]["name"] for e in evs if e["ph"] == "M" and e["name"] == "process_name"}
+    assert "main" in names and sum(n.startswith("worker ") for n in names) == 2
+    threads = {e["args"]["name"] for e in evs if e["ph"] == "M" and e["name"] == "thread_name"}
+    assert {"pipeline-supervisor", "compute", "return", "consumer"} <= threads
+    assert any(t.startswith("pipeline-build-") for t in threads) or "pipeline-supervisor" in threads
+    by = {}
+    for cat in ("build", "compute", "d2h", "return", "write"):
+        got = {e["args"]["batch"]: e for e in spans_of(evs, cat)}
+        assert sorted(got) == list(range(6)), (cat, sorted(got))
+        by[cat] = got
+    assert spans_of(evs, "dispatch")
+    for i in range(6):  # one time base: each stage after the one before it (to within a clock tick)
+        assert by["build"][i]["ts"] + by["build"][i]["dur"] <= by["compute"][i]["ts"] + 1
+        assert by["compute"][i]["ts"] + by["compute"][i]["dur"] <= by["return"][i]["ts"] + by["return"][i]["dur"] + 1
+        assert by["compute"][i]["ts"] <= by["write"][i]["ts"]
+    waits = [e for e in evs if e["ph"] in "be" and e.get("cat") == "waiting for a worker"]
+    assert len(waits) == 12 and {e["ph"] for e in waits} == {"b", "e"}
+    assert len([e for e in evs if e.get("cat") == "waiting for order"]) == 12
+    counters = [e for e in evs if e["ph"] == "C"]
+    assert counters and {"slots in use", "batches in flight", "main RSS MiB"} <= set(counters[0]["args"])
+    assert all(e["args"]["main RSS MiB"] >= 0 for e in counters)
+
+
+@pytest.mark.timeout(120)
+def test_without_trace_nothing_is_recorded_or_written(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = pipeline.run(kernel="sum", workers=1, batches=3, rows=8, cols=8, **FAST)
+    assert "trace" not in r.summary and list(tmp_path.iterdir()) == []
+    assert r.summary["bottleneck"] is not None  # (the verdict needs no trace)
+
+
+@pytest.mark.timeout(180)
+def test_a_sigkilled_worker_shows_its_death_the_retry_and_the_replacement(tmp_path):
+    path = tmp_path / "kill.json"
+    r = pipeline.run(kernel="faulty", workers=3, batches=9, rows=32, cols=8, trace=str(path),
+                     **{"kernel.params.crash_on": [4]}, **FAST)
+    assert r.summary["completed"] == 9 and len(r.summary["restarts"]) == 1
+    dead = r.summary["restarts"][0]["pid"]
+    _, evs = events(path)
+    died = [e for e in evs if e["ph"] == "i" and e.get("cat") == "worker died"]
+    assert len(died) == 1 and died[0]["pid"] == dead and 4 in died[0]["args"]["held"]
+    assert "SIGKILL" in died[0]["args"]["cause"]
+    retry = [e for e in evs if e["ph"] == "i" and e.get("cat") == "retry"]
+    assert [(e["args"]["batch"], e["args"]["attempt"]) for e in retry] == [(4, 2)]
+    started = [e for e in evs if e["ph"] == "i" and e.get("cat") == "worker started"]  # its replacement
+    assert len(started) == 1 and started[0]["args"]["replacing"] == dead and started[0]["ts"] >= died[0]["ts"]
+    again = [e for e in spans_of(evs, "compute") if e["args"]["batch"] == 4]
+    assert [e["args"]["attempt"] for e in again] == [2] and again[0]["pid"] != dead
+    assert again[0]["name"] == "compute 4 (attempt 2)"
+    # the project's own picture of it, and the text view
+    pytest.importorskip("matplotlib")
+    out = subprocess.run([sys.executable, "-m", "pipeline", "trace", str(path), "--plot", str(tmp_path / "t.png")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "worker died" in out.stdout and "retry" in out.stdout and (tmp_path / "t.png").stat().st_size > 10_000
+
+
+def test_trace_command_refuses_a_bad_file_in_one_line(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    for arg in (str(bad), str(tmp_path / "missing.json")):
+        out = subprocess.run([sys.executable, "-m", "pipeline", "trace", arg], capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1 and arg in out.stderr, out.stderr
+
+
+def test_the_recorder_keeps_its_bound_and_counts_what_it_dropped(tmp_path):
+    rec = Recorder(str(tmp_path / "t.json"), capacity=5)
+    t = time.perf_counter()
+    for i in range(8):
+        rec.span("build", "b", t, t + 0.001, i)
+    rec.write({"bottleneck": None})
+    doc, evs = events(tmp_path / "t.json")
+    assert len(spans_of(evs, "build")) == 5 and doc["otherData"]["dropped_events"] == 3 and rec.dropped == 3
+
+
+# -- the verdict: four constructed runs ------------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_verdict_build_bound_says_more_build_threads():
+    r = pipeline.run(source=Slow(n=48, sleep=0.02), batch_size=2, kernel="sum", workers=1, build_threads=2, **FAST)
+    v = r.summary["bottleneck"]
+    assert v["stage"] == "build" and "--build-threads" in v["advice"], v
+
+
+@pytest.mark.timeout(120)
+def test_verdict_gil_bound_build_says_build_processes():
+    r = pipeline.run(source=Slow(n=96, spin=60000), batch_size=4, kernel="sum", workers=1, build_threads=2,
+                     in_flight=2, **FAST)
+    v = r.summary["bottleneck"]
+    assert v["stage"] == "build" and "--build-processes" in v["advice"], v
+    assert not any("--build-processes" in n for n in r.summary["notes"])  # (the note is now the verdict's)
+
+
+@pytest.mark.timeout(120)
+def test_verdict_compute_bound_says_more_workers():
+    r = pipeline.run(kernel="faulty", workers=1, batches=12, rows=8, cols=8, **{"kernel.params.sleep": 0.05},
+                     **FAST)
+    v = r.summary["bottleneck"]
+    assert v["stage"] == "compute" and "--workers 2" in v["advice"] and v["busy"]["compute"] > 0.8, v
+    assert v["gain"] > 2 and "x before" in verdict.line(v)
+
+
+@pytest.mark.timeout(120)
+def test_verdict_output_bound_says_a_faster_disk(tmp_path, monkeypatch):
+    real = sinks.OutputDir.write
+
+    def slow_write(self, *a, **kw):
+        time.sleep(0.05)
+        return real(self, *a, **kw)
+    monkeypatch.setattr(sinks.OutputDir, "write", slow_write)
+    r = pipeline.run(kernel="sum", workers=1, batches=12, rows=8, cols=8, output=str(tmp_path / "o"), **FAST)
+    v = r.summary["bottleneck"]
+    assert v["stage"] == "output" and "--output" in v["advice"] and v["busy"]["output"] > 0.8, v
+    assert r.summary["breakdown_ms_per_batch"]["write_ms"] >= 50
+
+
+def _summary(**b):
+    s = {"completed": 100, "skipped": 0, "wall_s": 10.0, "startup_s": 0.0, "workers": [{}, {}],
+         "handoff": {"build_threads": 4, "built_inline": 0, "slots": 8}, "device": "cpu", "precision": "fp32",
+         "config": {"source": {"kind": "synthetic"}}}
+    s["breakdown_ms_per_batch"] = {f"{k}_ms": v for k, v in b.items()}
+    return s
+
+
+def test_verdict_cases_from_a_breakdown():
+    v = verdict.bottleneck(_summary(h2d=190.0, compute=5.0, build=10.0), gpu={"source": "nvml", "util": 0.1})
+    assert v["stage"] == "h2d" and "fewer bytes" in v["advice"] and "gpu_util" not in v
+    cuda = dict(_summary(h2d=10.0, compute=190.0), device="cuda:0")
+    v = verdict.bottleneck(cuda, gpu={"source": "nvml", "util": 0.93})
+    assert v["stage"] == "compute" and "--precision bf16" in v["advice"] and v["gpu_util"]["util"] == 0.93
+    assert verdict.bottleneck(cuda)["gpu_util"]["source"] == "package"
+    v = verdict.bottleneck(_summary(dispatch=60.0, receive=30.0, compute=10.0))
+    assert v["stage"] == "main" and "--batch-size" in v["advice"]
+    v = verdict.bottleneck(_summary(compute=20.0, build=20.0))
+    assert v["stage"] == "none" and "--in-flight 16" in v["advice"]
+    v = verdict.bottleneck(dict(_summary(compute=1.0), startup_s=8.0))
+    assert v["stage"] == "none" and "start-up" in v["advice"]
+    assert verdict.bottleneck(dict(_summary(compute=1.0), breakdown_ms_per_batch=None)) is None
+
+
+def test_gpu_utilisation_is_sampled_through_nvml_when_it_is_there(monkeypatch):
+    class FakeNVML:
+        def nvmlInit(self): pass
+        def nvmlDeviceGetCount(self): return 2
+        def nvmlDeviceGetHandleByIndex(self, i): return i
+        def nvmlDeviceGetUtilizationRates(self, h): return type("U", (), {"gpu": 80 if h == 0 else 40})()
+        def nvmlShutdown(self): pass
+    monkeypatch.setitem(sys.modules, "pynvml", FakeNVML())
+    g = verdict.GpuSampler(period=0.01)
+    time.sleep(0.1)
+    got = g.stop()
+    assert got["source"] == "nvml" and got["per_gpu"] == [0.8, 0.4] and got["util"] == 0.6
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed: the package's own figure
+    assert verdict.GpuSampler().stop() is None
