@@ -1,6 +1,5 @@
 """--decode device: image batches as the files' bytes, decoded in the worker; agreement, bad files, oversize."""
 import json
-import os
 
 import numpy as np
 import pytest
