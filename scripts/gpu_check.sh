@@ -9,7 +9,9 @@
 #   7. images: the CUDA decode test (nvJPEG), bench-images and bench-images-resnet (resnet50, bf16)
 #   8. lesson 09's facts about tensors crossing processes (docs/gpu-facts/)
 #   0. first: the gpu tests of samples of their own length and of text (a real OOM split, bf16), and
-#      bench-seq / bench-text on CUDA (text needs the [text] extra: carry its wheels)
+#      bench-seq / bench-text on CUDA (text needs the [text] extra: carry its wheels); then --trace and
+#      the verdict on CUDA (the H2D-bound test, a traced run with NVML when nvidia-ml-py is there, the
+#      cost of tracing at 4 workers)
 # then a short table (scripts/gpu_summary.py). Each step writes its JSON/log to OUTDIR as it finishes,
 # so a step that runs out of time leaves the others' results. bench-gpu also runs the ray and ray.data
 # modes when Ray Data is installed (pip install -e '.[ray]').
@@ -45,6 +47,13 @@ timeout 200 "$py" -m pipeline bench --config configs/bench-seq.toml --device cud
 "$py" -c "import tokenizers, transformers, sentence_transformers" 2>/dev/null && \
   timeout 240 "$py" -m pipeline bench --config configs/bench-text.toml --device cuda --precision bf16 --modes all \
   --workers-list 2 --json "$out/bench-text.json" 2>&1 | tee -a "$log"
+
+step "trace and verdict on CUDA: the H2D-bound test, a traced bench-gpu run and its timeline (never run on a GPU yet)"
+timeout 120 "$py" -m pytest -q -p no:cacheprovider tests/test_trace.py -m gpu 2>&1 | tail -n 3 | tee -a "$log"
+timeout 90 "$py" -m pipeline run --config configs/bench-gpu.toml --batches 48 --workers 4 --trace "$out/gpu.trace.json" \
+  --json > "$out/traced-run.json" 2>>"$log" && "$py" -m pipeline trace "$out/gpu.trace.json" --plot "$out/gpu-trace.png" \
+  2>&1 | tail -n 4 | tee -a "$log"
+timeout 120 "$py" scripts/bench_trace.py --rounds 3 --workers 4 --json "$out/bench-trace.json" 2>&1 | tee -a "$log"
 
 step "bench-gpu (serial, pipeline, DataLoader, mp.Pool at 1, 2, 4, 8 workers)"
 modes=serial,pipeline,DataLoader,mp.Pool

@@ -211,3 +211,34 @@ def test_gpu_utilisation_is_sampled_through_nvml_when_it_is_there(monkeypatch):
     assert got["source"] == "nvml" and got["per_gpu"] == [0.8, 0.4] and got["util"] == 0.6
     monkeypatch.setitem(sys.modules, "pynvml", None)  # not installed: the package's own figure
     assert verdict.GpuSampler().stop() is None
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(300)
+def test_verdict_h2d_bound_on_cuda(tmp_path):
+    """Large float32 batches read from a file (the build is a memcpy on every core) and summed on the GPU:
+    the worker's time is the copy to the device, and the verdict says so. The trace has the copy lane."""
+    rows, cols, n = 4096, 4096, 24  # 64 MB a batch
+    data = np.lib.format.open_memmap(tmp_path / "big.npy", mode="w+", dtype=np.float32, shape=(rows * n, cols))
+    data[:] = 1.0
+    data.flush()
+    r = pipeline.run(kernel="sum", workers=1, device="cuda", input=str(tmp_path / "big.npy"), rows=rows,
+                     trace=str(tmp_path / "gpu.json"), progress=False)
+    v = r.summary["bottleneck"]
+    assert v["stage"] in ("h2d", "build"), v  # (which of the two depends on the host's memcpy rate)
+    assert v["busy"]["h2d"] > 0, v  # the workers' time is named after its largest part: the copy
+    assert v["gpu_util"]["source"] in ("nvml", "package")
+    _, evs = events(tmp_path / "gpu.json")
+    copies = [e for e in spans_of(evs, "h2d") + spans_of(evs, "h2d wait")]
+    assert {e["args"]["batch"] for e in copies} == set(range(n))
+
+
+@pytest.mark.timeout(120)
+def test_a_stream_closed_early_still_writes_its_trace(tmp_path):
+    path = tmp_path / "early.json"
+    with pipeline.imap(kernel="sum", workers=1, batches=40, rows=8, cols=8, trace=str(path), **FAST) as stream:
+        for i, _ in stream:
+            if i == 3:
+                break
+    _, evs = events(path)  # (no summary: written when the stream closed)
+    assert {0, 1, 2, 3} <= {e["args"]["batch"] for e in spans_of(evs, "compute")}

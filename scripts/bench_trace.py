@@ -1,0 +1,78 @@
+"""What ``--trace`` costs (issue 38's goals: <= 2% on 16 MB batches, <= 10% on tiny 16 x 16 batches).
+
+The same warm workers run the same batches with and without a trace recorder, alternating, ``--rounds``
+times each (this machine's speed drifts: a ratio is only meaningful between runs side by side); the traced
+run's time includes writing its JSON file, as a user's would. Prints one line per size and a JSON list.
+
+    python scripts/bench_trace.py [--rounds 7] [--workers 2] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from pipeline import devices, kernels  # noqa: E402
+from pipeline.runner import make_executor, resolve  # noqa: E402
+from pipeline.sources.base import Work  # noqa: E402
+from pipeline.sources.factory import open_source  # noqa: E402
+from pipeline.trace import Recorder  # noqa: E402
+
+SIZES = {"16 MB (4096 x 1024 float32)": dict(rows=4096, cols=1024, batches=48),
+         "tiny (16 x 16 float32)": dict(rows=16, cols=16, batches=4000)}
+
+
+def measure(name: str, size: dict, workers: int, rounds: int, kernel: str) -> dict:
+    cfg = resolve(None, dict(size, workers=workers, kernel=kernel, progress=False))
+    spec = kernels.spec_for(cfg.kernel.name, dict(cfg.kernel.params), cfg.kernel.precision)
+    src = open_source(cfg.source)
+    path = os.path.join(tempfile.gettempdir(), f"bench-trace-{os.getpid()}.json")
+    plain, traced, events = [], [], 0
+    with make_executor(cfg, spec) as ex:
+        for _ in ex.stream(Work.of(src), ordered=True):  # warm: every worker up, the ring mapped
+            pass
+        for _ in range(rounds):
+            for trace in (False, True):
+                rec = Recorder(path) if trace else None
+                t0 = time.perf_counter()
+                for _ in ex.stream(Work.of(src, trace=rec), ordered=True):
+                    pass
+                if rec is not None:
+                    rec.write()
+                    events = rec.recorded
+                (traced if trace else plain).append(time.perf_counter() - t0)
+    os.unlink(path)
+    ratios = [t / p for p, t in zip(plain, traced)]
+    row = {"size": name, "batches": cfg.source.batches, "workers": workers, "kernel": kernel, "rounds": rounds,
+           "plain_s": round(statistics.median(plain), 4), "traced_s": round(statistics.median(traced), 4),
+           "overhead": round(statistics.median(ratios) - 1, 4), "events": events,
+           "batches_per_s_plain": round(cfg.source.batches / statistics.median(plain), 1),
+           "batches_per_s_traced": round(cfg.source.batches / statistics.median(traced), 1)}
+    print(f"{name:30} {row['batches_per_s_plain']:>9} batches/s plain, {row['batches_per_s_traced']:>9} traced: "
+          f"overhead {row['overhead']:+.1%} (median of {rounds} paired rounds; {events} events)", flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--kernel", default="sum")
+    ap.add_argument("--json", metavar="PATH")
+    a = ap.parse_args()
+    rows = [measure(n, s, a.workers, a.rounds, a.kernel) for n, s in SIZES.items()]
+    out = {"machine": {"cpus": devices.usable_cpus()}, "results": rows}
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
