@@ -187,12 +187,9 @@ class Computer:
             timings.update(decode_s=t_decoded - t0, **({"bad_samples": bad} if bad else {}))
         if self.cuda:
             timings["gpu_reserved_mb"] = torch.cuda.memory_reserved(self.device) / 2**20
-        if self.trace:  # NOTE [ Trace ] in trace.py: where this batch's time went, for the main's file
-            items = [("decode", "compute", t0, t_decoded)] if bad is not None else []
-            copy = ("h2d wait" if staged is not None else "h2d") if self.cuda else "stage"
-            items += [(copy, "copy" if self.cuda else "compute", t_decoded, t1), ("compute", "compute", t1, t2),
-                      ("d2h", "compute", t2, t3)]
-            timings["spans"] = trace.spans(items)
+        if self.trace:  # NOTE [ Trace ] in trace.py: where this batch's time went (trace.Recorder.worker)
+            timings["spans"] = (trace.clock(), t0, t_decoded, t1, t2, t3,
+                                (bad is not None) | self.cuda << 1 | (staged is not None) << 2)
         return out, timings
 
 

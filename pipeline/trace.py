@@ -11,11 +11,14 @@ spans for that attempt; its death, the retry and its replacement are instant eve
 - One time base: every process stamps with ``time.perf_counter`` and sends ``time.time() - perf_counter()``
   with it; the main turns each stamp into wall-clock seconds (on one machine the two clocks agree; across
   a Ray cluster, as well as the nodes' clocks do).
-- Cheap: events are tuples put into a list of ``EVENTS`` preallocated entries (one ``next`` of a counter,
-  atomic under the GIL, and a store); a run that records more keeps the first ``EVENTS`` and counts the
-  rest (``dropped``, in the file and the summary's notes): the file stays under about 70 MB. The JSON is
-  written once, at the end of the run (also when it failed or was interrupted). Without ``--trace`` the
-  hot path only tests ``trace is not None``.
+- Cheap: an event is eight doubles stored into one preallocated array of ``EVENTS`` events (32 MB; one
+  ``next`` of a counter, atomic under the GIL, reserves its place): no Python object per event for the
+  garbage collector to scan as the trace grows. A run that records more keeps the first ``EVENTS`` and
+  counts the rest (``dropped``, in the file and the summary's notes): the file stays under about 70 MB.
+  The JSON is written once, at the end of the run (also when it failed or was interrupted), formatted as
+  text directly. Without ``--trace`` the hot path only tests ``trace is not None``.
+- Spans of a staging copy, a device-to-host step and waits shorter than ``SHORT_S`` (20 µs) are left out:
+  invisible in a timeline, and most of a tiny batch's events.
 - Tracks: a process per OS process (main, each worker, each build process, each Ray actor), a thread per
   lane (the main's supervisor, each build thread, the consumer; a worker's compute, copy and return lanes);
   waits ("waiting for a worker", "waiting for order") are async spans keyed by the batch (their own rows
@@ -28,13 +31,21 @@ import json
 import os
 import threading
 import time
+from array import array
+
+import numpy as np
 
 EVENTS = 500_000  # at most this many events per trace; the rest are dropped and counted
 COUNTER_S = 0.02  # counters sampled at most this often
 RSS_S = 0.2
+SHORT_S = 20e-6  # a wait, a staging copy or a device-to-host step shorter than this is not recorded
 
-# (kind, name, pid, lane, start, end, index, attempt, args): times in wall-clock seconds
-SPAN, INSTANT, ASYNC, COUNTER = "X", "i", "b", "C"
+# an event: (kind, name, pid, lane, start, end, index, attempt, args), times in wall-clock seconds; stored
+# as FIELDS doubles in one preallocated array (names and lanes as codes, args aside): no Python object kept
+# per event, so the garbage collector has nothing more to scan as the trace grows (a list of tuples cost a
+# tiny-batch run a third of its speed, mostly in collections)
+SPAN, INSTANT, ASYNC, COUNTER = 1, 2, 3, 4
+FIELDS = 8
 
 
 def clock() -> float:
@@ -46,7 +57,10 @@ class Recorder:
     def __init__(self, path: str, capacity: int = EVENTS):
         self.path = path
         self.capacity = capacity
-        self.buf: list = [None] * capacity
+        self.buf = array("d", [0.0]) * (FIELDS * capacity)  # (pages are touched as events fill them)
+        self.extra: dict[int, dict] = {}  # event number -> its args (instants, counters, dispatches)
+        self.codes: dict[str, int] = {}  # names and lanes -> codes
+        self._lock = threading.Lock()
         self._next = itertools.count()
         self.offset = clock()  # the main's
         self.pid = os.getpid()
@@ -58,35 +72,73 @@ class Recorder:
         self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
     # -- recording (any thread of the main) --------------------------------------------------------------
-    def put(self, ev: tuple) -> None:
+    def _code(self, text: str) -> int:
+        with self._lock:
+            return self.codes.setdefault(text, len(self.codes))
+
+    def store(self, kind: int, name: str, pid: int, lane: str, a: float, b: float, index: int = -1,
+              attempt: int = 0, args: dict | None = None) -> None:
+        """One event (times in wall-clock seconds); past the capacity, counted and dropped."""
         i = next(self._next)
-        if i < self.capacity:
-            self.buf[i] = ev
+        if i >= self.capacity:
+            return
+        codes = self.codes
+        n, ln = codes.get(name), codes.get(lane)
+        if n is None:
+            n = self._code(name)
+        if ln is None:
+            ln = self._code(lane)
+        if args:
+            self.extra[i] = args
+        buf, j = self.buf, i * FIELDS
+        buf[j + 1] = n
+        buf[j + 2] = pid
+        buf[j + 3] = ln
+        buf[j + 4] = a
+        buf[j + 5] = b
+        buf[j + 6] = index
+        buf[j + 7] = attempt
+        buf[j] = kind  # (last: an event half stored when the file is written reads as none)
+
+    def put(self, ev: tuple) -> None:
+        self.store(*ev)
 
     def span(self, name: str, lane: str, start: float, end: float, index: int = -1, attempt: int = 0,
              pid: int | None = None, args: dict | None = None) -> None:
         """A span in the main's perf_counter clock."""
         off = self.offset
-        self.put((SPAN, name, pid or self.pid, lane, start + off, end + off, index, attempt, args))
+        self.store(SPAN, name, pid or self.pid, lane, start + off, end + off, index, attempt, args)
 
     def here(self, name: str, start: float, index: int = -1, attempt: int = 0, args: dict | None = None) -> None:
         """A span on the calling thread's lane, from ``start`` to now."""
         self.span(name, threading.current_thread().name, start, time.perf_counter(), index, attempt, args=args)
 
-    def remote(self, pid: int, spans: tuple, index: int, attempt: int) -> None:
-        """A child's spans (``spans(...)``'s value): its clock offset, then (name, lane, start, end)."""
-        off, items = spans
-        for name, lane, a, b in items:
-            self.put((SPAN, name, pid, lane, a + off, b + off, index, attempt, None))
+    def worker(self, pid: int, spans: tuple, index: int, attempt: int) -> None:
+        """A batch's stages in a worker or actor (``Computer``'s ``spans``: its clock offset, five stamps
+        and flags: decoded there, CUDA, its copy started ahead), as spans on that process's lanes."""
+        off, t0, t_decoded, t1, t2, t3, flags = spans
+        store = self.store
+        if flags & 1:
+            store(SPAN, "decode", pid, "compute", t0 + off, t_decoded + off, index, attempt)
+        if flags & 2:
+            store(SPAN, "h2d wait" if flags & 4 else "h2d", pid, "copy", t_decoded + off, t1 + off, index, attempt)
+        elif t1 - t_decoded > SHORT_S:  # (on the CPU "stage" is nothing unless a copy was made)
+            store(SPAN, "stage", pid, "compute", t_decoded + off, t1 + off, index, attempt)
+        store(SPAN, "compute", pid, "compute", t1 + off, t2 + off, index, attempt)
+        if t3 - t2 > SHORT_S:
+            store(SPAN, "d2h", pid, "compute", t2 + off, t3 + off, index, attempt)
 
     def instant(self, name: str, lane: str = "pipeline-supervisor", index: int = -1, attempt: int = 0,
                 pid: int | None = None, args: dict | None = None) -> None:
-        self.put((INSTANT, name, pid or self.pid, lane, time.time(), 0.0, index, attempt, args))
+        self.store(INSTANT, name, pid or self.pid, lane, time.time(), 0.0, index, attempt, args)
 
     def wait(self, name: str, start: float, end: float, index: int, attempt: int = 0) -> None:
-        """An async span (overlapping others of its name) in the main's clock: a batch waiting."""
+        """An async span (overlapping others of its name) in the main's clock: a batch waiting (not when
+        shorter than ``SHORT_S``)."""
+        if end - start < SHORT_S:
+            return
         off = self.offset
-        self.put((ASYNC, name, self.pid, name, start + off, end + off, index, attempt, None))
+        self.store(ASYNC, name, self.pid, name, start + off, end + off, index, attempt)
 
     def counters(self, values: dict) -> None:
         """Sampled: at most every ``COUNTER_S``; the main's RSS every ``RSS_S``."""
@@ -101,53 +153,76 @@ class Recorder:
                     self._rss = int(f.read().split()[1]) * self._page / 2**20
             except (OSError, ValueError, IndexError):
                 pass
-        self.put((COUNTER, "pipeline", self.pid, "", now + self.offset, 0.0, -1, 0,
-                  dict(values, **{"main RSS MiB": round(self._rss, 1)})))
+        self.store(COUNTER, "pipeline", self.pid, "", now + self.offset, 0.0, -1, 0,
+                   dict(values, **{"main RSS MiB": round(self._rss, 1)}))
 
     def name_process(self, pid: int, name: str) -> None:
         self.processes[pid] = name
 
     # -- the file ------------------------------------------------------------------------------------
-    def events(self, n: int) -> list[dict]:
-        """The first ``n`` recorded events (``n`` at most the capacity) as trace-event dicts."""
-        t0, lanes, out = self.t0, {}, []
-        for ev in self.buf[:n]:
-            if ev is None:  # (a slot taken by a thread that had not stored yet at the end)
+    def events(self, n: int) -> list[str]:
+        """The first ``n`` recorded events (``n`` at most the capacity) as trace-event JSON objects, built
+        as text: the numbers converted by numpy in bulk (times as whole microseconds), one %-format per
+        event (a dict per event through the JSON encoder cost a tiny-batch run a fifth of its time on a
+        2-core VM). Events with args of their own (instants, counters, a dispatch) are few: encoded whole."""
+        enc = json.JSONEncoder(separators=(",", ":"), default=str).encode
+        text = [""] * len(self.codes)
+        for t, code in self.codes.items():
+            text[code] = t
+        a = np.frombuffer(self.buf, np.float64, n * FIELDS).reshape(n, FIELDS)
+        kind, name, pid, lane, index, attempt = a[:, [0, 1, 2, 3, 6, 7]].astype(np.int64).T
+        ts = np.rint((a[:, 4] - self.t0) * 1e6).astype(np.int64)
+        te = np.rint((a[:, 5] - self.t0) * 1e6).astype(np.int64)
+        keys, tid = np.unique(pid * 65536 + lane, return_inverse=True)
+        tid = tid.reshape(-1) + 1
+        safe = np.array([enc(t) == f'"{t}"' for t in text] or [True])
+        extra = np.zeros(n, bool)
+        extra[[e for e in self.extra if e < n]] = True
+        bulk = ((kind == SPAN) | (kind == ASYNC)) & (index >= 0) & ~extra & safe[name]
+        out: list[str] = []
+        if bulk.any():  # one %-format per event, over columns made by numpy
+            cols = [np.array(text, dtype=object)[name[bulk]].tolist()] + [
+                v[bulk].tolist() for v in (index, attempt, pid, tid, ts, np.maximum(0, te - ts), te)]
+            names, idx, att, pids, tids, t0s, durs, t1s = cols
+            again = [f" (attempt {x})" if x > 1 else "" for x in att]
+            span = (kind[bulk] == SPAN).tolist()
+            head = '{"name":"%s %d%s","cat":"%s","pid":%d,"tid":%d,"ts":%d,'
+            x = head + '"ph":"X","dur":%d,"args":{"batch":%d,"attempt":%d}}'
+            b = head + '"ph":"b","id":"%s-%d-%d","args":{"batch":%d,"attempt":%d}}'
+            e_ = '{"name":"%s %d%s","cat":"%s","pid":%d,"tid":%d,"ts":%d,"ph":"e","id":"%s-%d-%d"}'
+            for r in zip(span, names, idx, again, pids, tids, t0s, durs, att, t1s):
+                s_, nm, i, ag, p, t, t0, d, at, t1 = r
+                if s_:
+                    out.append(x % (nm, i, ag, nm, p, t, t0, d, i, at))
+                else:
+                    out.append(b % (nm, i, ag, nm, p, t, t0, nm, i, at, i, at))
+                    out.append(e_ % (nm, i, ag, nm, p, t, t1, nm, i, at))
+        for e in np.flatnonzero(~bulk & (kind > 0)).tolist():
+            k, nm, p, t, i, at = int(kind[e]), text[name[e]], int(pid[e]), int(ts[e]), int(index[e]), int(attempt[e])
+            args = self.extra.get(e)
+            if k == COUNTER:
+                out.append(enc({"name": "pipeline", "ph": "C", "pid": p, "ts": t, "args": args}))
                 continue
-            kind, name, pid, lane, a, b, index, attempt, args = ev
-            tid = lanes.setdefault((pid, lane), len(lanes) + 1)
-            label = name if index < 0 else f"{name} {index}" + (f" (attempt {attempt})" if attempt > 1 else "")
-            e = {"name": label, "cat": name, "ph": kind, "pid": pid, "tid": tid, "ts": round((a - t0) * 1e6, 1)}
-            a_ = {"batch": index, "attempt": attempt} if index >= 0 else {}
-            if args:
-                a_.update(args)
-            if kind == SPAN:
-                e["dur"] = round(max(0.0, b - a) * 1e6, 1)
-            elif kind == INSTANT:
-                e["s"] = "t"
-            elif kind == ASYNC:
-                e["id"] = f"{name}-{index}-{attempt}"
-                end = dict(e, ph="e", ts=round((b - t0) * 1e6, 1))
-                if a_:
-                    e["args"] = a_
-                out.append(e)
-                out.append(end)
-                continue
-            elif kind == COUNTER:
-                e.pop("tid")
-                e["name"] = "pipeline"
-                out.append(dict(e, args=args))
-                continue
-            if a_:
-                e["args"] = a_
-            out.append(e)
-        meta = [{"name": "process_name", "ph": "M", "pid": pid, "args": {"name": name}}
-                for pid, name in self.processes.items()]
-        meta += [{"name": "process_sort_index", "ph": "M", "pid": pid, "args": {"sort_index": i}}
-                 for i, pid in enumerate(self.processes)]
-        meta += [{"name": "thread_name", "ph": "M", "pid": pid, "tid": tid, "args": {"name": lane or "counters"}}
-                 for (pid, lane), tid in lanes.items()]
-        return meta + out
+            ev = {"name": nm if i < 0 else f"{nm} {i}" + (f" (attempt {at})" if at > 1 else ""), "cat": nm,
+                  "pid": p, "tid": int(tid[e]), "ts": t,
+                  "args": dict({"batch": i, "attempt": at} if i >= 0 else {}, **(args or {}))}
+            if k == SPAN:
+                ev.update(ph="X", dur=max(0, int(te[e]) - t))
+            elif k == INSTANT:
+                ev.update(ph="i", s="t")
+            else:
+                ev.update(ph="b", id=f"{nm}-{i}-{at}")
+                out.append(enc(ev))
+                ev = {"name": ev["name"], "cat": nm, "pid": p, "tid": ev["tid"], "ts": int(te[e]), "ph": "e",
+                      "id": ev["id"]}
+            out.append(enc(ev))
+        meta = [{"name": "process_name", "ph": "M", "pid": p, "args": {"name": nm}}
+                for p, nm in self.processes.items()]
+        meta += [{"name": "process_sort_index", "ph": "M", "pid": p, "args": {"sort_index": i}}
+                 for i, p in enumerate(self.processes)]
+        meta += [{"name": "thread_name", "ph": "M", "pid": int(k >> 16), "tid": t + 1,
+                  "args": {"name": text[int(k & 65535)] or "counters"}} for t, k in enumerate(keys.tolist())]
+        return [enc(m) for m in meta] + out
 
     def write(self, summary: dict | None = None) -> str:
         """The trace as JSON at ``path`` (atomically: a temp file renamed); the summary's verdict and the
@@ -159,19 +234,16 @@ class Recorder:
         if summary is not None:
             other.update(bottleneck=summary.get("bottleneck"), wall_s=summary.get("wall_s"),
                          kernel=summary.get("kernel"), checksum=summary.get("checksum"))
-        doc = {"traceEvents": self.events(min(n, self.capacity)), "displayTimeUnit": "ms", "otherData": other}
+        events = self.events(min(n, self.capacity))
         path = os.path.abspath(self.path)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:
-            json.dump(doc, f, separators=(",", ":"), default=str)
+            f.write('{"displayTimeUnit":"ms","otherData":' + json.dumps(other, default=str) + ',"traceEvents":[\n')
+            f.write(",\n".join(events))
+            f.write("]}\n")
         os.replace(tmp, path)
         return path
-
-
-def spans(items: list) -> tuple:
-    """A child's spans for its result's timings: (its clock offset, [(name, lane, start, end), ...])."""
-    return (clock(), items)
 
 
 def read(path: str) -> dict:

@@ -11,7 +11,9 @@ the steady wall (after the workers' start-up), against what that stage has to wo
   output   writing ``--output`` (the consumer's thread) / wall
 The stage with the largest share limits; without it the run could go ``gain`` times faster before the
 next one limits (the ratio of the two shares: a bound, not a promise). When no stage is busy half the
-time, batches waited between stages (too few in flight), or start-up took the run. The advice names the
+time, batches waited between stages (too few in flight), or start-up took the run. A build whose threads
+ran but in turns is GIL-bound only when start-up was under 30% of the wall (builds beside the workers'
+imports of torch wait for the CPU, not the GIL). The advice names the
 one flag to change for that stage. On CUDA the GPU's own utilisation, sampled through NVML while the run
 ran (``nvidia-ml-py``, optional), sits beside the package's figure (compute time / wall per worker).
 """
@@ -49,10 +51,15 @@ def bottleneck(s: dict, gil: str | None = None, gpu: dict | None = None) -> dict
         busy["build"] = max(busy["build"], min(1.0, tot.get("build_cpu", 0.0) / steady))
     busy = {k: round(min(v, 1.0), 3) for k, v in busy.items()}
     ranked = sorted(busy, key=busy.get, reverse=True)
+    gil = gil if gil and busy["build"] >= 0.8 * busy[ranked[0]] else None  # (its workers may have waited
+    if gil:  # for the output instead) the GIL note saw workers wait for builds that did not scale: the build
+        ranked.remove("build")
+        ranked.insert(0, "build")
     stage, then = ranked[0], ranked[1]
     cuda = "cuda" in (s.get("device") or "")
-    out = {"stage": stage if busy[stage] >= BUSY else "none", "busy": busy}
-    if busy[stage] >= BUSY:
+    limits = busy[stage] >= BUSY or bool(gil)
+    out = {"stage": stage if limits else "none", "busy": busy}
+    if limits:
         out.update(gain=round(min(10.0, busy[stage] / max(busy[then], 0.1)), 2), then=then)
     out["advice"] = _advice(out["stage"], s, tot, steady, threads, workers, gil, cuda)
     if cuda:
@@ -71,7 +78,7 @@ def _advice(stage: str, s: dict, tot: dict, steady: float, threads: int, workers
             return gil
         cpus = tot.get("build_cpu", 0.0) / steady
         ran = tot.get("build_cpu", 0.0) / max(build, 1e-9)  # of the threads' time, the share they ran
-        if threads >= 2 and ran >= 0.3 and cpus <= 1.25 and ran < 0.8:  # ran, but one at a time: the GIL
+        if threads >= 2 and 0.15 <= ran < 0.8 and cpus <= 1.25 and s.get("startup_s", 0) < 0.3 * s["wall_s"]:  # they ran, but in turns: the GIL (I/O: ~0)
             return (f"the build threads took turns: {threads} threads ran {ran:.0%} of their time, {cpus:.1f} "
                     f"CPUs between them: the source holds the GIL (Python in __getitem__); build in processes "
                     f"instead: --build-processes {min(threads, cores)}")

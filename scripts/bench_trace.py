@@ -25,7 +25,7 @@ from pipeline.sources.base import Work  # noqa: E402
 from pipeline.sources.factory import open_source  # noqa: E402
 from pipeline.trace import Recorder  # noqa: E402
 
-SIZES = {"16 MB (4096 x 1024 float32)": dict(rows=4096, cols=1024, batches=48),
+SIZES = {"16 MB (4096 x 1024 float32)": dict(rows=4096, cols=1024, batches=96),
          "tiny (16 x 16 float32)": dict(rows=16, cols=16, batches=4000)}
 
 

@@ -201,7 +201,7 @@ class WorkerSide:
             self._account(info)
             info["pid"], info["device"], info["_done_at"] = w.pid, w.device, time.perf_counter()
             if run.trace is not None and "spans" in info:
-                run.trace.remote(w.pid, info.pop("spans"), task.index, task.attempt)
+                run.trace.worker(w.pid, info.pop("spans"), task.index, task.attempt)
                 run.trace.put((SPAN, "return", w.pid, "return", info["sent"], time.time(), task.index,
                                task.attempt, None))
                 if info.get("splits"):

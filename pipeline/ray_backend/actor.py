@@ -99,7 +99,7 @@ class Actor:
                     slot = None
                 timings["build_s"] = build_s
                 if trace:
-                    timings["spans"][1].insert(0, ("build", "build", t0, t0 + build_s))
+                    timings["build_span"] = (t0, t0 + build_s)
                 found = run.source.learned(index)  # bad image files: for the driver's summary
                 if found:
                     timings["learned"] = found

@@ -10,6 +10,7 @@ from ..contracts import Outcome
 from ..errors import OutputError, WorkerError
 from ..fields import nbytes as batch_nbytes
 from ..sources.base import Batch, Source
+from ..trace import SPAN
 from ..wire import RESULT, RETIRE
 from .actor import REOPEN
 from .cluster import QUEUE, ray
@@ -154,7 +155,11 @@ class Run:
                 self.learn(found)
             if self.trace is not None and "spans" in timings:
                 self.trace.name_process(who[1], f"ray actor {who[0]} (pid {who[1]}, node {who[3][:12]})")
-                self.trace.remote(who[1], timings.pop("spans"), index, attempt)
+                spans = timings.pop("spans")
+                self.trace.worker(who[1], spans, index, attempt)
+                if "build_span" in timings:  # (the actor built it: in its clock, as the spans)
+                    a, b = timings.pop("build_span")
+                    self.trace.put((SPAN, "build", who[1], "build", a + spans[0], b + spans[0], index, attempt, None))
             self.ready[index] = Outcome(index, out, {"pid": who[1], "device": who[2], "node": who[3],
                                                      **timings}, None)
             return
