@@ -51,7 +51,7 @@ def test_quick_all_modes_agree(tmp_path, capsys):
     pipe = [r for r in report["results"] if r["mode"] == "pipeline"][0]
     assert set(pipe["breakdown_ms_per_batch"]) == {
         "build_ms", "dispatch_ms", "receive_ms", "stage_ms", "h2d_ms", "compute_ms", "d2h_ms",
-        "slot_wait_ms", "worker_wait_ms", "idle_ms", "return_ms", "order_wait_ms"}
+        "slot_wait_ms", "worker_wait_ms", "idle_ms", "return_ms", "order_wait_ms", "build_cpu_ms"}
     assert report["roofline"]["limiting_stage"]["2"].startswith(("main build (", "kernel"))
     assert "roofline" in out and "pipeline" in out
 

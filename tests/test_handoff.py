@@ -169,7 +169,7 @@ def test_closing_a_stream_while_a_send_is_stuck_ends_the_workers(monkeypatch):
         stuck = threading.Event()
 
         def send(conn, obj):
-            if obj[0] == "tasks" and any(item[0] == 1 for item in obj[4]):  # one slot: after batch 0 came back
+            if obj[0] == "tasks" and any(item[0] == 1 for item in obj[-1]):  # one slot: after batch 0 came back
                 stuck.set()
                 while worker.is_alive():  # blocks as a full pipe would, until the reader is gone
                     time.sleep(0.05)
