@@ -63,7 +63,7 @@ def test_a_trace_has_every_batch_through_every_stage_on_one_clock(tmp_path):
     assert {"pipeline-supervisor", "compute", "return", "consumer"} <= threads
     assert any(t.startswith("pipeline-build-") for t in threads) or "pipeline-supervisor" in threads
     by = {}
-    for cat in ("build", "compute", "d2h", "return", "write"):
+    for cat in ("build", "compute", "return", "write"):  # (d2h, stage: left out under 20 us)
         got = {e["args"]["batch"]: e for e in spans_of(evs, cat)}
         assert sorted(got) == list(range(6)), (cat, sorted(got))
         by[cat] = got
