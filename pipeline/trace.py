@@ -35,6 +35,8 @@ from array import array
 
 import numpy as np
 
+from .errors import ConfigError
+
 EVENTS = 500_000  # at most this many events per trace; the rest are dropped and counted
 COUNTER_S = 0.02  # counters sampled at most this often
 RSS_S = 0.2
@@ -56,6 +58,14 @@ def clock() -> float:
 class Recorder:
     def __init__(self, path: str, capacity: int = EVENTS):
         self.path = path
+        try:  # a file that can't be written fails now, in one line, not after the run
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(f"{os.path.abspath(path)}.tmp-{os.getpid()}", "w"):
+                pass
+            os.unlink(f"{os.path.abspath(path)}.tmp-{os.getpid()}")
+        except OSError as e:
+            raise ConfigError(f"run.trace = {path!r}: can't write there ({e.strerror}): give a writable path "
+                              f"for --trace") from None
         self.capacity = capacity
         self.buf = array("d", [0.0]) * (FIELDS * capacity)  # (pages are touched as events fill them)
         self.extra: dict[int, dict] = {}  # event number -> its args (instants, counters, dispatches)

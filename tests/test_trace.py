@@ -242,3 +242,10 @@ def test_a_stream_closed_early_still_writes_its_trace(tmp_path):
                 break
     _, evs = events(path)  # (no summary: written when the stream closed)
     assert {0, 1, 2, 3} <= {e["args"]["batch"] for e in spans_of(evs, "compute")}
+
+
+def test_an_unwritable_trace_path_fails_before_the_run_in_one_line(tmp_path):
+    (tmp_path / "file").write_text("")
+    out = subprocess.run([sys.executable, "-m", "pipeline", "run", "--workers", "1", "--batches", "2",
+                          "--trace", str(tmp_path / "file" / "t.json")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "--trace" in out.stderr, out.stderr
