@@ -51,8 +51,8 @@ def bottleneck(s: dict, gil: str | None = None, gpu: dict | None = None) -> dict
         busy["build"] = max(busy["build"], min(1.0, tot.get("build_cpu", 0.0) / steady))
     busy = {k: round(min(v, 1.0), 3) for k, v in busy.items()}
     ranked = sorted(busy, key=busy.get, reverse=True)
-    gil = gil if gil and busy["build"] >= 0.8 * busy[ranked[0]] else None  # (its workers may have waited
-    if gil:  # for the output instead) the GIL note saw workers wait for builds that did not scale: the build
+    gil = gil if gil and ranked[0] not in ("output", "compute") else None  # (the workers it saw wait may
+    if gil:  # have waited for the output) the GIL note saw workers wait for builds that did not scale: the build
         ranked.remove("build")
         ranked.insert(0, "build")
     stage, then = ranked[0], ranked[1]
