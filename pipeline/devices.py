@@ -149,6 +149,11 @@ def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
+def on_cuda(spec: str) -> bool:
+    """Workers with device ``spec`` compute on a GPU (``auto``: when this machine has one)."""
+    return spec.startswith("cuda") or (spec == "auto" and gpu_count() > 0)
+
+
 def check(spec: str) -> str | None:
     """Raise ConfigError for a device this machine lacks; return a note for ``auto`` without a GPU."""
     import torch

@@ -200,8 +200,7 @@ class Pipeline:
             for b in src:
                 if b.index not in skip:
                     yield b
-        d = cfg.workers.device
-        tally.begin(cuda=cfg.workers.count > 0 and (d.startswith("cuda") or (d == "auto" and devices.gpu_count() > 0)))
+        tally.begin(cuda=cfg.workers.count > 0 and devices.on_cuda(cfg.workers.device))
         tally.source = src  # its manifest(i) lines and report() entries (images)
         if cfg.workers.count == 0:
             yield from self._serial(cfg, batches(), tally)

@@ -123,6 +123,7 @@ class Builders:
         return any(t.is_alive() for t in self.threads)
 
     def _work(self) -> None:
+        lane = threading.current_thread().name  # (once: a trace's lane for this thread's builds)
         while True:
             job = self._jobs.get()
             if job is None:
@@ -131,7 +132,7 @@ class Builders:
                 self._chunks(job)
                 continue
             if not self._stopped:
-                self._job(*job)
+                self._job(*job, lane=lane)
 
     def build_here(self, slot: int, index: int | None = None, batch: Batch | None = None,
                    cpu: bool = True) -> tuple:
@@ -142,7 +143,7 @@ class Builders:
         return self._job(slot, index, batch, share=False, cpu=cpu)
 
     def _job(self, slot: int, index: int | None, batch: Batch | None, share: bool = True,
-             cpu: bool = True) -> tuple | None:
+             cpu: bool = True, lane: str = "pipeline-supervisor") -> tuple | None:
         report = self._report if share else _returned
         t0, c0 = time.perf_counter(), (time.thread_time() if cpu else 0.0)
         try:
@@ -163,7 +164,7 @@ class Builders:
         except BaseException as e:  # noqa: BLE001 - the supervisor decides: one clear error
             return report((ERROR, slot, e, batch.index if batch is not None else index))
         built.seconds, built.cpu = time.perf_counter() - t0, (time.thread_time() - c0 if cpu else None)
-        built.start, built.lane = t0, threading.current_thread().name
+        built.start, built.lane = t0, lane
         if self._rebuild is None:  # a caller's batch: its record goes with it, for a retry
             built.batch = batch
         return report((BUILT, built))

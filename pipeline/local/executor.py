@@ -298,8 +298,7 @@ class Run:
     def __init__(self, ex: LocalExecutor, work: Work, ordered: bool, window: int | None, cfg: Config):
         self.ex, self.cfg, self.work, self.ordered = ex, cfg, work, ordered
         self.trace = work.trace  # trace.Recorder or None (NOTE [ Trace ] in trace.py)
-        d = cfg.workers.device
-        self.cuda = d.startswith("cuda") or (d == "auto" and devices.gpu_count() > 0)
+        self.cuda = devices.on_cuda(cfg.workers.device)
         self.in_flight = cfg.in_flight(self.cuda)
         self.asked_window = window
         self.small = False  # small batches (NOTE [ Small batches ] in local/worker.py): set in _setup
