@@ -11,12 +11,12 @@ spans for that attempt; its death, the retry and its replacement are instant eve
 - One time base: every process stamps with ``time.perf_counter`` and sends ``time.time() - perf_counter()``
   with it; the main turns each stamp into wall-clock seconds (on one machine the two clocks agree; across
   a Ray cluster, as well as the nodes' clocks do).
-- Cheap: an event is eight doubles stored into one preallocated array of ``EVENTS`` events (32 MB; one
-  ``next`` of a counter, atomic under the GIL, reserves its place): no Python object per event for the
-  garbage collector to scan as the trace grows. A run that records more keeps the first ``EVENTS`` and
+- Cheap: an event is eight doubles stored into one anonymous memory map of ``EVENTS`` events (32 MB of
+  address space, its pages zero until touched: nothing to set up; one ``next`` of a counter, atomic under
+  the GIL, reserves an event's place): no Python object per event for the garbage collector to scan. A run that records more keeps the first ``EVENTS`` and
   counts the rest (``dropped``, in the file and the summary's notes): the file stays under about 70 MB.
-  The JSON is written once, at the end of the run (also when it failed or was interrupted), formatted as
-  text directly. Without ``--trace`` the hot path only tests ``trace is not None``.
+  The JSON is written once, at the end of the run (also when it failed or was interrupted): the spans
+  and waits as one block of bytes made by numpy (``events``), the few other events by the JSON encoder. Without ``--trace`` the hot path only tests ``trace is not None``.
 - Spans of a staging copy, a device-to-host step and waits shorter than ``SHORT_S`` (20 µs) are left out:
   invisible in a timeline, and most of a tiny batch's events.
 - Tracks: a process per OS process (main, each worker, each build process, each Ray actor), a thread per
@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import mmap
 import os
 import threading
 import time
-from array import array
 
 import numpy as np
 
@@ -67,7 +67,10 @@ class Recorder:
             raise ConfigError(f"run.trace = {path!r}: can't write there ({e.strerror}): give a writable path "
                               f"for --trace") from None
         self.capacity = capacity
-        self.buf = array("d", [0.0]) * (FIELDS * capacity)  # (pages are touched as events fill them)
+        # anonymous memory: its pages are zero until an event first touches them, so a trace of a short run
+        # costs nothing to set up (an ``array`` of 32 MB filled with zeros cost 50 ms on a 2-core VM)
+        self._mem = mmap.mmap(-1, 8 * FIELDS * capacity)
+        self.buf = memoryview(self._mem).cast("d")
         self.extra: dict[int, dict] = {}  # event number -> its args (instants, counters, dispatches)
         self.codes: dict[str, int] = {}  # names and lanes -> codes
         self._lock = threading.Lock()
@@ -170,11 +173,13 @@ class Recorder:
         self.processes[pid] = name
 
     # -- the file ------------------------------------------------------------------------------------
-    def events(self, n: int) -> list[str]:
-        """The first ``n`` recorded events (``n`` at most the capacity) as trace-event JSON objects, built
-        as text: the numbers converted by numpy in bulk (times as whole microseconds), one %-format per
-        event (a dict per event through the JSON encoder cost a tiny-batch run a fifth of its time on a
-        2-core VM). Events with args of their own (instants, counters, a dispatch) are few: encoded whole."""
+    def events(self, n: int) -> tuple[list[str], bytes]:
+        """The first ``n`` recorded events (``n`` at most the capacity) as trace-event JSON: the few with args
+        of their own (instants, counters, a dispatch; and the processes' and lanes' names) as a list of JSON
+        objects; the many spans and waits as one block of bytes, each event preceded by ``,\\n``. That block is
+        built by numpy, not by a format per event (that cost a tiny-batch run 7%, a JSON encoder 20%, on a
+        2-core VM): events alike in all but their batch and times share a line's constant parts, and each
+        number is written as its digits followed by spaces to a common width (JSON allows the spaces)."""
         enc = json.JSONEncoder(separators=(",", ":"), default=str).encode
         text = [""] * len(self.codes)
         for t, code in self.codes.items():
@@ -188,25 +193,31 @@ class Recorder:
         safe = np.array([enc(t) == f'"{t}"' for t in text] or [True])
         extra = np.zeros(n, bool)
         extra[[e for e in self.extra if e < n]] = True
-        bulk = ((kind == SPAN) | (kind == ASYNC)) & (index >= 0) & ~extra & safe[name]
+        bulk = (((kind == SPAN) | (kind == ASYNC)) & (index >= 0) & (attempt >= 0) & (attempt < 65536) & (ts >= 0)
+                & (te >= ts) & ~extra & safe[name])
+        block = []
+        if bulk.any():
+            sel = np.flatnonzero(bulk)
+            key = (tid[sel] << 44) | (kind[sel] << 40) | (name[sel] << 16) | attempt[sel]  # (a lane is a pid's)
+            groups, which = np.unique(key, return_inverse=True)
+            order = np.argsort(which.reshape(-1), kind="stable")
+            bounds = np.searchsorted(which.reshape(-1)[order], np.arange(len(groups) + 1))
+            for g, first in enumerate(sel[order[bounds[:-1]]].tolist()):
+                k, nm, p, t, at = (int(c[first]) for c in (kind, name, pid, tid, attempt))
+                rows = sel[order[bounds[g]:bounds[g + 1]]]
+                nm, again = text[nm], f" (attempt {at})" if at > 1 else ""
+                i, t0, t1 = index[rows], ts[rows], te[rows]
+                named = _digits(i, f'{again}"')
+                head = [f',\n{{"name":"{nm} ', named, f',"cat":"{nm}","pid":{p},"tid":{t},"ts":', _digits(t0)]
+                tail = [',"args":{"batch":', _digits(i), f',"attempt":{at}}}}}']
+                if k == SPAN:
+                    block.append(_lines(head + [',"ph":"X","dur":', _digits(t1 - t0)] + tail))
+                else:  # an async span: begin and end, matched by id
+                    ident = _digits(i, f'-{at}"')
+                    block.append(_lines(head + [f',"ph":"b","id":"{nm}-', ident] + tail))
+                    head[-1] = _digits(t1)
+                    block.append(_lines(head + [f',"ph":"e","id":"{nm}-', ident, "}"]))
         out: list[str] = []
-        if bulk.any():  # one %-format per event, over columns made by numpy
-            cols = [np.array(text, dtype=object)[name[bulk]].tolist()] + [
-                v[bulk].tolist() for v in (index, attempt, pid, tid, ts, np.maximum(0, te - ts), te)]
-            names, idx, att, pids, tids, t0s, durs, t1s = cols
-            again = [f" (attempt {x})" if x > 1 else "" for x in att]
-            span = (kind[bulk] == SPAN).tolist()
-            head = '{"name":"%s %d%s","cat":"%s","pid":%d,"tid":%d,"ts":%d,'
-            x = head + '"ph":"X","dur":%d,"args":{"batch":%d,"attempt":%d}}'
-            b = head + '"ph":"b","id":"%s-%d-%d","args":{"batch":%d,"attempt":%d}}'
-            e_ = '{"name":"%s %d%s","cat":"%s","pid":%d,"tid":%d,"ts":%d,"ph":"e","id":"%s-%d-%d"}'
-            for r in zip(span, names, idx, again, pids, tids, t0s, durs, att, t1s):
-                s_, nm, i, ag, p, t, t0, d, at, t1 = r
-                if s_:
-                    out.append(x % (nm, i, ag, nm, p, t, t0, d, i, at))
-                else:
-                    out.append(b % (nm, i, ag, nm, p, t, t0, nm, i, at, i, at))
-                    out.append(e_ % (nm, i, ag, nm, p, t, t1, nm, i, at))
         for e in np.flatnonzero(~bulk & (kind > 0)).tolist():
             k, nm, p, t, i, at = int(kind[e]), text[name[e]], int(pid[e]), int(ts[e]), int(index[e]), int(attempt[e])
             args = self.extra.get(e)
@@ -232,7 +243,7 @@ class Recorder:
                  for i, p in enumerate(self.processes)]
         meta += [{"name": "thread_name", "ph": "M", "pid": int(k >> 16), "tid": t + 1,
                   "args": {"name": text[int(k & 65535)] or "counters"}} for t, k in enumerate(keys.tolist())]
-        return [enc(m) for m in meta] + out
+        return [enc(m) for m in meta] + out, b"".join(block)
 
     def write(self, summary: dict | None = None) -> str:
         """The trace as JSON at ``path`` (atomically: a temp file renamed); the summary's verdict and the
@@ -244,16 +255,42 @@ class Recorder:
         if summary is not None:
             other.update(bottleneck=summary.get("bottleneck"), wall_s=summary.get("wall_s"),
                          kernel=summary.get("kernel"), checksum=summary.get("checksum"))
-        events = self.events(min(n, self.capacity))
+        events, block = self.events(min(n, self.capacity))
         path = os.path.abspath(self.path)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write('{"displayTimeUnit":"ms","otherData":' + json.dumps(other, default=str) + ',"traceEvents":[\n')
-            f.write(",\n".join(events))
-            f.write("]}\n")
+        with open(tmp, "wb") as f:
+            f.write(('{"displayTimeUnit":"ms","otherData":' + json.dumps(other, default=str) + ',"traceEvents":[\n'
+                     + ",\n".join(events)).encode())  # (never empty: the main's name comes first)
+            f.write(block)
+            f.write(b"]}\n")
         os.replace(tmp, path)
         return path
+
+
+def _digits(x: np.ndarray, tail: str = "") -> np.ndarray:
+    """Non-negative integers as rows of bytes of one width: each one's decimal digits, then ``tail``, then
+    spaces (``_lines`` puts such blocks side by side)."""
+    powers = 10 ** np.arange(19, dtype=np.int64)
+    nd = np.searchsorted(powers, x, side="right").clip(1)  # each number's digits
+    width = int(nd.max()) + len(tail)
+    pos = np.arange(width)
+    left = nd[:, None] - 1 - pos  # the power of ten at each position (negative: past the digits)
+    out = np.where(left >= 0, x[:, None] // powers[left.clip(0)] % 10 + 48, 32).astype(np.uint8)
+    if tail:
+        k = -left - 1  # position in the tail
+        t = np.frombuffer(tail.encode(), np.uint8)
+        inside = (k >= 0) & (k < len(t))
+        out[inside] = t[k[inside]]
+    return out
+
+
+def _lines(parts: list) -> bytes:
+    """Rows of bytes, each the concatenation of ``parts``: text (the same in every row) or ``_digits``."""
+    n = next(len(p) for p in parts if not isinstance(p, str))
+    cols = [np.broadcast_to(np.frombuffer(p.encode(), np.uint8), (n, len(p.encode()))) if isinstance(p, str)
+            else p for p in parts]
+    return np.concatenate(cols, axis=1).tobytes()
 
 
 def read(path: str) -> dict:

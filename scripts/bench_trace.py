@@ -4,7 +4,7 @@ The same warm workers run the same batches with and without a trace recorder, al
 times each (this machine's speed drifts: a ratio is only meaningful between runs side by side); the traced
 run's time includes writing its JSON file, as a user's would. Prints one line per size and a JSON list.
 
-    python scripts/bench_trace.py [--rounds 7] [--workers 2] [--json out.json]
+    python scripts/bench_trace.py [--rounds 7] [--workers 2] [--only tiny|16mb] [--json out.json]
 """
 from __future__ import annotations
 
@@ -66,8 +66,10 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--kernel", default="sum")
     ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--only", choices=["16mb", "tiny"], help="measure one size")
     a = ap.parse_args()
-    rows = [measure(n, s, a.workers, a.rounds, a.kernel) for n, s in SIZES.items()]
+    rows = [measure(n, s, a.workers, a.rounds, a.kernel) for n, s in SIZES.items()
+            if a.only is None or n.lower().startswith(a.only.replace("mb", " mb"))]
     out = {"machine": {"cpus": devices.usable_cpus()}, "results": rows}
     if a.json:
         with open(a.json, "w") as f:
