@@ -57,9 +57,9 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                    help="images: a file that can't be decoded fails its batch (default) or becomes a zero "
                         "image with valid = False, listed in the summary's bad_samples")
     g.add_argument("--decode", metavar="main|device",
-                   help="images: decode on the main's build threads with Pillow (default), or send the files' "
-                        "bytes and decode in each worker (nvJPEG on CUDA, Pillow on the CPU), then resize and "
-                        "crop on its device")
+                   help="images: decode on the main's build threads (default: simplejpeg for plain JPEGs, "
+                        "Pillow for the rest), or send the files' bytes and decode in each worker (nvJPEG on "
+                        "CUDA, simplejpeg or Pillow on the CPU), then resize and crop on its device")
     g.add_argument("--ragged", metavar="A,B", type=_names,
                    help="samples of their own length: the fields whose first axis varies (default: found by "
                         "comparing a few samples); each batch is padded to its longest row and gets 'lengths'")

@@ -50,6 +50,7 @@ class SourceConfig:
     layout: str = "nhwc"  # images: nhwc (B, S, S, 3) or nchw (B, 3, S, S)
     bad_samples: str = "fail"  # images: a file that can't be decoded fails its batch, or "skip" (valid False)
     decode: str = "main"  # images: decoded on the main's build threads, or "device": bytes in, decoded by each worker
+    decoder: str = "auto"  # images: JPEGs through simplejpeg when installed (NOTE [ JPEG path ]), or "pillow"
     # samples of their own length (docs/data.md, NOTE [ Ragged fields ], NOTE [ Batch plans ])
     ragged: list = field(default_factory=list)  # the ragged fields ([]: found by comparing a few samples)
     max_length: int = 0  # a bound on a sample's length (0: none); longer ones cut or failed (on_long)
@@ -167,6 +168,7 @@ CHOICES = {
     "source.layout": ("nhwc", "nchw"),
     "source.bad_samples": ("fail", "skip"),
     "source.decode": ("main", "device"),
+    "source.decoder": ("auto", "pillow"),
     "source.order": ("auto", "input", "length"),
     "source.on_long": ("truncate", "fail"),
     "source.dtype": DTYPES,
@@ -196,14 +198,14 @@ OVERRIDES = {
     "build_processes": "workers.build_processes", "columns": "source.columns",
     "keep_columns": "source.keep_columns", "output_format": "run.output_format",
     "image_size": "source.image_size", "resize": "source.resize", "layout": "source.layout",
-    "bad_samples": "source.bad_samples", "decode": "source.decode",
+    "bad_samples": "source.bad_samples", "decode": "source.decode", "decoder": "source.decoder",
     "ragged": "source.ragged", "max_length": "source.max_length", "max_tokens": "source.max_tokens",
     "order": "source.order", "pad_multiple": "source.pad_multiple", "pad_values": "source.pad_values",
     "on_long": "source.on_long", "text_column": "source.text_column", "tokenizer": "source.tokenizer",
     "trace": "run.trace",
 }
 FLAGS = {"source_object": "--source", "batch_timeout_s": "--batch-timeout", "progress": "--no-progress"}
-SET_ONLY = ("slot_mb", "pinned", "ray_build", "pad_values")  # no flag of their own
+SET_ONLY = ("slot_mb", "pinned", "ray_build", "pad_values", "decoder")  # no flag of their own
 # What the workers were started with: a call on a running Pipeline can't change it.
 FIXED = ("kernel.", "workers.count", "workers.device", "workers.start_method", "workers.threads",
          "handoff.pinned", "run.backend", "run.ray_address")

@@ -152,7 +152,7 @@ class Tally:
             "failed": self.failed,
             "handoff": (ex.figures or None) if ex is not None else None,
             "breakdown_ms_per_batch": breakdown or None,
-            "notes": notes + ([f"{self.split_batches} batch(es) split in halves {self.splits} time(s) in all after "
+            "notes": notes + list(getattr(self.source, "notes", ())) + ([f"{self.split_batches} batch(es) split in halves {self.splits} time(s) in all after "
                                f"running out of device memory (NOTE [ Splits ]); the workers then split batches "
                                f"over {self.fit} rows x length before running them: a smaller max_tokens or "
                                f"batch_size avoids the failed calls"] if self.splits else []),

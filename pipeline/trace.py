@@ -30,6 +30,7 @@ import itertools
 import json
 import mmap
 import os
+import struct
 import threading
 import time
 
@@ -48,6 +49,8 @@ SHORT_S = 20e-6  # a wait, a staging copy or a device-to-host step shorter than 
 # tiny-batch run a third of its speed, mostly in collections)
 SPAN, INSTANT, ASYNC, COUNTER = 1, 2, 3, 4
 FIELDS = 8
+EVENT_BYTES = 8 * FIELDS
+_pack = struct.Struct(f"{FIELDS}d").pack_into
 
 
 def clock() -> float:
@@ -69,8 +72,7 @@ class Recorder:
         self.capacity = capacity
         # anonymous memory: its pages are zero until an event first touches them, so a trace of a short run
         # costs nothing to set up (an ``array`` of 32 MB filled with zeros cost 50 ms on a 2-core VM)
-        self._mem = mmap.mmap(-1, 8 * FIELDS * capacity)
-        self.buf = memoryview(self._mem).cast("d")
+        self._mem = mmap.mmap(-1, EVENT_BYTES * capacity)
         self.extra: dict[int, dict] = {}  # event number -> its args (instants, counters, dispatches)
         self.codes: dict[str, int] = {}  # names and lanes -> codes
         self._lock = threading.Lock()
@@ -103,15 +105,8 @@ class Recorder:
             ln = self._code(lane)
         if args:
             self.extra[i] = args
-        buf, j = self.buf, i * FIELDS
-        buf[j + 1] = n
-        buf[j + 2] = pid
-        buf[j + 3] = ln
-        buf[j + 4] = a
-        buf[j + 5] = b
-        buf[j + 6] = index
-        buf[j + 7] = attempt
-        buf[j] = kind  # (last: an event half stored when the file is written reads as none)
+        # one C call, under the GIL: a half-stored event is never seen
+        _pack(self._mem, i * EVENT_BYTES, kind, n, pid, ln, a, b, index, attempt)
 
     def put(self, ev: tuple) -> None:
         self.store(*ev)
@@ -184,7 +179,7 @@ class Recorder:
         text = [""] * len(self.codes)
         for t, code in self.codes.items():
             text[code] = t
-        a = np.frombuffer(self.buf, np.float64, n * FIELDS).reshape(n, FIELDS)
+        a = np.frombuffer(self._mem, np.float64, n * FIELDS).reshape(n, FIELDS)
         kind, name, pid, lane, index, attempt = a[:, [0, 1, 2, 3, 6, 7]].astype(np.int64).T
         ts = np.rint((a[:, 4] - self.t0) * 1e6).astype(np.int64)
         te = np.rint((a[:, 5] - self.t0) * 1e6).astype(np.int64)

@@ -51,7 +51,7 @@ def test_encoded_batch_holds_each_files_path_and_bytes(tmp_path):
     src = source(root, decode="device", layout="nchw")
     b = src.get(0)
     assert list(b) == [decoding.ENCODED, decoding.OFFSETS, decoding.TRANSFORM, "index", "label"]
-    assert b[decoding.TRANSFORM].tolist() == [16, 18, 1] and b["index"].tolist() == [0, 1, 2, 3]
+    assert b[decoding.TRANSFORM].tolist() == [16, 18, 1, 1] and b["index"].tolist() == [0, 1, 2, 3]
     offs, data = b[decoding.OFFSETS], b[decoding.ENCODED]
     assert offs[0] == 0 and offs[-1] == data.size and len(offs) == 5
     for i, rel in enumerate(src.dataset.files[:4]):

@@ -9,6 +9,7 @@ from PIL import Image
 import pipeline
 from pipeline.cli import main
 from pipeline.images import ImageFolder
+from pipeline.images import jpeg
 from pipeline.images.pillow import load
 from pipeline.runner import resolve
 from pipeline.sources.factory import open_source as make_source
@@ -103,10 +104,14 @@ def test_large_jpeg_is_decoded_at_reduced_scale_with_the_same_rules(tmp_path, mo
     real = JpegImagePlugin.JpegImageFile.draft
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
                         lambda self, mode, size: drafted.append(size) or real(self, mode, size))
-    out = load(str(tmp_path / "big.jpg"), 48, 56)
+    out = load(str(tmp_path / "big.jpg"), 48, 56, decoder="pillow")
     assert drafted == [(56, 56)] and out.shape == (48, 48, 3)
     full = reference(tmp_path / "big.jpg", 48, 56)
     assert np.abs(out.astype(int) - full).mean() < 12
+    # the JPEG path (NOTE [ JPEG path ]) decodes at the same DCT scale, without Pillow's draft (then resizes
+    # with torch: within one level)
+    np.testing.assert_allclose(load(str(tmp_path / "big.jpg"), 48, 56), out, rtol=0, atol=1)
+    assert len(drafted) == (1 if jpeg.module() else 2)
 
 
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16"])

@@ -207,3 +207,24 @@ def test_bf16_on_cuda_is_close_to_fp32(model, texts):
     a = embeddings(pipeline.run(precision="fp32", **kw).results)
     b = embeddings(pipeline.run(precision="bf16", **kw).results)
     assert np.abs(a - b).max() < 0.05
+
+
+@pytest.mark.timeout(300)
+def test_daft_text_mode_agrees_with_serial(model, texts):
+    """The text bench's daft mode: the documents as a column, tokenize + the model as a Daft class: serial's
+    vectors in input order, a time, and the padding of its batches."""
+    pytest.importorskip("daft")
+    import functools
+
+    from pipeline.bench.daft_modes import daft_text
+    from pipeline.bench.text import _Collate, _computer, serial
+    from pipeline.text.tokens import Tokens
+    bert, _ = model
+    tokens = Tokens(bert)
+    texts = [t for t, (ids, _) in zip(texts, tokens.encode(texts)) if len(ids) <= 128]  # (the model's positions)
+    ref, _, _ = serial(texts, bert, tokens, 8, 1)
+    make = functools.partial(_computer, f"transformers:{bert}", {"normalize": True}, 1)
+    emb, seconds, padded = daft_text(texts, make, _Collate(tokens), 8, 2)
+    assert emb.shape == ref.shape and seconds > 0
+    np.testing.assert_allclose(emb, ref, atol=1e-4)
+    assert padded >= sum(len(a) for a, _ in tokens.encode(texts))

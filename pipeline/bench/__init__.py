@@ -56,6 +56,7 @@ from ..sources.datasets import MapSource
 from ..sources.factory import open_source
 from . import images, peers, ray_modes, sequences, text
 from .calibration import bound, calibrate, roofline
+from .daft_modes import has_daft
 from .peers import _timed, has_spdl
 from .ray_modes import has_ray, has_ray_data, start_ray
 from .report import PLOT_EXTRA, machine, plot, table
@@ -66,7 +67,7 @@ RAY_MODES = tuple(ray_modes.RUNNERS)
 QUICK = {"source.batches": 6, "source.rows": 64, "source.cols": 32}
 
 
-EXTRAS = {"ray": ("Ray", "ray"), "ray.data": ("Ray Data", "ray"), "spdl": ("SPDL", "spdl"),
+EXTRAS = {"ray": ("Ray", "ray"), "ray.data": ("Ray Data", "ray"), "spdl": ("SPDL", "spdl"), "daft": ("Daft", "daft"),
           "spdl.io": ("SPDL's decoder (spdl.io, with FFmpeg's libraries)", "spdl")}  # mode -> (what, extra)
 
 
@@ -84,10 +85,10 @@ def bench(args, overrides: dict) -> int:
         return _sequences(args, cfg, counts, sequences)
     if cfg.source.object == text.MARKER:  # the text bench (configs/bench-text.toml)
         return _sequences(args, cfg, counts, text)
+    modes = _modes(args.modes, bool(cfg.source.object), cfg.source.kind == "images")  # (a missing extra: now)
     if cfg.source.kind == "images" and not cfg.source.path:  # the image bench: its own set of JPEGs
         cfg, took = images.image_set(cfg)
         print(f"pipeline bench: {cfg.source.path} ({took:.1f} s to make or find)", file=sys.stderr)
-    modes = _modes(args.modes, bool(cfg.source.object), cfg.source.kind == "images")
     devices.check(cfg.workers.device)
     build_lists = _build_lists(args)
     report = run_bench(cfg, modes, counts, args.repeat, build_lists)
@@ -117,7 +118,7 @@ def _sequences(args, cfg: Config, counts: list[int], bench_module) -> int:
         cfg = cfg.replace(**{"source.params": {**cfg.source.params, "n": 400}})
     known = bench_module.MODES
     if args.modes == "all":
-        modes = [m for m in known if m != "ray.data" or has_ray_data()]
+        modes = [m for m in known if (m != "ray.data" or has_ray_data()) and (m != "daft" or has_daft())]
     else:
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
         unknown = [m for m in modes if m not in known]
@@ -126,6 +127,8 @@ def _sequences(args, cfg: Config, counts: list[int], bench_module) -> int:
                               f"{', '.join(known)}")
         if "ray.data" in modes and not has_ray_data():
             raise ConfigError("--modes ray.data needs Ray Data: pip install -e '.[ray]'")
+        if "daft" in modes and not has_daft():
+            raise ConfigError("--modes daft needs Daft: pip install -e '.[daft]'")
     run = sequences.run_seq_bench if bench_module is sequences else text.run_text_bench
     report = run(cfg, modes, max(counts), args.repeat)
     if args.json_path:
@@ -143,7 +146,7 @@ def _modes(text: str, dataset: bool, image_folder: bool = False) -> list[str]:
     """``--modes``: a comma list, or ``all``: every mode whose extra is installed but pipeline.trace (the
     package's own cost of tracing, asked for by name; pipeline.procs only for a dataset; ray.data not for one, with a note; pipeline.device and spdl.io only for an image folder). A
     mode whose extra is missing: ConfigError naming it."""
-    present = {"ray": has_ray(), "ray.data": has_ray_data(), "spdl": has_spdl()}
+    present = {"ray": has_ray(), "ray.data": has_ray_data(), "spdl": has_spdl(), "daft": has_daft()}
     if image_folder or "spdl.io" in text:
         why = images.has_spdl_io()
         present["spdl.io"] = why is None
@@ -266,8 +269,10 @@ def run_bench(cfg: Config, modes: list[str], counts: list[int], repeat: int,
     report = {"machine": machine(), "config": cfg.to_dict(), "tolerance": tol, "calibration": cal,
               "roofline": roof, "results": rows}
     if image_folder:
-        report["images"] = {"decode_tolerance": images.DECODE_TOLERANCE,
-                            "goals": images.goals(rows, cal, src.batch_size),
+        alone = images.decode_alone(src, devices.usable_cpus(), repeat)  # the limit, in this run
+        images.shares(rows, alone)
+        report["images"] = {"decode_tolerance": images.DECODE_TOLERANCE, "decode_alone": alone,
+                            "goals": images.goals(rows, cal, src.batch_size, alone),
                             "kernel_alone_images_per_s": round(src.batch_size / min(cal["kernel_s_by_threads"].values()), 1),
                             "decode_agreement_cpu": images.decode_agreement(cfg)}
     return report

@@ -2,8 +2,15 @@
 made here if absent, and the modes only an image folder has, each ``mode(cfg, spec, src, repeat) ->
 (results, seconds, startup, extra)`` as in ``peers``:
 
+  pipeline.pillow  the pipeline with every file through Pillow (``source.decoder = "pillow"``): the image
+                   path before simplejpeg (NOTE [ JPEG path ] in images/jpeg.py), kept as a row
   pipeline.device  the pipeline with ``--decode device``: the files' bytes through the slots, each worker
-                   decodes (nvJPEG on CUDA, Pillow on the CPU) and resizes on its device
+                   decodes (nvJPEG on CUDA, simplejpeg or Pillow on the CPU) and resizes on its device
+  torchvision      what most users run: torchvision's ``datasets.ImageFolder`` with ``transforms.Resize(R)``,
+                   ``CenterCrop(S)``, ``PILToTensor()`` in a ``DataLoader`` of N spawn workers; the main
+                   computes (a flat folder is given to ImageFolder as one class, through a symbolic link)
+  daft             Daft (bench/daft_modes.py), if installed: download, decode, the transform, the kernel
+                   as a class with a batched method
   spdl.io          SPDL's thread pipeline with SPDL's own decoder (``spdl.io.load_image``, FFmpeg): the
                    resize and crop as an FFmpeg filter (bilinear) of the same sizes; only where spdl.io
                    can load its FFmpeg libraries
@@ -12,7 +19,10 @@ made here if absent, and the modes only an image folder has, each ``mode(cfg, sp
                    with the same kernel on an actor pool
 
 The other modes (serial, pipeline, DataLoader, spdl) take an image folder as any dataset: the same
-``ImageFolder.__getitem__`` (Pillow, the same transform) in their threads or processes.
+``ImageFolder.__getitem__`` (simplejpeg or Pillow, the same transform) in their threads or processes.
+
+The limit (``decode_alone``): the fastest decoder here alone, on every core's thread, on the files' bytes
+already in memory (no read, no resize, no copy into a batch): each row's share of it is in the report.
 """
 from __future__ import annotations
 
@@ -28,13 +38,15 @@ from .. import devices
 from ..compute import Computer
 from ..images.pillow import crop_at, fit, resized
 from ..sources.factory import open_source
+from .peers import _timed
 
 CACHE = os.environ.get("PIPELINE_BENCH_CACHE", os.path.expanduser("~/.cache/pipeline-bench"))
-IMAGE_MODES = ("pipeline.device", "spdl.io")  # only for an image folder
+IMAGE_MODES = ("pipeline.pillow", "pipeline.device", "torchvision", "daft", "spdl.io")  # only for an image folder
 DECODE_TOLERANCE = 1e-2  # rows whose decoder or resampler differs from serial's Pillow (max_rel_diff)
 # the issue's goals: the pipeline (decode main) vs each peer and the build's scaling (2-core VM); on CUDA
 # --decode device vs DataLoader and vs the best CPU-decode row, and the best pipeline row vs the kernel alone
 GOALS = {"vs_serial": 1.8, "vs_DataLoader": 1.5, "vs_spdl": 1.3, "vs_ray.data": 2.0, "build_scaling": 0.9,
+         "vs_pipeline.pillow": 1.3, "vs_torchvision": 1.5, "vs_daft": 1.3, "vs_decode_alone": 0.75,
          "device_vs_DataLoader": 3.0, "device_vs_best_cpu_decode": 1.0, "vs_kernel_alone": 0.8}
 
 
@@ -92,22 +104,61 @@ def decode_agreement(cfg, batches: int = 2) -> dict:
     return {"max_abs": worst, "mean_abs": round(total / count, 4), "images": min(batches, len(main)) * main.batch_size}
 
 
-def goals(rows: list[dict], cal: dict, batch_size: int) -> dict:
+def decode_alone(src, threads: int, repeat: int = 1) -> dict:
+    """The limit: the fastest decoder here (simplejpeg for plain JPEGs at the draft scale, else Pillow) on
+    ``threads`` threads over every file's bytes, read beforehand: images/s, the median of ``repeat`` passes."""
+    import io
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ..images import jpeg
+    from ..images.pillow import decode_file
+    folder = src.dataset
+    blobs = []
+    for f in folder.files:
+        with open(os.path.join(folder.root, f), "rb") as fh:
+            blobs.append(fh.read())
+
+    def one(data: bytes) -> None:
+        if jpeg.module() is None or data[:3] != jpeg.JPEG or jpeg.decode(data, folder.resize) is None:
+            decode_file(io.BytesIO(data), folder.resize)
+
+    times = []
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, blobs[: 4 * threads]))  # (warm: the threads, the decoder's tables)
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            list(pool.map(one, blobs))
+            times.append(time.perf_counter() - t0)
+    return {"decoder": "simplejpeg" if jpeg.module() else "Pillow", "threads": threads,
+            "images_per_s": round(len(blobs) / statistics.median(times), 1)}
+
+
+def shares(rows: list[dict], alone: dict) -> None:
+    """Each row's images/s as a share of the decoder alone (``share_of_decode_alone``)."""
+    for r in rows:
+        if r.get("samples_per_s"):
+            r["share_of_decode_alone"] = round(r["samples_per_s"] / alone["images_per_s"], 3)
+
+
+def goals(rows: list[dict], cal: dict, batch_size: int, alone: dict | None = None) -> dict:
     """The issue's ratios in this run: the pipeline (decode main) against each peer, and the build's
     scaling from 1 to 2 threads (calibration); on CUDA the device decode's and the kernel alone's."""
     rate = {r["mode"]: r["samples_per_s"] for r in rows if r.get("samples_per_s")}
     out = {}
     if "pipeline" in rate:
-        for peer in ("serial", "DataLoader", "spdl", "ray.data"):
+        for peer in ("serial", "DataLoader", "spdl", "ray.data", "pipeline.pillow", "torchvision", "daft"):
             if peer in rate:
                 out[f"vs_{peer}"] = rate["pipeline"] / rate[peer]
+        if alone:
+            out["vs_decode_alone"] = rate["pipeline"] / alone["images_per_s"]
     by = {int(t): s for t, s in cal["build_s_by_threads"].items()}
     if 1 in by and 2 in by:
         out["build_scaling"] = by[1] / by[2] / 2
     if cal["device"].startswith("cuda"):
         cpu = [v for m, v in rate.items() if m not in ("pipeline.device",)]
-        if "pipeline.device" in rate and "DataLoader" in rate:
-            out["device_vs_DataLoader"] = rate["pipeline.device"] / rate["DataLoader"]
+        loaders = [rate[m] for m in ("DataLoader", "torchvision") if m in rate]
+        if "pipeline.device" in rate and loaders:  # DataLoader's best: with our decode or torchvision's recipe
+            out["device_vs_DataLoader"] = rate["pipeline.device"] / max(loaders)
         if "pipeline.device" in rate and cpu:
             out["device_vs_best_cpu_decode"] = rate["pipeline.device"] / max(cpu)
         best = max((rate[m] for m in ("pipeline", "pipeline.device") if m in rate), default=None)
@@ -122,6 +173,60 @@ def _pipeline_device(cfg, spec, src, repeat):
     from .peers import _pipeline
     c = cfg.replace(**{"source.decode": "device"})
     return _pipeline(c, spec, open_source(c.source), repeat)
+
+
+def _pipeline_pillow(cfg, spec, src, repeat):
+    from .peers import _pipeline
+    c = cfg.replace(**{"source.decoder": "pillow"})
+    return _pipeline(c, spec, open_source(c.source), repeat)
+
+
+# -- torchvision's standard recipe -----------------------------------------------------------------------
+def _torchvision(cfg, spec, src, repeat):
+    """``datasets.ImageFolder(root, transform)`` in a DataLoader of ``workers`` spawn workers (persistent,
+    ``pin_memory`` on CUDA), the batches computed in the main as in the DataLoader mode: the images as the
+    kernel takes them (``layout``), ``index`` counted, ``label`` the targets when the folder has classes."""
+    import tempfile
+    import warnings
+
+    import torch
+    from torchvision import datasets, transforms
+    folder = src.dataset
+    tf = transforms.Compose([transforms.Resize(folder.resize), transforms.CenterCrop(folder.size),
+                             transforms.PILToTensor()])
+    with tempfile.TemporaryDirectory() as tmp:
+        root = folder.root
+        if folder.classes is None:  # a flat folder: one class, "all", linked to it
+            root = tmp
+            os.symlink(os.path.abspath(folder.root), os.path.join(tmp, "all"))
+        ds = datasets.ImageFolder(root, transform=tf)
+        got = [os.path.relpath(p, os.path.join(root, "all") if folder.classes is None else root) for p, _ in ds.samples]
+        if got != [f.replace("/", os.sep) for f in folder.files]:
+            raise RuntimeError(f"torchvision's ImageFolder found {len(got)} files in another order than ours")
+        device = devices.choose(cfg.workers.device, 0)
+        with warnings.catch_warnings(), devices.thread_env(1):
+            warnings.filterwarnings("ignore", message="This DataLoader will create")
+            loader = torch.utils.data.DataLoader(ds, batch_size=src.batch_size, num_workers=cfg.workers.count,
+                                                 persistent_workers=True, multiprocessing_context="spawn",
+                                                 pin_memory=device.type == "cuda", drop_last=src.drop_last)
+        threads = cfg.workers.threads or devices.usable_cpus()
+        nchw, labels, b = folder.layout == "nchw", folder.classes is not None, src.batch_size
+
+        def batch(x, i):
+            images, targets = x
+            out = {"image": images if nchw else images.permute(0, 2, 3, 1), "index": torch.arange(i * b, i * b + len(images))}
+            if labels:
+                out["label"] = targets
+            return out
+        t0 = time.perf_counter()
+        with devices.torch_threads(threads):
+            computer = Computer(spec, device, False)
+            for i, x in enumerate(loader):  # warm: the workers up, the kernel set up
+                computer(batch(x, i), i)
+            startup = time.perf_counter() - t0
+            results, seconds = _timed(lambda: [computer(batch(x, i), i)[0] for i, x in enumerate(loader)], repeat)
+        loader = None  # (its persistent workers go, before the link does)
+    return results, seconds, startup, {"threads_main": threads, "torchvision": "ImageFolder + Resize/CenterCrop/PILToTensor"}
 
 
 def has_spdl_io() -> str | None:
@@ -246,4 +351,10 @@ def ray_data_images(cfg, spec, src, repeat):
                                             "ray_data": "read_images + map + map_batches(ActorPoolStrategy)"}
 
 
-RUNNERS = {"pipeline.device": _pipeline_device, "spdl.io": _spdl_io}
+def _daft(cfg, spec, src, repeat):
+    from .daft_modes import daft_images
+    return daft_images(cfg, spec, src, repeat)
+
+
+RUNNERS = {"pipeline.pillow": _pipeline_pillow, "pipeline.device": _pipeline_device, "torchvision": _torchvision,
+           "daft": _daft, "spdl.io": _spdl_io}

@@ -55,7 +55,13 @@ def table(report: dict) -> str:
         a = im["decode_agreement_cpu"]
         lines.append(f"--decode device vs main on the CPU, {a['images']} images: max {a['max_abs']} grey levels, "
                      f"mean {a['mean_abs']}; rows with another decoder agree within {im['decode_tolerance']:g}")
-        lines += [f"goal {k:<16}{v['measured']:>7.2f}  (>= {v['goal']})  {'met' if v['met'] else 'MISSED'}"
+        alone = im.get("decode_alone")
+        if alone:  # the limit: the decoder alone on every core, and each row's share of it
+            lines.append(f"the decoder alone ({alone['decoder']}, {alone['threads']} threads, bytes in memory): "
+                         f"{alone['images_per_s']} images/s; share of it: " + ", ".join(
+                             f"{r['mode']} x{r['workers']} {r['share_of_decode_alone']:.0%}"
+                             for r in report["results"] if r.get("share_of_decode_alone")))
+        lines += [f"goal {k:<20}{v['measured']:>7.2f}  (>= {v['goal']})  {'met' if v['met'] else 'MISSED'}"
                   for k, v in im["goals"].items()]
     for r in report["results"]:  # tiny batches: the roofline's stages are not what limits
         b, eff = r.get("breakdown_ms_per_batch") or {}, r.get("roofline_efficiency")

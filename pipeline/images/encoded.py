@@ -6,7 +6,7 @@ batch is then (fields.py, NOTE [ Layout ]: fixed shapes per batch)::
 
     {"encoded_images": uint8 (N,)      per sample: its path relative to DIR (UTF-8), a NUL, the file's bytes
      "encoded_offsets": int64 (B+1,)   sample i is encoded_images[offsets[i]:offsets[i+1]]
-     "encoded_transform": int64 (3,)   image size S, resize R, 1 for the nchw layout
+     "encoded_transform": int64 (4,)   image size S, resize R, 1 for the nchw layout, 1 for source.decoder "auto"
      "index": int64 (B,), "label": int64 (B,) (class folders), "valid": bool (B,) (bad_samples = "skip")}
 
 N is this batch's own total, from the files' sizes when the folder was listed (a file that has changed
@@ -37,6 +37,7 @@ import torch
 
 from ..errors import ConfigError, SampleError
 from ..fields import Layout
+from . import jpeg
 from .pillow import BAD_FILE_HINT, crop_at, decode_file, pil, resized
 
 ENCODED, OFFSETS, TRANSFORM = "encoded_images", "encoded_offsets", "encoded_transform"
@@ -59,7 +60,7 @@ def entries(folder) -> np.ndarray:
 
 def layout(rows: int, nbytes: int, labels: bool, valid: bool) -> Layout:
     """An encoded batch of ``rows`` samples and ``nbytes`` of entries: its fields and their shapes."""
-    fields = {ENCODED: (np.uint8, (nbytes,)), OFFSETS: (np.int64, (rows + 1,)), TRANSFORM: (np.int64, (3,)),
+    fields = {ENCODED: (np.uint8, (nbytes,)), OFFSETS: (np.int64, (rows + 1,)), TRANSFORM: (np.int64, (4,)),
               "index": (np.int64, (rows,))}
     if labels:
         fields["label"] = (np.int64, (rows,))
@@ -74,7 +75,7 @@ def fill_rows(folder, starts: np.ndarray, views: dict, base: int, lo: int, hi: i
     NUL and its file's bytes; ``index``, ``label``, ``valid``."""
     views[OFFSETS][lo:hi + 1] = starts[base + lo:base + hi + 1] - starts[base]
     if lo == 0:
-        views[TRANSFORM][:] = (folder.size, folder.resize, folder.layout == "nchw")
+        views[TRANSFORM][:] = (folder.size, folder.resize, folder.layout == "nchw", folder.decoder == "auto")
     data, offs = views[ENCODED], views[OFFSETS]
     for row in range(lo, hi):
         i = base + row
@@ -123,7 +124,7 @@ def decode_batch(batch: dict, device: torch.device, index: int = -1) -> tuple[di
     """An encoded batch as the batch the kernel sees (``image`` a tensor on ``device``, the other fields
     as they are), and ``{sample: why}`` for the files that could not be decoded (``valid`` False)."""
     data, offs = batch[ENCODED], batch[OFFSETS]
-    size, resize, nchw = (int(v) for v in batch[TRANSFORM])
+    size, resize, nchw, fast = (int(v) for v in batch[TRANSFORM])
     valid = batch.get("valid")
     names, blobs = [], []
     for i in range(len(offs) - 1):
@@ -139,7 +140,7 @@ def decode_batch(batch: dict, device: torch.device, index: int = -1) -> tuple[di
     for i in todo:
         if i not in images:
             try:
-                images[i] = _pillow(blobs[i], resize, names[i]).to(device)
+                images[i] = _cpu(blobs[i], resize, names[i], fast).to(device)
             except Exception as e:  # noqa: BLE001 - the decoder's error: named, or the file skipped
                 failed[i] = f"{type(e).__name__}: {e}"
     if failed and valid is None:
@@ -186,10 +187,13 @@ class _File(io.BytesIO):
         return repr(self.name)
 
 
-def _pillow(blob: np.ndarray, resize: int, name: str) -> torch.Tensor:
-    """One file decoded with Pillow by the main's rules (``pillow.decode_file``): uint8 (3, h, w) on the CPU."""
-    im = decode_file(_File(memoryview(blob), name), resize)
-    return torch.from_numpy(np.array(im)).permute(2, 0, 1)
+def _cpu(blob: np.ndarray, resize: int, name: str, fast: bool) -> torch.Tensor:
+    """One file decoded on the CPU by the main's rules: a plain JPEG by simplejpeg when ``fast`` (NOTE [ JPEG
+    path ] in jpeg.py), else Pillow (``pillow.decode_file``): uint8 (3, h, w)."""
+    pixels = jpeg.decode(blob, resize) if fast and jpeg.module() and blob[:3].tobytes() == JPEG else None
+    if pixels is None:
+        pixels = np.array(decode_file(_File(memoryview(blob), name), resize))
+    return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 def _plain_jpeg(blob: np.ndarray) -> bool:

@@ -30,8 +30,8 @@ from ..errors import ConfigError, SampleError
 from ..fields import Layout
 from ..sources.base import Batch
 from ..sources.datasets import MapSource
-from . import encoded
-from .pillow import BAD_FILE_HINT, load, pil
+from . import encoded, jpeg
+from .pillow import BAD_FILE_HINT, EXTRA, load, pil
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 DEFAULT_BATCH = 64
@@ -75,7 +75,7 @@ class ImageFolder:
     module docstring), ``identity()`` for resume, ``classes`` (None without class folders)."""
 
     def __init__(self, root: str, image_size: int = 224, resize: int = 0, layout: str = "nhwc",
-                 bad_samples: str = "fail", decode: str = "main"):
+                 bad_samples: str = "fail", decode: str = "main", decoder: str = "auto"):
         if not os.path.isdir(root):
             raise ConfigError(f"--input {root}: not a directory of images")
         self.root, self.size = root, int(image_size)
@@ -83,7 +83,7 @@ class ImageFolder:
         if self.resize < self.size:
             raise ConfigError(f"source.resize = {self.resize}: must be >= source.image_size ({self.size}): "
                               f"the shorter side is resized to it, then the centre is cropped")
-        self.layout, self.skip, self.decode = layout, bad_samples == "skip", decode
+        self.layout, self.skip, self.decode, self.decoder = layout, bad_samples == "skip", decode, decoder
         try:
             self.files = list_images(root)
         except OSError as e:
@@ -136,7 +136,7 @@ class ImageFolder:
             raise IndexError(f"image {i} of {len(self.files)}")
         rel = self.files[i]
         try:
-            image = load(os.path.join(self.root, rel), self.size, self.resize)
+            image = load(os.path.join(self.root, rel), self.size, self.resize, self.decoder)
         except Exception as e:  # noqa: BLE001 - the decoder's error: named, or the file skipped
             why = f"{type(e).__name__}: {e}"
             if not self.skip:
@@ -208,6 +208,15 @@ class ImageSource(MapSource):
     def learn(self, found: dict) -> None:
         self.dataset.found_bad(found)
 
+    @property
+    def notes(self) -> list[str]:
+        """The run's notes: JPEGs decoded by Pillow for want of simplejpeg (NOTE [ JPEG path ])."""
+        ds = self.dataset
+        if ds.decoder != "auto" or jpeg.module() is not None or not any(
+                f.lower().endswith(jpeg.SUFFIXES) for f in ds.files):
+            return []
+        return [f"images: JPEGs decoded by Pillow: simplejpeg (libjpeg-turbo, faster) is not installed: {EXTRA}"]
+
     def report(self) -> dict:
         """Extra summary entries: ``classes`` (with class folders), ``bad_samples`` (with skip)."""
         ds = self.dataset
@@ -222,5 +231,5 @@ class ImageSource(MapSource):
 def open_images(cfg) -> ImageSource:
     """The ImageSource of ``cfg`` (a SourceConfig): ``path``, ``batch_size`` (0: 64), ``image_size``,
     ``resize``, ``layout``, ``bad_samples``, ``drop_last``."""
-    folder = ImageFolder(cfg.path, cfg.image_size, cfg.resize, cfg.layout, cfg.bad_samples, cfg.decode)
+    folder = ImageFolder(cfg.path, cfg.image_size, cfg.resize, cfg.layout, cfg.bad_samples, cfg.decode, cfg.decoder)
     return ImageSource(folder, cfg.batch_size or DEFAULT_BATCH, cfg.drop_last)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ConfigError
+from . import jpeg
 
 EXTRA = "pip install -e '.[images]'"  # (from a checkout: the package index's `pipeline` is another project)
 # what a failed batch's one line says to do about the file it names
@@ -28,10 +29,22 @@ def pil():
     return Image, ImageOps
 
 
-def load(path, size: int, resize: int) -> np.ndarray:
-    """One file (a path or a binary file object) as uint8 (size, size, 3): ``decode_file``, then ``fit``."""
+def load(path, size: int, resize: int, decoder: str = "auto") -> np.ndarray:
+    """One file (a path or a binary file object) as uint8 (size, size, 3): a plain JPEG decoded by
+    simplejpeg and resized by torch (NOTE [ JPEG path ] in jpeg.py) unless ``decoder`` is "pillow"; any
+    other file ``decode_file`` then ``fit``."""
+    data = jpeg.read(path) if decoder == "auto" else None
+    pixels = jpeg.decode(data, resize) if data is not None else None
+    if pixels is not None:
+        (w, h), (nw, nh) = (pixels.shape[1], pixels.shape[0]), resized((pixels.shape[1], pixels.shape[0]), resize)
+        left, top = crop_at((nw, nh), size)
+        if left >= 0 and top >= 0:  # (else a crop larger than the image: fit pads it with zeros)
+            x = jpeg.resample(pixels, nw, nh).numpy() if (nw, nh) != (w, h) else pixels
+            return x[top:top + size, left:left + size]  # (a writable view: its row of the batch is the copy)
+    Image, _ = pil()
+    im = Image.fromarray(pixels) if pixels is not None else decode_file(path, resize)
     # asarray, then a copy: writable (DataLoader's collate wants it); np.array(im) reads the pixels twice
-    return np.asarray(fit(decode_file(path, resize), size, resize)).copy()
+    return np.asarray(fit(im, size, resize)).copy()
 
 
 def fit(im, size: int, resize: int):
