@@ -48,6 +48,7 @@ SHORT_S = 20e-6  # a wait, a staging copy or a device-to-host step shorter than 
 # per event, so the garbage collector has nothing more to scan as the trace grows (a list of tuples cost a
 # tiny-batch run a third of its speed, mostly in collections)
 SPAN, INSTANT, ASYNC, COUNTER = 1, 2, 3, 4
+_POWERS = 10 ** np.arange(19, dtype=np.int64)
 FIELDS = 8
 EVENT_BYTES = 8 * FIELDS
 _pack = struct.Struct(f"{FIELDS}d").pack_into
@@ -168,10 +169,10 @@ class Recorder:
         self.processes[pid] = name
 
     # -- the file ------------------------------------------------------------------------------------
-    def events(self, n: int) -> tuple[list[str], bytes]:
+    def events(self, n: int) -> tuple[list[str], list[bytes]]:
         """The first ``n`` recorded events (``n`` at most the capacity) as trace-event JSON: the few with args
         of their own (instants, counters, a dispatch; and the processes' and lanes' names) as a list of JSON
-        objects; the many spans and waits as one block of bytes, each event preceded by ``,\\n``. That block is
+        objects; the many spans and waits as blocks of bytes, each event preceded by ``,\\n``. That block is
         built by numpy, not by a format per event (that cost a tiny-batch run 7%, a JSON encoder 20%, on a
         2-core VM): events alike in all but their batch and times share a line's constant parts, and each
         number is written as its digits followed by spaces to a common width (JSON allows the spaces)."""
@@ -238,7 +239,7 @@ class Recorder:
                  for i, p in enumerate(self.processes)]
         meta += [{"name": "thread_name", "ph": "M", "pid": int(k >> 16), "tid": t + 1,
                   "args": {"name": text[int(k & 65535)] or "counters"}} for t, k in enumerate(keys.tolist())]
-        return [enc(m) for m in meta] + out, b"".join(block)
+        return [enc(m) for m in meta] + out, block
 
     def write(self, summary: dict | None = None) -> str:
         """The trace as JSON at ``path`` (atomically: a temp file renamed); the summary's verdict and the
@@ -257,27 +258,29 @@ class Recorder:
         with open(tmp, "wb") as f:
             f.write(('{"displayTimeUnit":"ms","otherData":' + json.dumps(other, default=str) + ',"traceEvents":[\n'
                      + ",\n".join(events)).encode())  # (never empty: the main's name comes first)
-            f.write(block)
+            for b in block:
+                f.write(b)
             f.write(b"]}\n")
+        if os.path.exists(path):  # (renamed over an old file, ext4 writes the new one back first: 10 ms)
+            os.unlink(path)
         os.replace(tmp, path)
         return path
 
 
-def _digits(x: np.ndarray, tail: str = "") -> np.ndarray:
-    """Non-negative integers as rows of bytes of one width: each one's decimal digits, then ``tail``, then
-    spaces (``_lines`` puts such blocks side by side)."""
-    powers = 10 ** np.arange(19, dtype=np.int64)
-    nd = np.searchsorted(powers, x, side="right").clip(1)  # each number's digits
-    width = int(nd.max()) + len(tail)
-    pos = np.arange(width)
-    left = nd[:, None] - 1 - pos  # the power of ten at each position (negative: past the digits)
-    out = np.where(left >= 0, x[:, None] // powers[left.clip(0)] % 10 + 48, 32).astype(np.uint8)
-    if tail:
-        k = -left - 1  # position in the tail
-        t = np.frombuffer(tail.encode(), np.uint8)
-        inside = (k >= 0) & (k < len(t))
-        out[inside] = t[k[inside]]
-    return out
+def _digits(x: np.ndarray, tail: str | None = None) -> np.ndarray:
+    """Non-negative integers as rows of bytes of one width (``_lines`` puts such blocks side by side): each
+    number's decimal digits right-aligned after spaces (a JSON number may follow spaces); with ``tail``,
+    the digits left-aligned, then ``tail``, then spaces (inside a JSON string: the tail closes it)."""
+    nd = np.searchsorted(_POWERS, x, side="right").clip(1)  # each number's digits
+    d = int(nd.max())
+    right = (x[:, None] // _POWERS[d - 1::-1] % 10 + 48).astype(np.uint8)
+    right[np.arange(d) < (d - nd)[:, None]] = 32  # (leading zeros: spaces)
+    if tail is None:
+        return right
+    # the row read from its first digit on, through the tail and spaces that follow it
+    rest = np.broadcast_to(np.frombuffer((tail + " " * d).encode(), np.uint8), (len(x), len(tail) + d))
+    both = np.concatenate([right, rest], axis=1)
+    return np.take_along_axis(both, (d - nd)[:, None] + np.arange(d + len(tail)), axis=1)
 
 
 def _lines(parts: list) -> bytes:

@@ -1,6 +1,7 @@
 """What ``--trace`` costs (issue 38's goals: <= 2% on 16 MB batches, <= 10% on tiny 16 x 16 batches).
 
-The same warm workers run the same batches with and without a trace recorder, alternating, ``--rounds``
+The same warm workers run the same batches with and without a trace recorder, alternating (plain then
+traced, then traced then plain, and so on: a drift in the machine's speed cancels out), ``--rounds``
 times each (this machine's speed drifts: a ratio is only meaningful between runs side by side); the traced
 run's time includes writing its JSON file, as a user's would. Prints one line per size and a JSON list.
 
@@ -38,8 +39,8 @@ def measure(name: str, size: dict, workers: int, rounds: int, kernel: str) -> di
     with make_executor(cfg, spec) as ex:
         for _ in ex.stream(Work.of(src), ordered=True):  # warm: every worker up, the ring mapped
             pass
-        for _ in range(rounds):
-            for trace in (False, True):
+        for r in range(rounds):
+            for trace in ((False, True) if r % 2 == 0 else (True, False)):  # (ABBA: a drift cancels out)
                 rec = Recorder(path) if trace else None
                 t0 = time.perf_counter()
                 for _ in ex.stream(Work.of(src, trace=rec), ordered=True):
@@ -50,6 +51,7 @@ def measure(name: str, size: dict, workers: int, rounds: int, kernel: str) -> di
                 (traced if trace else plain).append(time.perf_counter() - t0)
     os.unlink(path)
     ratios = [t / p for p, t in zip(plain, traced)]
+    print("  paired ratios:", " ".join(f"{x:.3f}" for x in ratios), flush=True)
     row = {"size": name, "batches": cfg.source.batches, "workers": workers, "kernel": kernel, "rounds": rounds,
            "plain_s": round(statistics.median(plain), 4), "traced_s": round(statistics.median(traced), 4),
            "overhead": round(statistics.median(ratios) - 1, 4), "events": events,

@@ -27,6 +27,12 @@ py=python3
 if ! "$py" -c "import pipeline, torch" 2>/dev/null; then
   "$py" -m pip install -q --timeout 5 --retries 0 -e '.[test]' 2>/dev/null || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
+# wheels carried to a machine without an index (the device's `carry`): simplejpeg (the JPEG path),
+# tokenizers/transformers (the text steps), fetched beforehand with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 -d wheels simplejpeg
+if [ -d wheels ]; then
+  "$py" -m pip install -q --no-deps --no-index wheels/*.whl 2>&1 | tail -n 2
+fi
 if ! "$py" -c "import pipeline, torch, numpy, tqdm, cloudpickle"; then
   echo "gpu_check: pipeline's dependencies are missing (torch, numpy, tqdm, cloudpickle)"; exit 1
 fi
@@ -104,8 +110,9 @@ PYTHONPATH="$PWD/scripts${PYTHONPATH:+:$PYTHONPATH}" timeout 150 "$py" -m pipeli
   --modes "$dmodes" --workers-list 2,4,8 --json "$out/bench-jpeg.json" 2>&1 | tee -a "$log" | grep -v "^pipeline x"
 
 step "images: --decode device on CUDA (nvJPEG), then bench-images and bench-images-resnet (resnet50, bf16)"
-timeout 90 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_decoding.py 2>&1 | tail -n 3 | tee -a "$log"
-imodes=serial,pipeline,pipeline.device,DataLoader
+timeout 90 "$py" -m pytest -q -p no:cacheprovider -m gpu tests/test_decoding.py tests/test_jpeg.py 2>&1 | tail -n 3 | tee -a "$log"
+imodes=serial,pipeline,pipeline.pillow,pipeline.device,DataLoader,torchvision
+"$py" -c "import simplejpeg" 2>/dev/null || echo "gpu_check: simplejpeg missing: the pipeline row decodes JPEGs with Pillow (carry wheels/)" | tee -a "$log"
 "$py" -c "import spdl.pipeline" 2>/dev/null && imodes="$imodes,spdl"
 "$py" -c "import ray.data" 2>/dev/null && imodes="$imodes,ray.data"
 timeout 150 "$py" -m pipeline bench --config configs/bench-images.toml --batches 32 --device cuda --modes "$imodes" \

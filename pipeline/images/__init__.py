@@ -1,5 +1,5 @@
-"""Images: a folder of image files as a map-style dataset (folder.py), Pillow's decode and torchvision's
-evaluation transform (pillow.py), batches of the files' bytes decoded by the workers (encoded.py), and
+"""Images: a folder of image files as a map-style dataset (folder.py), plain JPEGs through simplejpeg and
+torch (jpeg.py), Pillow's decode and torchvision's evaluation transform for the rest (pillow.py), batches of the files' bytes decoded by the workers (encoded.py), and
 the ``torchvision:NAME`` kernel (torchvision.py).
 
 The public names: ``ImageFolder`` (a folder as a dataset of your own: ``source=``, ``batch_size=``) and

@@ -4,8 +4,9 @@
 ``--input DIR`` where DIR holds images (``.jpg .jpeg .png .webp .bmp``, any depth, not hidden) and no
 ``.npy`` file is read as images (``source.kind = "images"``). The files are sorted by path (component by
 component, so a class folder's files stay together, as torchvision's ``ImageFolder`` orders them); sample i
-is file i, decoded with Pillow on a build thread (Pillow releases the GIL while it decodes and resizes) and
-written straight into its row of the slot (NOTE [ Samples ] in sources/datasets.py)::
+is file i, decoded on a build thread (a plain JPEG by simplejpeg, resized by torch: NOTE [ JPEG path ] in
+jpeg.py; any other file by Pillow; all of them release the GIL while they decode and resize) and written
+straight into its row of the slot (NOTE [ Samples ] in sources/datasets.py)::
 
     {"image": uint8 (S, S, 3) (or (3, S, S) with layout "nchw"), "index": int64,
      "label": int64 (only for a folder of class folders), "valid": bool (only with bad_samples = "skip")}
