@@ -273,8 +273,11 @@ def _digits(x: np.ndarray, tail: str | None = None) -> np.ndarray:
     the digits left-aligned, then ``tail``, then spaces (inside a JSON string: the tail closes it)."""
     nd = np.searchsorted(_POWERS, x, side="right").clip(1)  # each number's digits
     d = int(nd.max())
-    right = (x[:, None] // _POWERS[d - 1::-1] % 10 + 48).astype(np.uint8)
-    right[np.arange(d) < (d - nd)[:, None]] = 32  # (leading zeros: spaces)
+    right, q = np.empty((len(x), d), np.uint8), x
+    for k in range(d - 1, -1, -1):  # (a column at a time: 1-D operations, five times faster than 2-D)
+        done = q == 0  # (nothing left: a leading zero, written as a space; but a number 0's one digit)
+        q, r = np.divmod(q, 10)
+        right[:, k] = np.where(done, 32, r + 48) if k < d - 1 else r + 48
     if tail is None:
         return right
     # the row read from its first digit on, through the tail and spaces that follow it
