@@ -189,6 +189,6 @@ def test_readme_is_a_front_door():
     assert len(text.splitlines()) <= 250
     ci = (ROOT / ".ci" / "run").read_text()
     assert "python3 -m venv .venv && .venv/bin/pip install -e . && .venv/bin/python -m pipeline run --workers 4" in text
-    assert ".venv/bin/pip install -e '.[test,ray,plot,spdl,parquet,images,text]' && .venv/bin/python -m pytest" in text
-    assert "python3 -m venv .venv" in ci and "pip install -q -e '.[test,ray,plot,spdl,parquet,images,text]'" in ci
+    assert ".venv/bin/pip install -e '.[test,ray,plot,spdl,parquet,images,text,daft]' && .venv/bin/python -m pytest" in text
+    assert "python3 -m venv .venv" in ci and "pip install -q -e '.[test,ray,plot,spdl,parquet,images,text,daft]'" in ci
     assert ".venv/bin/python -m pytest" in ci

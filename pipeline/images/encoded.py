@@ -188,8 +188,8 @@ class _File(io.BytesIO):
 
 
 def _cpu(blob: np.ndarray, resize: int, name: str, fast: bool) -> torch.Tensor:
-    """One file decoded on the CPU by the main's rules: a plain JPEG by simplejpeg when ``fast`` (NOTE [ JPEG
-    path ] in jpeg.py), else Pillow (``pillow.decode_file``): uint8 (3, h, w)."""
+    """One file decoded on the CPU by the main's rules: a plain JPEG by simplejpeg when ``fast``
+    (NOTE [ JPEG path ] in jpeg.py), else Pillow (``pillow.decode_file``): uint8 (3, h, w)."""
     pixels = jpeg.decode(blob, resize) if fast and jpeg.module() and blob[:3].tobytes() == JPEG else None
     if pixels is None:
         pixels = np.array(decode_file(_File(memoryview(blob), name), resize))
