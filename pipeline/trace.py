@@ -11,12 +11,16 @@ spans for that attempt; its death, the retry and its replacement are instant eve
 - One time base: every process stamps with ``time.perf_counter`` and sends ``time.time() - perf_counter()``
   with it; the main turns each stamp into wall-clock seconds (on one machine the two clocks agree; across
   a Ray cluster, as well as the nodes' clocks do).
-- Cheap: an event is eight doubles stored into one anonymous memory map of ``EVENTS`` events (32 MB of
-  address space, its pages zero until touched: nothing to set up; one ``next`` of a counter, atomic under
-  the GIL, reserves an event's place): no Python object per event for the garbage collector to scan. A run that records more keeps the first ``EVENTS`` and
-  counts the rest (``dropped``, in the file and the summary's notes): the file stays under about 70 MB.
-  The JSON is written once, at the end of the run (also when it failed or was interrupted): the spans
-  and waits as one block of bytes made by numpy (``events``), the few other events by the JSON encoder. Without ``--trace`` the hot path only tests ``trace is not None``.
+- Cheap: an event is nine doubles packed (one ``struct.pack_into``) into one anonymous memory map of
+  ``EVENTS`` events (36 MB of address space, its pages zero until touched: nothing to set up; one ``next``
+  of a counter, atomic under the GIL, reserves an event's place): no Python object per event for the
+  garbage collector to scan. A batch's wait for a worker and its wait for its turn are not events of
+  their own: their end is written into its build's and its return's event (``until``), and the waits are
+  made from them when the file is written. A run that records more keeps the first ``EVENTS`` and counts
+  the rest (``dropped``, in the file and the summary's notes): the file stays under about 70 MB. The JSON
+  is written once, at the end of the run (also when it failed or was interrupted): the spans and waits
+  as blocks of bytes made by numpy (``events``), the few other events by the JSON encoder. Without
+  ``--trace`` the hot path only tests ``trace is not None``.
 - Spans of a staging copy, a device-to-host step and waits shorter than ``SHORT_S`` (20 µs) are left out:
   invisible in a timeline, and most of a tiny batch's events.
 - Tracks: a process per OS process (main, each worker, each build process, each Ray actor), a thread per
@@ -43,15 +47,19 @@ COUNTER_S = 0.02  # counters sampled at most this often
 RSS_S = 0.2
 SHORT_S = 20e-6  # a wait, a staging copy or a device-to-host step shorter than this is not recorded
 
-# an event: (kind, name, pid, lane, start, end, index, attempt, args), times in wall-clock seconds; stored
-# as FIELDS doubles in one preallocated array (names and lanes as codes, args aside): no Python object kept
-# per event, so the garbage collector has nothing more to scan as the trace grows (a list of tuples cost a
-# tiny-batch run a third of its speed, mostly in collections)
+# an event: (kind, name, pid, lane, start, end, index, attempt, then), times in wall-clock seconds, args
+# aside; stored as FIELDS doubles in one preallocated buffer (names and lanes as codes): no Python object
+# kept per event, so the garbage collector has nothing more to scan as the trace grows (a list of tuples
+# cost a tiny-batch run a third of its speed, mostly in collections). ``then``, set later by ``until``,
+# ends the wait that follows a span (WAITS): one event for a batch's build and its wait for a worker, one
+# for its return and its wait for its turn, instead of two each
 SPAN, INSTANT, ASYNC, COUNTER = 1, 2, 3, 4
+WAITS = {"build": "waiting for a worker", "return": "waiting for order"}  # span -> the wait ``until`` ends
 _POWERS = 10 ** np.arange(19, dtype=np.int64)
-FIELDS = 8
+FIELDS = 9
 EVENT_BYTES = 8 * FIELDS
-_pack = struct.Struct(f"{FIELDS}d").pack_into
+_pack = struct.Struct(f"{FIELDS - 1}d").pack_into  # (then: 0 until ``until``)
+_then = struct.Struct("d").pack_into
 
 
 def clock() -> float:
@@ -93,11 +101,11 @@ class Recorder:
             return self.codes.setdefault(text, len(self.codes))
 
     def store(self, kind: int, name: str, pid: int, lane: str, a: float, b: float, index: int = -1,
-              attempt: int = 0, args: dict | None = None) -> None:
-        """One event (times in wall-clock seconds); past the capacity, counted and dropped."""
+              attempt: int = 0, args: dict | None = None) -> int:
+        """One event (times in wall-clock seconds): its number; past the capacity, counted and dropped (-1)."""
         i = next(self._next)
         if i >= self.capacity:
-            return
+            return -1
         codes = self.codes
         n, ln = codes.get(name), codes.get(lane)
         if n is None:
@@ -108,15 +116,22 @@ class Recorder:
             self.extra[i] = args
         # one C call, under the GIL: a half-stored event is never seen
         _pack(self._mem, i * EVENT_BYTES, kind, n, pid, ln, a, b, index, attempt)
+        return i
+
+    def until(self, event: int, end: float) -> None:
+        """The wait after span ``event`` (a "build" or a "return": WAITS) ends at ``end`` (the main's
+        perf_counter); a wait shorter than ``SHORT_S`` is not written."""
+        if 0 <= event < self.capacity:
+            _then(self._mem, event * EVENT_BYTES + 8 * (FIELDS - 1), end + self.offset)
 
     def put(self, ev: tuple) -> None:
         self.store(*ev)
 
     def span(self, name: str, lane: str, start: float, end: float, index: int = -1, attempt: int = 0,
-             pid: int | None = None, args: dict | None = None) -> None:
-        """A span in the main's perf_counter clock."""
+             pid: int | None = None, args: dict | None = None) -> int:
+        """A span in the main's perf_counter clock: its event number (for ``until``)."""
         off = self.offset
-        self.store(SPAN, name, pid or self.pid, lane, start + off, end + off, index, attempt, args)
+        return self.store(SPAN, name, pid or self.pid, lane, start + off, end + off, index, attempt, args)
 
     def here(self, name: str, start: float, index: int = -1, attempt: int = 0, args: dict | None = None) -> None:
         """A span on the calling thread's lane, from ``start`` to now."""
@@ -141,14 +156,6 @@ class Recorder:
                 pid: int | None = None, args: dict | None = None) -> None:
         self.store(INSTANT, name, pid or self.pid, lane, time.time(), 0.0, index, attempt, args)
 
-    def wait(self, name: str, start: float, end: float, index: int, attempt: int = 0) -> None:
-        """An async span (overlapping others of its name) in the main's clock: a batch waiting (not when
-        shorter than ``SHORT_S``)."""
-        if end - start < SHORT_S:
-            return
-        off = self.offset
-        self.store(ASYNC, name, self.pid, name, start + off, end + off, index, attempt)
-
     def counters(self, values: dict) -> None:
         """Sampled: at most every ``COUNTER_S``; the main's RSS every ``RSS_S``."""
         now = time.perf_counter()
@@ -169,18 +176,35 @@ class Recorder:
         self.processes[pid] = name
 
     # -- the file ------------------------------------------------------------------------------------
+    def _with_waits(self, a: np.ndarray) -> np.ndarray:
+        """The events, then the waits that ``until`` closed (WAITS): async spans from their span's end to
+        ``then``, on the main's lane of that name (those shorter than ``SHORT_S`` left out)."""
+        rows = []
+        for span, wait in WAITS.items():
+            code = self.codes.get(span)
+            if code is None:
+                continue
+            w = a[(a[:, 0] == SPAN) & (a[:, 1] == code) & (a[:, 8] - a[:, 5] >= SHORT_S)]
+            if len(w):
+                c = self._code(wait)
+                rows.append(np.column_stack([np.full(len(w), ASYNC), np.full(len(w), c), np.full(len(w), self.pid),
+                                             np.full(len(w), c), w[:, 5], w[:, 8], w[:, 6], w[:, 7],
+                                             np.zeros(len(w))]))
+        return np.concatenate([a, *rows]) if rows else a
+
     def events(self, n: int) -> tuple[list[str], list[bytes]]:
         """The first ``n`` recorded events (``n`` at most the capacity) as trace-event JSON: the few with args
         of their own (instants, counters, a dispatch; and the processes' and lanes' names) as a list of JSON
         objects; the many spans and waits as blocks of bytes, each event preceded by ``,\\n``. That block is
         built by numpy, not by a format per event (that cost a tiny-batch run 7%, a JSON encoder 20%, on a
-        2-core VM): events alike in all but their batch and times share a line's constant parts, and each
-        number is written as its digits followed by spaces to a common width (JSON allows the spaces)."""
+        2-core VM): events alike in all but their batch and times share a line's constant parts, and the
+        numbers of a column are written to a common width (``_digits``: JSON allows the spaces)."""
         enc = json.JSONEncoder(separators=(",", ":"), default=str).encode
+        a = self._with_waits(np.frombuffer(self._mem, np.float64, n * FIELDS).reshape(n, FIELDS))
+        n = len(a)
         text = [""] * len(self.codes)
         for t, code in self.codes.items():
             text[code] = t
-        a = np.frombuffer(self._mem, np.float64, n * FIELDS).reshape(n, FIELDS)
         kind, name, pid, lane, index, attempt = a[:, [0, 1, 2, 3, 6, 7]].astype(np.int64).T
         ts = np.rint((a[:, 4] - self.t0) * 1e6).astype(np.int64)
         te = np.rint((a[:, 5] - self.t0) * 1e6).astype(np.int64)

@@ -180,11 +180,11 @@ class BuildSide:
             task = Task(b.index, attempt, run.ring.path, run.ring.slot_bytes, b.desc, digest=self.digests)
             task.batch = b.batch  # a caller's batch: kept (a reference, no copy) to build it again
         if run.trace is not None:
-            task.trace, task.built_at = True, now
+            task.trace = True
             if b.pid and b.pid not in run.trace.processes:
                 run.trace.name_process(b.pid, f"build process (pid {b.pid})")
-            run.trace.span("build", b.lane or "build", b.start or now - b.seconds, now, b.index, attempt,
-                           pid=b.pid or None)
+            task.traced = run.trace.span("build", b.lane or "build", b.start or now - b.seconds, now, b.index,
+                                         attempt, pid=b.pid or None)  # (its wait for a worker: ``until``)
         run.workers.queue(task)
 
     # -- deciding where to build --------------------------------------------------------------------

@@ -139,8 +139,7 @@ class WorkerSide:
         trace.span("dispatch", "pipeline-supervisor", t0, t1, args={"batches": sum(len(t) for _, t in sends.values())})
         for _, tasks in sends.values():
             for task in tasks:
-                if task.built_at:
-                    trace.wait("waiting for a worker", task.built_at, t0, task.index, task.attempt)
+                trace.until(task.traced, t0)  # (its build's event: the wait for a worker ends)
 
     # -- back -----------------------------------------------------------------------------------------------
     def pump(self, timeout: float) -> None:
@@ -202,8 +201,9 @@ class WorkerSide:
             info["pid"], info["device"], info["_done_at"] = w.pid, w.device, time.perf_counter()
             if run.trace is not None and "spans" in info:
                 run.trace.worker(w.pid, info.pop("spans"), task.index, task.attempt)
-                run.trace.put((SPAN, "return", w.pid, "return", info["sent"], time.time(), task.index,
-                               task.attempt, None))
+                # (the wait for its turn follows: handover's ``until``)
+                info["_traced"] = run.trace.store(SPAN, "return", w.pid, "return", info["sent"], time.time(),
+                                                  task.index, task.attempt)
                 if info.get("splits"):
                     run.trace.instant("split", "compute", task.index, task.attempt, w.pid,
                                       {"halvings": info["splits"]})

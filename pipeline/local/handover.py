@@ -82,8 +82,8 @@ class Handover:
         now = time.perf_counter()
         done_at = out.info.pop("_done_at")
         self.run.breakdown["order_wait_s"] += now - done_at
-        if self.run.trace is not None:
-            self.run.trace.wait("waiting for order", done_at, now, out.index)
+        if self.run.trace is not None:  # (the wait that follows the batch's "return" span)
+            self.run.trace.until(out.info.pop("_traced", -1), now)
         return out
 
     # -- the supervisor's side ----------------------------------------------------------------------
