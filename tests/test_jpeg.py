@@ -175,3 +175,45 @@ def test_without_simplejpeg_pillow_decodes_and_the_notes_say_so(tmp_path, monkey
     assert not any("simplejpeg" in n for n in chosen.summary["notes"])
     assert main(["run", "--input", str(root), "--set", "source.decoder=turbo", "--no-progress"]) == 2
     assert "source.decoder" in capsys.readouterr().err
+
+
+EXIT_SCRIPT = r"""
+import sys, threading, time
+import numpy as np
+from pipeline.images import jpeg
+from pipeline.local.builders import Builders
+from pipeline.local.ring import SlotRing
+from pipeline.sources.datasets import MapSource
+
+big = np.random.default_rng(0).integers(0, 256, (1500, 2000, 3), dtype=np.uint8)
+started = threading.Event()
+
+class Resizing:
+    def __len__(self):
+        return 64
+    def __getitem__(self, i):
+        started.set()
+        jpeg.resample(big, 1000, 750)  # (about 30 ms in torch's C++, the GIL released)
+        return {"x": np.float32(i)}
+
+src = MapSource(Resizing(), batch_size=64)
+ring = SlotRing(2, src.max_nbytes)
+b = Builders(iter(src), None, ring, 2, lambda e: None)
+b.submit(0)
+started.wait(10)
+time.sleep(0.1)
+print("exiting with the build threads inside torch", flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_exit_with_build_threads_inside_torch_does_not_abort(tmp_path):
+    """A run left unclosed (a Ctrl-C at the wrong moment) while its daemon build threads resize in torch:
+    the interpreter exits cleanly, not "terminate called without an active exception" (builders.py stops
+    them at exit)."""
+    import subprocess
+    import sys
+    for _ in range(3):
+        p = subprocess.run([sys.executable, "-c", EXIT_SCRIPT], capture_output=True, text=True, timeout=90)
+        assert "exiting" in p.stdout, p.stderr
+        assert p.returncode == 0 and "terminate called" not in p.stderr, p.stderr[-2000:]

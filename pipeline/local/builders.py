@@ -17,9 +17,11 @@ Ray actors (ray_backend/actor.py), over slots of their own: any ``Ring`` (contra
 """
 from __future__ import annotations
 
+import atexit
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -82,6 +84,19 @@ def _returned(event: tuple) -> tuple:
     return event
 
 
+_LIVE: weakref.WeakSet = weakref.WeakSet()  # Builders not closed yet
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """Build threads are daemons; one still inside C++ code (torch's resize of a JPEG: NOTE [ JPEG path ])
+    when the interpreter finalizes is ended by a forced unwind that aborts the process ("terminate called
+    without an active exception"). A run left without closing them (a Ctrl-C at the wrong moment) has
+    them stopped here, after their current job (2 s at most each)."""
+    for b in list(_LIVE):
+        b.close(timeout=2.0)
+
+
 class Builders:
     """``threads`` build threads over ``ring`` (a ``Ring``); the main's, a build process's or a Ray actor's."""
 
@@ -100,6 +115,7 @@ class Builders:
                         for i in range(self.count)]
         for t in self.threads:
             t.start()
+        _LIVE.add(self)
 
     def submit(self, slot: int, index: int | None = None, batch: Batch | None = None) -> None:
         """Build the next batch (or batch ``index`` again: from its record ``batch`` when given, else from
@@ -112,6 +128,7 @@ class Builders:
     def close(self, timeout: float = 5.0) -> None:
         """Skip the jobs not started; wait for the running ones (a stuck caller's iterator: not forever)."""
         self._stopped = True
+        _LIVE.discard(self)
         for _ in self.threads:
             self._jobs.put(None)
         deadline = time.monotonic() + timeout
