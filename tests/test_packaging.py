@@ -35,7 +35,7 @@ def test_metadata_names_the_distribution():
     assert project["name"] == NAME and project["version"] == pipeline.__version__
     assert project["license"] == "MIT" and (ROOT / "LICENSE").is_file()
     assert project["classifiers"] and project["keywords"]
-    assert set(project["optional-dependencies"]) == {"test", "plot", "ray", "spdl", "parquet", "images", "text"}
+    assert set(project["optional-dependencies"]) == {"test", "plot", "ray", "spdl", "parquet", "images", "text", "daft"}
     assert project["scripts"] == {"pipeline": "pipeline.cli:main"}
 
 

@@ -36,7 +36,7 @@ import numpy as np
 
 from .. import devices
 from ..compute import Computer
-from ..images.pillow import crop_at, fit, resized
+from ..images.pillow import crop_at, fit_pixels, resized
 from ..sources.factory import open_source
 from .peers import _timed
 
@@ -281,8 +281,7 @@ class _SpdlFolder:
 # -- Ray Data's image recipe -----------------------------------------------------------------------------
 def _ray_transform(row: dict, size: int, resize: int, nchw: bool, index: dict, labels) -> dict:
     """Ray Data's ``map``: the decoded image (RGB) resized and cropped as ``images.load`` does."""
-    from PIL import Image
-    img = np.asarray(fit(Image.fromarray(row["image"]), size, resize))
+    img = np.ascontiguousarray(fit_pixels(row["image"], size, resize))
     i = index[row["path"]]
     out = {"image": img.transpose(2, 0, 1) if nchw else img, "index": np.int64(i)}
     if labels is not None:

@@ -36,15 +36,23 @@ def load(path, size: int, resize: int, decoder: str = "auto") -> np.ndarray:
     data = jpeg.read(path) if decoder == "auto" else None
     pixels = jpeg.decode(data, resize) if data is not None else None
     if pixels is not None:
-        (w, h), (nw, nh) = (pixels.shape[1], pixels.shape[0]), resized((pixels.shape[1], pixels.shape[0]), resize)
-        left, top = crop_at((nw, nh), size)
-        if left >= 0 and top >= 0:  # (else a crop larger than the image: fit pads it with zeros)
-            x = jpeg.resample(pixels, nw, nh).numpy() if (nw, nh) != (w, h) else pixels
-            return x[top:top + size, left:left + size]  # (a writable view: its row of the batch is the copy)
-    Image, _ = pil()
-    im = Image.fromarray(pixels) if pixels is not None else decode_file(path, resize)
+        return fit_pixels(pixels, size, resize)
     # asarray, then a copy: writable (DataLoader's collate wants it); np.array(im) reads the pixels twice
-    return np.asarray(fit(im, size, resize)).copy()
+    return np.asarray(fit(decode_file(path, resize), size, resize)).copy()
+
+
+def fit_pixels(pixels: np.ndarray, size: int, resize: int) -> np.ndarray:
+    """``fit`` for decoded uint8 (h, w, 3) pixels: resized by torch (``jpeg.resample``), centre cropped; a
+    writable view (its row of the batch is the copy). A crop larger than the image goes to ``fit``, which
+    pads it with zeros."""
+    (w, h) = (pixels.shape[1], pixels.shape[0])
+    nw, nh = resized((w, h), resize)
+    left, top = crop_at((nw, nh), size)
+    if left < 0 or top < 0:
+        Image, _ = pil()
+        return np.asarray(fit(Image.fromarray(pixels), size, resize)).copy()
+    x = jpeg.resample(pixels, nw, nh).numpy() if (nw, nh) != (w, h) else pixels
+    return x[top:top + size, left:left + size]
 
 
 def fit(im, size: int, resize: int):
