@@ -12,12 +12,12 @@ spans for that attempt; its death, the retry and its replacement are instant eve
   with it; the main turns each stamp into wall-clock seconds (on one machine the two clocks agree; across
   a Ray cluster, as well as the nodes' clocks do).
 - Cheap: an event is nine doubles packed (one ``struct.pack_into``) into one anonymous memory map of
-  ``EVENTS`` events (36 MB of address space, its pages zero until touched: nothing to set up; one ``next``
+  ``EVENTS`` events (18 MB of address space, its pages zero until touched: nothing to set up; one ``next``
   of a counter, atomic under the GIL, reserves an event's place): no Python object per event for the
   garbage collector to scan. A batch's wait for a worker and its wait for its turn are not events of
   their own: their end is written into its build's and its return's event (``until``), and the waits are
   made from them when the file is written. A run that records more keeps the first ``EVENTS`` and counts
-  the rest (``dropped``, in the file and the summary's notes): the file stays under about 70 MB. The JSON
+  the rest (``dropped``, in the file and the summary's notes): the file stays under about 80 MB. The JSON
   is written once, at the end of the run (also when it failed or was interrupted): the spans and waits
   as blocks of bytes made by numpy (``events``), the few other events by the JSON encoder. Without
   ``--trace`` the hot path only tests ``trace is not None``.
@@ -42,7 +42,7 @@ import numpy as np
 
 from .errors import ConfigError
 
-EVENTS = 500_000  # at most this many events per trace; the rest are dropped and counted
+EVENTS = 250_000  # events per trace at most (about 75,000 batches, 80 MB of JSON); the rest: dropped, counted
 COUNTER_S = 0.02  # counters sampled at most this often
 RSS_S = 0.2
 SHORT_S = 20e-6  # a wait, a staging copy or a device-to-host step shorter than this is not recorded
