@@ -162,8 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _run_flags(b)
     b.add_argument("--modes", default="serial,pipeline",
-                   help="comma list: serial, pipeline, pipeline.procs, mp.Pool, ProcessPoolExecutor, DataLoader, "
-                        "spdl, ray, ray.data, or all (bench-seq and bench-text have their own: docs/benchmarks.md)")
+                   help="comma list: serial, pipeline, pipeline.procs, pipeline.trace, mp.Pool, "
+                        "ProcessPoolExecutor, DataLoader, spdl, ray, ray.data; for a folder of images also "
+                        "pipeline.pillow, pipeline.device, torchvision, daft, spdl.io; or all (bench-seq and "
+                        "bench-text have their own: docs/benchmarks.md)")
     b.add_argument("--workers-list", default=None, metavar="N,N",
                    help="worker counts for the parallel modes (default 1,2,4 and the core count)")
     b.add_argument("--build-threads-list", default=None, metavar="N,N",
