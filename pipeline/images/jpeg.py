@@ -90,7 +90,9 @@ def resample(pixels: np.ndarray, width: int, height: int) -> torch.Tensor:
     """uint8 (h, w, 3) -> uint8 (height, width, 3): torch's bilinear with antialiasing, on one thread when
     called from any thread but the main one (NOTE [ JPEG path ])."""
     if not getattr(_threads, "one", False) and threading.current_thread() is not threading.main_thread():
-        torch.set_num_threads(1)  # (this thread's OpenMP team only; threads already running keep theirs)
+        # (this thread's OpenMP team; torch also takes 1 as the default of threads that start later, while
+        # those already running, the main's and a Ray actor's kernel thread, keep theirs)
+        torch.set_num_threads(1)
         _threads.one = True
     # (a view, channels last with the batch's stride whole: torch then takes its uint8 fast path and gives
     # channels last back, so the crop of the result is rows of contiguous pixels; a (3, h, w) view made a
