@@ -19,9 +19,6 @@ import time
 
 import numpy as np
 
-from .. import devices
-from ..compute import Computer
-
 
 def has_daft() -> bool:
     import importlib.util
@@ -38,10 +35,8 @@ class _Kernel:
     labels) and returns each row's results (a dict of its fields)."""
 
     def __init__(self, spec, device_spec: str, threads: int, pinned: bool, nchw: bool, labels: bool):
-        import torch
-        torch.set_num_threads(threads)
-        use_cuda = device_spec.startswith("cuda") or (device_spec == "auto" and devices.gpu_count())
-        self.computer = Computer(spec, devices.choose("cuda" if use_cuda else "cpu", 0), pinned)
+        from .peers import kernel_computer
+        self.computer = kernel_computer(spec, device_spec, threads, pinned)
         self.nchw, self.labels = nchw, labels
 
     def __call__(self, images, index, label):
@@ -54,6 +49,24 @@ class _Kernel:
         out = self.computer(batch)[0]
         rows = [{k: v[j] for k, v in out.items()} for j in range(len(x))]
         return daft.Series.from_pylist(rows, pyobj="force")
+
+
+def _daft_class(base: type, instances: int, rows: int):
+    """``base`` as a Daft class of ``instances`` instances in processes of their own, its ``__call__`` a
+    batched method of ``rows`` rows a call returning Python objects."""
+    import daft
+    call = daft.method.batch(return_dtype=daft.DataType.python(), batch_size=rows)(base.__call__)
+    return daft.cls(max_concurrency=instances, use_process=True)(type(base.__name__.strip("_"), (base,),
+                                                                     {"__call__": call}))
+
+
+def _passes(query, warm: list, full: list, repeat: int) -> tuple[list, float, float]:
+    """Daft's timing: ``query(warm)`` twice (its processes start, then the baseline), then ``query(full)``
+    (the warm-up's items and ``repeat`` passes): its rows, one pass's seconds, the first query's seconds."""
+    _, startup = query(warm)
+    _, base = query(warm)
+    rows, total = query(full)
+    return rows, (total - base) / repeat, startup
 
 
 def daft_images(cfg, spec, src, repeat):
@@ -71,10 +84,7 @@ def daft_images(cfg, spec, src, repeat):
         from PIL import Image
         return np.asarray(tf(Image.fromarray(np.asarray(image))))
 
-    kernel = daft.cls(max_concurrency=cfg.workers.count, use_process=True)(
-        type("Kernel", (_Kernel,), {"__call__": daft.method.batch(return_dtype=daft.DataType.python(),
-                                                                  batch_size=b)(_Kernel.__call__)}))
-    model = kernel(spec, cfg.workers.device, cfg.threads_per_worker(), cfg.handoff.pinned,
+    model = _daft_class(_Kernel, cfg.workers.count, b)(spec, cfg.workers.device, cfg.threads_per_worker(), cfg.handoff.pinned,
                    folder.layout == "nchw", folder.labels is not None)
 
     def query(rows: list[int]) -> tuple[list, float]:
@@ -88,16 +98,13 @@ def daft_images(cfg, spec, src, repeat):
             raise RuntimeError(f"daft: {len(got)} rows for {len(rows)}")
         return got, time.perf_counter() - t
 
-    _, startup = query(warm)  # the class's processes started, the kernel set up, the first files
-    _, base = query(warm)  # the same again: what a query of the warm-up's files costs once warm, if it is
-    rows, total = query(warm + list(range(n)) * repeat)
-    seconds = (total - base) / repeat  # the passes alone: their query less the warm-up's
+    rows, seconds, startup = _passes(query, warm, warm + list(range(n)) * repeat, repeat)
     last = {int(r["index"]): r for r in rows}  # (each sample's last row: every pass gives the same)
     results = []
     for lo in range(0, n, b):
         got = [last[i] for i in range(lo, min(n, lo + b))]
         results.append({k: np.stack([np.asarray(r[k]) for r in got]) for k in got[0]})
-    return results, seconds, startup, {"threads_per_worker": cfg.threads_per_worker(), "daft_query_s": round(total, 3),
+    return results, seconds, startup, {"threads_per_worker": cfg.threads_per_worker(),
                                        "daft": f"{daft.__version__}: download + decode_image + func + cls"}
 
 
@@ -124,10 +131,7 @@ def daft_text(texts: list[str], make, collate, B: int, workers: int):
     the warm-up's documents, twice, then one over them and every document: the difference)."""
     import daft
     from daft import col
-    cls = daft.cls(max_concurrency=workers, use_process=True)(
-        type("Embed", (_Embed,), {"__call__": daft.method.batch(return_dtype=daft.DataType.python(),
-                                                                batch_size=B)(_Embed.__call__)}))
-    model = cls(make, collate)
+    model = _daft_class(_Embed, workers, B)(make, collate)
 
     def query(docs: list[str]) -> tuple[list, float]:
         df = daft.from_pydict({"text": docs, "index": list(range(len(docs)))})
@@ -137,9 +141,7 @@ def daft_text(texts: list[str], make, collate, B: int, workers: int):
         return got, time.perf_counter() - t
 
     warm = texts[:2 * B * workers]
-    query(warm)
-    _, base = query(warm)
-    rows, total = query(warm + list(texts))
+    rows, seconds, _ = _passes(query, warm, warm + list(texts), 1)
     rows = sorted(rows, key=lambda r: r[0])[len(warm):]  # (the warm-up's documents come first)
     padded = sum(w for _, _, w in rows)  # (each row's batch width: rows x width summed over batches)
-    return np.stack([e for _, e, _ in rows]), total - base, padded
+    return np.stack([e for _, e, _ in rows]), seconds, padded

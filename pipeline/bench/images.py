@@ -38,7 +38,7 @@ from .. import devices
 from ..compute import Computer
 from ..images.pillow import crop_at, fit_pixels, resized
 from ..sources.factory import open_source
-from .peers import _timed
+from .peers import _pipeline, _timed, kernel_computer
 
 CACHE = os.environ.get("PIPELINE_BENCH_CACHE", os.path.expanduser("~/.cache/pipeline-bench"))
 IMAGE_MODES = ("pipeline.pillow", "pipeline.device", "torchvision", "daft", "spdl.io")  # only for an image folder
@@ -119,7 +119,7 @@ def decode_alone(src, threads: int, repeat: int = 1) -> dict:
             blobs.append(fh.read())
 
     def one(data: bytes) -> None:
-        if jpeg.module() is None or data[:3] != jpeg.JPEG or jpeg.decode(data, folder.resize) is None:
+        if jpeg.decode(data, folder.resize) is None:
             decode_file(io.BytesIO(data), folder.resize)
 
     times = []
@@ -169,16 +169,13 @@ def goals(rows: list[dict], cal: dict, batch_size: int, alone: dict | None = Non
 
 
 # -- modes ---------------------------------------------------------------------------------------------
-def _pipeline_device(cfg, spec, src, repeat):
-    from .peers import _pipeline
-    c = cfg.replace(**{"source.decode": "device"})
-    return _pipeline(c, spec, open_source(c.source), repeat)
-
-
-def _pipeline_pillow(cfg, spec, src, repeat):
-    from .peers import _pipeline
-    c = cfg.replace(**{"source.decoder": "pillow"})
-    return _pipeline(c, spec, open_source(c.source), repeat)
+def _pipeline_with(key: str, value: str):
+    """The pipeline mode on the same folder with one source setting changed (``pipeline.device``: the
+    files' bytes decoded by the workers; ``pipeline.pillow``: every file through Pillow)."""
+    def mode(cfg, spec, src, repeat):
+        c = cfg.replace(**{key: value})
+        return _pipeline(c, spec, open_source(c.source), repeat)
+    return mode
 
 
 # -- torchvision's standard recipe -----------------------------------------------------------------------
@@ -293,10 +290,7 @@ class _RayImageCompute:
     """Ray Data's callable class: the same Computer, built once per actor; a call gets a batch of rows."""
 
     def __init__(self, spec, device_spec: str, threads: int, pinned: bool):
-        import torch
-        torch.set_num_threads(threads)
-        use_cuda = device_spec.startswith("cuda") or (device_spec == "auto" and devices.gpu_count())
-        self.computer = Computer(spec, devices.choose("cuda" if use_cuda else "cpu", 0), pinned)
+        self.computer = kernel_computer(spec, device_spec, threads, pinned)
 
     def __call__(self, batch: dict) -> dict:
         return self.computer({k: np.ascontiguousarray(v) for k, v in batch.items()})[0]
@@ -355,5 +349,6 @@ def _daft(cfg, spec, src, repeat):
     return daft_images(cfg, spec, src, repeat)
 
 
-RUNNERS = {"pipeline.pillow": _pipeline_pillow, "pipeline.device": _pipeline_device, "torchvision": _torchvision,
+RUNNERS = {"pipeline.pillow": _pipeline_with("source.decoder", "pillow"),
+           "pipeline.device": _pipeline_with("source.decode", "device"), "torchvision": _torchvision,
            "daft": _daft, "spdl.io": _spdl_io}

@@ -98,6 +98,14 @@ def _peer_compute(item: tuple[int, np.ndarray]) -> np.ndarray:
     return _peer["computer"](arr, index)[0]
 
 
+def kernel_computer(spec, device_spec: str, threads: int, pinned: bool) -> Computer:
+    """The kernel's Computer in a peer's own worker (a Ray Data actor, a Daft class instance): ``threads``
+    torch threads, the first GPU when ``device_spec`` asks for CUDA or is "auto" with one, else the CPU."""
+    torch.set_num_threads(threads)
+    use_cuda = device_spec.startswith("cuda") or (device_spec == "auto" and devices.gpu_count())
+    return Computer(spec, devices.choose("cuda" if use_cuda else "cpu", 0), pinned)
+
+
 def _peer_args(cfg):
     return (cfg.workers.device, cfg.threads_per_worker(), cfg.handoff.pinned)
 

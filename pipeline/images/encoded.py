@@ -41,7 +41,6 @@ from . import jpeg
 from .pillow import BAD_FILE_HINT, crop_at, decode_file, pil, resized
 
 ENCODED, OFFSETS, TRANSFORM = "encoded_images", "encoded_offsets", "encoded_transform"
-JPEG = b"\xff\xd8\xff"
 
 
 # -- the writer: the main's build threads read each file into its row ---------------------------------------
@@ -190,7 +189,7 @@ class _File(io.BytesIO):
 def _cpu(blob: np.ndarray, resize: int, name: str, fast: bool) -> torch.Tensor:
     """One file decoded on the CPU by the main's rules: a plain JPEG by simplejpeg when ``fast``
     (NOTE [ JPEG path ] in jpeg.py), else Pillow (``pillow.decode_file``): uint8 (3, h, w)."""
-    pixels = jpeg.decode(blob, resize) if fast and jpeg.module() and blob[:3].tobytes() == JPEG else None
+    pixels = jpeg.decode(blob, resize) if fast else None
     if pixels is None:
         pixels = np.array(decode_file(_File(memoryview(blob), name), resize))
     return torch.from_numpy(pixels).permute(2, 0, 1)
@@ -198,7 +197,7 @@ def _cpu(blob: np.ndarray, resize: int, name: str, fast: bool) -> torch.Tensor:
 
 def _plain_jpeg(blob: np.ndarray) -> bool:
     """A JPEG nvJPEG decodes as the main would: RGB or grayscale, no EXIF rotation (its header only)."""
-    if blob[:3].tobytes() != JPEG:
+    if blob[:3].tobytes() != jpeg.JPEG:
         return False
     Image, _ = pil()
     try:

@@ -46,7 +46,7 @@ def module():
 
 
 def read(path) -> bytes | None:
-    """The bytes of a JPEG file (a path with a JPEG suffix, or a file object holding one), or None: not a
+    """The bytes of a JPEG file for ``decode`` (a path with a JPEG suffix, or a BytesIO), or None: not a
     JPEG, or simplejpeg missing (Pillow reads the file itself)."""
     if module() is None:
         return None
@@ -55,15 +55,19 @@ def read(path) -> bytes | None:
             return None
         with open(path, "rb") as f:
             data = f.read()
-    else:  # (a file object: encoded.py's bytes of a file)
-        data = path.getbuffer() if hasattr(path, "getbuffer") else path.read()
+    elif hasattr(path, "getbuffer"):  # (a BytesIO: its buffer, the position left for Pillow)
+        data = path.getbuffer()
+    else:  # (another file object goes to Pillow whole)
+        return None
     return data if bytes(data[:3]) == JPEG else None
 
 
 def decode(data, resize: int) -> np.ndarray | None:
-    """A plain JPEG's bytes as uint8 (h, w, 3) RGB, at Pillow's ``draft`` scale for ``resize``; None when it
-    takes Pillow's path (NOTE [ JPEG path ])."""
+    """A plain JPEG's bytes as uint8 (h, w, 3) RGB, at Pillow's ``draft`` scale for ``resize``; None when the
+    file takes Pillow's path (not a JPEG, not plain, simplejpeg missing: NOTE [ JPEG path ])."""
     sj = module()
+    if sj is None or bytes(data[:3]) != JPEG:
+        return None
     try:
         h, w, colour, _ = sj.decode_jpeg_header(data)
     except ValueError:
@@ -74,13 +78,12 @@ def decode(data, resize: int) -> np.ndarray | None:
     if min(w, h) >= 2 * resize:  # as pillow.decode_file's draft: both sides stay >= resize
         k = min(w // resize, h // resize)
         scale = 8 if k >= 8 else 4 if k >= 4 else 2
+    want = (-(-h // scale), -(-w // scale))
     try:
-        out = sj.decode_jpeg(data, colorspace="RGB", min_height=-(-h // scale), min_width=-(-w // scale))
+        out = sj.decode_jpeg(data, colorspace="RGB", min_height=want[0], min_width=want[1])
     except ValueError:
         return None
-    if out.shape[:2] != (-(-h // scale), -(-w // scale)):  # (a scale other than draft's: Pillow's path)
-        return None
-    return out
+    return out if out.shape[:2] == want else None  # (a scale other than draft's: Pillow's path)
 
 
 _threads = threading.local()
