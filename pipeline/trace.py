@@ -11,16 +11,18 @@ spans for that attempt; its death, the retry and its replacement are instant eve
 - One time base: every process stamps with ``time.perf_counter`` and sends ``time.time() - perf_counter()``
   with it; the main turns each stamp into wall-clock seconds (on one machine the two clocks agree; across
   a Ray cluster, as well as the nodes' clocks do).
-- Cheap: an event is nine doubles packed (one ``struct.pack_into``) into one anonymous memory map of
-  ``EVENTS`` events (18 MB of address space, its pages zero until touched: nothing to set up; one ``next``
-  of a counter, atomic under the GIL, reserves an event's place): no Python object per event for the
-  garbage collector to scan. A batch's wait for a worker and its wait for its turn are not events of
-  their own: their end is written into its build's and its return's event (``until``), and the waits are
-  made from them when the file is written. A run that records more keeps the first ``EVENTS`` and counts
-  the rest (``dropped``, in the file and the summary's notes): the file stays under about 80 MB. The JSON
-  is written once, at the end of the run (also when it failed or was interrupted): the spans and waits
-  as blocks of bytes made by numpy (``events``), the few other events by the JSON encoder. Without
-  ``--trace`` the hot path only tests ``trace is not None``.
+- Cheap: an event is ``FIELDS`` doubles packed (one ``struct.pack_into``) into one anonymous memory map
+  of ``EVENTS`` events (19 MB of address space, its pages zero until touched: nothing to set up; one
+  ``next`` of a counter, atomic under the GIL, reserves an event's place): no Python object per event for
+  the garbage collector to scan. Two events per batch: its build, and its time in a worker (``WORKER``:
+  every stage there and its return, one event, made spans when the file is written). Its waits are not
+  events of their own: the wait for a worker ends when a worker starts it (that event's first stamp,
+  matched when the file is written), the wait for its turn where the hand-over writes it into the
+  WORKER event (``until``). A run that records more keeps the first ``EVENTS`` (about 75,000 batches) and
+  counts the rest (``dropped``, in the file and the summary's notes): the file stays under about 80 MB
+  (more with CUDA's copy spans). The JSON is written once, at the end of the run (also when it failed or
+  was interrupted): the spans and waits as blocks of bytes made by numpy (``events``), the few other
+  events by the JSON encoder. Without ``--trace`` the hot path only tests ``trace is not None``.
 - Spans of a staging copy, a device-to-host step and waits shorter than ``SHORT_S`` (20 µs) are left out:
   invisible in a timeline, and most of a tiny batch's events.
 - Tracks: a process per OS process (main, each worker, each build process, each Ray actor), a thread per
@@ -37,12 +39,15 @@ import os
 import struct
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .devices import usable_cpus
 from .errors import ConfigError
 
-EVENTS = 250_000  # events per trace at most (about 75,000 batches, 80 MB of JSON); the rest: dropped, counted
+EVENTS = 160_000  # events per trace at most (about 75,000 batches, 80 MB of JSON); the rest: dropped, counted
+THREADS = 4  # threads that make the file, at most (and at most the usable CPUs)
 COUNTER_S = 0.02  # counters sampled at most this often
 RSS_S = 0.2
 SHORT_S = 20e-6  # a wait, a staging copy or a device-to-host step shorter than this is not recorded
@@ -50,15 +55,20 @@ SHORT_S = 20e-6  # a wait, a staging copy or a device-to-host step shorter than 
 # an event: (kind, name, pid, lane, start, end, index, attempt, then), times in wall-clock seconds, args
 # aside; stored as FIELDS doubles in one preallocated buffer (names and lanes as codes): no Python object
 # kept per event, so the garbage collector has nothing more to scan as the trace grows (a list of tuples
-# cost a tiny-batch run a third of its speed, mostly in collections). ``then``, set later by ``until``,
-# ends the wait that follows a span (WAITS): one event for a batch's build and its wait for a worker, one
-# for its return and its wait for its turn, instead of two each
-SPAN, INSTANT, ASYNC, COUNTER = 1, 2, 3, 4
-WAITS = {"build": "waiting for a worker", "return": "waiting for order"}  # span -> the wait ``until`` ends
+# cost a tiny-batch run a third of its speed, mostly in collections). ``then`` ends the wait that follows
+# a span (WAITS): a build's, matched when the file is written (``_started``); a return's, set by ``until``
+SPAN, INSTANT, ASYNC, COUNTER, WORKER = 1, 2, 3, 4, 5
+WAITS = {"build": "waiting for a worker", "return": "waiting for order"}  # span -> the wait that follows it
+COUNTS = {"dispatch": "batches"}  # spans whose index column is a count (its args' key), not a batch
 _POWERS = 10 ** np.arange(19, dtype=np.int64)
-FIELDS = 9
+FIELDS = 15
+# a WORKER event is one batch's time in a worker, made spans when the file is written (``_stages``): its
+# stamps (start = received, decoded, copied, computed, end = its result on the host, columns 4, 9, 10, 11,
+# 5), its return to the main (sent, received: 12, 13; 0 without one), its flags (14); ``then`` ends the
+# wait for order after the return
 EVENT_BYTES = 8 * FIELDS
-_pack = struct.Struct(f"{FIELDS - 1}d").pack_into  # (then: 0 until ``until``)
+_pack = struct.Struct("8d").pack_into  # (then and the WORKER columns: 0)
+_pack_worker = struct.Struct(f"{FIELDS}d").pack_into
 _then = struct.Struct("d").pack_into
 
 
@@ -119,17 +129,17 @@ class Recorder:
         return i
 
     def until(self, event: int, end: float) -> None:
-        """The wait after span ``event`` (a "build" or a "return": WAITS) ends at ``end`` (the main's
-        perf_counter); a wait shorter than ``SHORT_S`` is not written."""
+        """The wait for its turn after the return of WORKER event ``event`` (WAITS) ends at ``end`` (the
+        main's perf_counter); a wait shorter than ``SHORT_S`` is not written."""
         if 0 <= event < self.capacity:
-            _then(self._mem, event * EVENT_BYTES + 8 * (FIELDS - 1), end + self.offset)
+            _then(self._mem, event * EVENT_BYTES + 64, end + self.offset)  # (column 8: then)
 
     def put(self, ev: tuple) -> None:
         self.store(*ev)
 
     def span(self, name: str, lane: str, start: float, end: float, index: int = -1, attempt: int = 0,
              pid: int | None = None, args: dict | None = None) -> int:
-        """A span in the main's perf_counter clock: its event number (for ``until``)."""
+        """A span in the main's perf_counter clock: its event number."""
         off = self.offset
         return self.store(SPAN, name, pid or self.pid, lane, start + off, end + off, index, attempt, args)
 
@@ -137,20 +147,18 @@ class Recorder:
         """A span on the calling thread's lane, from ``start`` to now."""
         self.span(name, threading.current_thread().name, start, time.perf_counter(), index, attempt, args=args)
 
-    def worker(self, pid: int, spans: tuple, index: int, attempt: int) -> None:
-        """A batch's stages in a worker or actor (``Computer``'s ``spans``: its clock offset, five stamps
-        and flags: decoded there, CUDA, its copy started ahead), as spans on that process's lanes."""
+    def worker(self, pid: int, spans: tuple, index: int, attempt: int, sent: float = 0.0) -> int:
+        """A batch's stages in a worker or actor (``Computer``'s ``spans``: its clock offset, five stamps and
+        flags: decoded there, CUDA, its copy started ahead) and, with ``sent`` (that process's wall clock
+        when it sent the result), its return to the main until now: one event (``WORKER``), made spans when
+        the file is written; its number (for ``until``: the wait for order that follows the return)."""
         off, t0, t_decoded, t1, t2, t3, flags = spans
-        store = self.store
-        if flags & 1:
-            store(SPAN, "decode", pid, "compute", t0 + off, t_decoded + off, index, attempt)
-        if flags & 2:
-            store(SPAN, "h2d wait" if flags & 4 else "h2d", pid, "copy", t_decoded + off, t1 + off, index, attempt)
-        elif t1 - t_decoded > SHORT_S:  # (on the CPU "stage" is nothing unless a copy was made)
-            store(SPAN, "stage", pid, "compute", t_decoded + off, t1 + off, index, attempt)
-        store(SPAN, "compute", pid, "compute", t1 + off, t2 + off, index, attempt)
-        if t3 - t2 > SHORT_S:
-            store(SPAN, "d2h", pid, "compute", t2 + off, t3 + off, index, attempt)
+        i = next(self._next)
+        if i >= self.capacity:
+            return -1
+        _pack_worker(self._mem, i * EVENT_BYTES, WORKER, 0, pid, 0, t0 + off, t3 + off, index, attempt, 0.0,
+                     t_decoded + off, t1 + off, t2 + off, sent, time.time() if sent else 0.0, flags)
+        return i
 
     def instant(self, name: str, lane: str = "pipeline-supervisor", index: int = -1, attempt: int = 0,
                 pid: int | None = None, args: dict | None = None) -> None:
@@ -176,74 +184,136 @@ class Recorder:
         self.processes[pid] = name
 
     # -- the file ------------------------------------------------------------------------------------
-    def _with_waits(self, a: np.ndarray) -> np.ndarray:
-        """The events, then the waits that ``until`` closed (WAITS): async spans from their span's end to
-        ``then``, on the main's lane of that name (those shorter than ``SHORT_S`` left out)."""
-        rows = []
+    def _stages(self, w: np.ndarray) -> list[list[np.ndarray]]:
+        """WORKER events (``worker``) as the spans of their stages, each stage's as columns (``COLUMNS``):
+        decode (decoded there), the copy to the device ("h2d", or "h2d wait" for a copy started ahead) on
+        the copy lane, else a staging copy ("stage"), compute, the copy back ("d2h"), the return; a staging
+        copy or a copy back shorter than ``SHORT_S`` left out."""
+        flags = w[:, 14].astype(np.int64)
+        t0, t3, then, td, t1, t2, sent, got = (w[:, c] for c in (4, 5, 8, 9, 10, 11, 12, 13))
+        compute, copy, back = self._code("compute"), self._code("copy"), self._code("return")
+        stages = [(flags & 1 > 0, "decode", compute, t0, td, None),
+                  (flags & 6 == 2, "h2d", copy, td, t1, None),
+                  (flags & 6 == 6, "h2d wait", copy, td, t1, None),
+                  ((flags & 2 == 0) & (t1 - td > SHORT_S), "stage", compute, td, t1, None),
+                  (None, "compute", compute, t1, t2, None),
+                  (t3 - t2 > SHORT_S, "d2h", compute, t2, t3, None),
+                  (got > 0, "return", back, sent, got, then)]
+        parts = []
+        for m, name, lane, a, b, c in stages:
+            if m is None or m.all():
+                m = slice(None)
+            elif not m.any():
+                continue
+            k = len(a[m])
+            parts.append([_full(k, SPAN), _full(k, self._code(name)), w[m, 2], _full(k, lane), a[m], b[m], w[m, 6],
+                          w[m, 7], _full(k, 0.0) if c is None else c[m], _full(k, -1)])
+        return parts
+
+    def _started(self, base: np.ndarray, w: np.ndarray) -> None:
+        """A build's wait for a worker (WAITS) ends when a worker starts the batch: its event's ``then`` (set
+        in ``base``), the start of the WORKER event of the same batch and attempt (the earliest, if more)."""
+        code = self.codes.get("build")
+        if code is None or not len(w):
+            return
+        builds = np.flatnonzero((base[:, 0] == SPAN) & (base[:, 1] == code))
+        keys = w[:, 6] * 65536 + w[:, 7]
+        order = np.lexsort((w[:, 4], keys))
+        keys = keys[order]
+        want = base[builds, 6] * 65536 + base[builds, 7]
+        at = np.searchsorted(keys, want).clip(max=len(keys) - 1)
+        hit = keys[at] == want
+        base[builds[hit], 8] = w[order[at[hit]], 4]
+
+    def _waits(self, part: list[np.ndarray]) -> list[list[np.ndarray]]:
+        """The waits that follow the spans of ``part`` (WAITS): async spans from their span's
+        end to ``then``, on the main's lane of that name (those shorter than ``SHORT_S`` left out)."""
+        kind, name, end, index, attempt, then = (part[c] for c in (0, 1, 5, 6, 7, 8))
+        waits = []
         for span, wait in WAITS.items():
             code = self.codes.get(span)
-            if code is None:
-                continue
-            w = a[(a[:, 0] == SPAN) & (a[:, 1] == code) & (a[:, 8] - a[:, 5] >= SHORT_S)]
-            if len(w):
-                c = self._code(wait)
-                rows.append(np.column_stack([np.full(len(w), ASYNC), np.full(len(w), c), np.full(len(w), self.pid),
-                                             np.full(len(w), c), w[:, 5], w[:, 8], w[:, 6], w[:, 7],
-                                             np.zeros(len(w))]))
-        return np.concatenate([a, *rows]) if rows else a
+            if code is not None:
+                m = np.flatnonzero((name == code) & (kind == SPAN) & (then - end >= SHORT_S))
+                if len(m):
+                    c, k = self._code(wait), len(m)
+                    waits.append([_full(k, ASYNC), _full(k, c), _full(k, self.pid), _full(k, c), end[m], then[m],
+                                  index[m], attempt[m], _full(k, 0.0), _full(k, -1)])
+        return waits
 
-    def events(self, n: int) -> tuple[list[str], list[bytes]]:
+    def events(self, n: int, pool: ThreadPoolExecutor | None = None) -> tuple[list[str], list[list]]:
         """The first ``n`` recorded events (``n`` at most the capacity) as trace-event JSON: the few with args
-        of their own (instants, counters, a dispatch; and the processes' and lanes' names) as a list of JSON
-        objects; the many spans and waits as blocks of bytes, each event preceded by ``,\\n``. That block is
-        built by numpy, not by a format per event (that cost a tiny-batch run 7%, a JSON encoder 20%, on a
-        2-core VM): events alike in all but their batch and times share a line's constant parts, and the
-        numbers of a column are written to a common width (``_digits``: JSON allows the spaces)."""
+        of their own (instants, counters; and the processes' and lanes' names) as a list of JSON objects;
+        the many spans and waits as blocks of lines to make (``_lines``' parts: each event preceded by
+        ``,\\n``). Those blocks are made by numpy, not by a format per event (that cost a tiny-batch run 7%,
+        a JSON encoder 20%, on a 2-core VM): events alike in all but their batch and times share a line's
+        constant parts, and the numbers of a column are written to a common width (``_digits``: JSON allows
+        the spaces). ``pool``: threads that make the columns of numbers side by side (numpy lets go of the
+        GIL)."""
         enc = json.JSONEncoder(separators=(",", ":"), default=str).encode
-        a = self._with_waits(np.frombuffer(self._mem, np.float64, n * FIELDS).reshape(n, FIELDS))
-        n = len(a)
+        raw = np.frombuffer(self._mem, np.float64, n * FIELDS).reshape(n, FIELDS)
+        workers = raw[:, 0] == WORKER
+        number = np.flatnonzero(~workers & (raw[:, 0] > 0))  # (each row's event number, for ``extra``; made: -1)
+        base = raw[number]
+        self._started(base, raw[workers])
+        parts = [[base[:, c] for c in range(9)] + [number], *self._stages(raw[workers])]
+        parts += [w for p in parts for w in self._waits(p)]
+        kind, name, pid, lane, start, end, index, attempt, _, number = (np.concatenate(c) for c in zip(*parts))
+        kind, name, pid, lane, index, attempt, number = (
+            c.astype(np.int64) for c in (kind, name, pid, lane, index, attempt, number))
+        ts = np.rint((start - self.t0) * 1e6).astype(np.int64)
+        te = np.rint((end - self.t0) * 1e6).astype(np.int64)
         text = [""] * len(self.codes)
         for t, code in self.codes.items():
             text[code] = t
-        kind, name, pid, lane, index, attempt = a[:, [0, 1, 2, 3, 6, 7]].astype(np.int64).T
-        ts = np.rint((a[:, 4] - self.t0) * 1e6).astype(np.int64)
-        te = np.rint((a[:, 5] - self.t0) * 1e6).astype(np.int64)
         keys, tid = np.unique(pid * 65536 + lane, return_inverse=True)
         tid = tid.reshape(-1) + 1
         safe = np.array([enc(t) == f'"{t}"' for t in text] or [True])
-        extra = np.zeros(n, bool)
-        extra[[e for e in self.extra if e < n]] = True
-        bulk = (((kind == SPAN) | (kind == ASYNC)) & (index >= 0) & (attempt >= 0) & (attempt < 65536) & (ts >= 0)
-                & (te >= ts) & ~extra & safe[name])
-        block = []
+        extra = np.isin(number, np.fromiter(self.extra, np.int64, len(self.extra)))
+        counted = np.isin(name, [self.codes[c] for c in COUNTS if c in self.codes])  # (their index: a count)
+        bulk = (((kind == SPAN) | (kind == ASYNC)) & ((index >= 0) | counted) & (attempt >= 0) & (attempt < 65536)
+                & (ts >= 0) & (te >= ts) & ~extra & safe[name])
+        block: list[list] = []
         if bulk.any():
             sel = np.flatnonzero(bulk)
             key = (tid[sel] << 44) | (kind[sel] << 40) | (name[sel] << 16) | attempt[sel]  # (a lane is a pid's)
             groups, which = np.unique(key, return_inverse=True)
             order = np.argsort(which.reshape(-1), kind="stable")
-            bounds = np.searchsorted(which.reshape(-1)[order], np.arange(len(groups) + 1))
-            for g, first in enumerate(sel[order[bounds[:-1]]].tolist()):
+            bounds = np.searchsorted(which.reshape(-1)[order], np.arange(len(groups) + 1)).tolist()
+            sel = sel[order]  # (grouped; each column's digits made once, for all of them)
+            i, t0, t1 = index[sel], ts[sel], te[sel]
+            ends = np.where(kind[sel] == SPAN, t1 - t0, t1)  # (a span's duration, a wait's end)
+            wide, at_ts, at_end = (pool.map if pool else map)(_digits, [i, t0, ends])
+            digits = _count(i)
+            named = _tailed(wide, digits, '"')  # (a first attempt's name ends there)
+            for g, first in enumerate(sel[bounds[:-1]].tolist()):
                 k, nm, p, t, at = (int(c[first]) for c in (kind, name, pid, tid, attempt))
-                rows = sel[order[bounds[g]:bounds[g + 1]]]
-                nm, again = text[nm], f" (attempt {at})" if at > 1 else ""
-                i, t0, t1 = index[rows], ts[rows], te[rows]
-                named = _digits(i, f'{again}"')
-                head = [f',\n{{"name":"{nm} ', named, f',"cat":"{nm}","pid":{p},"tid":{t},"ts":', _digits(t0)]
-                tail = [',"args":{"batch":', _digits(i), f',"attempt":{at}}}}}']
+                rows = slice(bounds[g], bounds[g + 1])
+                nm, num = text[nm], wide[rows]
+                if nm in COUNTS:  # a count in its args, not a batch in its name
+                    head = [f',\n{{"name":"{nm}","cat":"{nm}","pid":{p},"tid":{t},"ts":', at_ts[rows]]
+                    tail = [f',"args":{{"{COUNTS[nm]}":', num, "}}"]
+                else:
+                    head = [f',\n{{"name":"{nm} ', named[rows] if at == 1 else
+                            _tailed(num, digits[rows], f' (attempt {at})"'),
+                            f',"cat":"{nm}","pid":{p},"tid":{t},"ts":', at_ts[rows]]
+                    tail = [',"args":{"batch":', num, f',"attempt":{at}}}}}']
                 if k == SPAN:
-                    block.append(_lines(head + [',"ph":"X","dur":', _digits(t1 - t0)] + tail))
-                else:  # an async span: begin and end, matched by id
-                    ident = _digits(i, f'-{at}"')
-                    block.append(_lines(head + [f',"ph":"b","id":"{nm}-', ident] + tail))
-                    head[-1] = _digits(t1)
-                    block.append(_lines(head + [f',"ph":"e","id":"{nm}-', ident, "}"]))
+                    block.append(head + [',"ph":"X","dur":', at_end[rows]] + tail)
+                    continue
+                # an async span: begin and end, matched by id ("<its name's place in WAITS>:<batch>[-attempt]")
+                ident = [f',"id":"{list(WAITS.values()).index(nm) if nm in WAITS.values() else nm}:',
+                         named[rows] if at == 1 else _tailed(num, digits[rows], f'-{at}"')]
+                block.append(head + [',"ph":"b"'] + ident + tail)
+                block.append(head[:-1] + [at_end[rows], ',"ph":"e"'] + ident + ["}"])
         out: list[str] = []
         for e in np.flatnonzero(~bulk & (kind > 0)).tolist():
             k, nm, p, t, i, at = int(kind[e]), text[name[e]], int(pid[e]), int(ts[e]), int(index[e]), int(attempt[e])
-            args = self.extra.get(e)
+            args = self.extra.get(int(number[e]))
             if k == COUNTER:
                 out.append(enc({"name": "pipeline", "ph": "C", "pid": p, "ts": t, "args": args}))
                 continue
+            if nm in COUNTS:
+                args, i = dict(args or {}, **{COUNTS[nm]: i}), -1
             ev = {"name": nm if i < 0 else f"{nm} {i}" + (f" (attempt {at})" if at > 1 else ""), "cat": nm,
                   "pid": p, "tid": int(tid[e]), "ts": t,
                   "args": dict({"batch": i, "attempt": at} if i >= 0 else {}, **(args or {}))}
@@ -275,14 +345,17 @@ class Recorder:
         if summary is not None:
             other.update(bottleneck=summary.get("bottleneck"), wall_s=summary.get("wall_s"),
                          kernel=summary.get("kernel"), checksum=summary.get("checksum"))
-        events, block = self.events(min(n, self.capacity))
         path = os.path.abspath(self.path)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "wb") as f:
+        # (at the run's end its workers are idle: threads make the blocks side by side, and the file is
+        # written while the next ones are made)
+        threads = min(THREADS, usable_cpus())
+        with ThreadPoolExecutor(threads, thread_name_prefix="pipeline-trace") as pool, open(tmp, "wb") as f:
+            events, block = self.events(min(n, self.capacity), pool)
             f.write(('{"displayTimeUnit":"ms","otherData":' + json.dumps(other, default=str) + ',"traceEvents":[\n'
                      + ",\n".join(events)).encode())  # (never empty: the main's name comes first)
-            for b in block:
+            for b in pool.map(_lines, block):
                 f.write(b)
             f.write(b"]}\n")
         if os.path.exists(path):  # (renamed over an old file, ext4 writes the new one back first: 10 ms)
@@ -291,31 +364,51 @@ class Recorder:
         return path
 
 
-def _digits(x: np.ndarray, tail: str | None = None) -> np.ndarray:
+def _full(n: int, value: float) -> np.ndarray:
+    return np.full(n, value, np.float64)
+
+
+def _count(x: np.ndarray) -> np.ndarray:
+    """The decimal digits of each non-negative integer of ``x``."""
+    return np.searchsorted(_POWERS, x, side="right").clip(1)
+
+
+def _digits(x: np.ndarray) -> np.ndarray:
     """Non-negative integers as rows of bytes of one width (``_lines`` puts such blocks side by side): each
-    number's decimal digits right-aligned after spaces (a JSON number may follow spaces); with ``tail``,
-    the digits left-aligned, then ``tail``, then spaces (inside a JSON string: the tail closes it)."""
-    nd = np.searchsorted(_POWERS, x, side="right").clip(1)  # each number's digits
-    d = int(nd.max())
-    right, q = np.empty((len(x), d), np.uint8), x
-    for k in range(d - 1, -1, -1):  # (a column at a time: 1-D operations, five times faster than 2-D)
-        done = q == 0  # (nothing left: a leading zero, written as a space; but a number 0's one digit)
-        q, r = np.divmod(q, 10)
-        right[:, k] = np.where(done, 32, r + 48) if k < d - 1 else r + 48
-    if tail is None:
-        return right
-    # the row read from its first digit on, through the tail and spaces that follow it
-    rest = np.broadcast_to(np.frombuffer((tail + " " * d).encode(), np.uint8), (len(x), len(tail) + d))
+    number's decimal digits right-aligned after spaces (a JSON number may follow spaces)."""
+    d = int(_count(x.max(initial=0)))
+    right, q = np.empty((d, len(x)), np.uint8), x
+    for k in range(d - 1, -1, -1):  # (a digit of every number at a time: 1-D operations, 5x faster than 2-D)
+        n = q // 10  # (by a constant: numpy's libdivide, faster than divmod)
+        right[k] = (q - n * 10).astype(np.uint8) + 48
+        if k < d - 1:
+            right[k][q == 0] = 32  # (nothing left: a leading zero, written as a space; but a number 0's one digit)
+        q = n
+    return right.T
+
+
+def _tailed(right: np.ndarray, digits: np.ndarray, tail: str) -> np.ndarray:
+    """``_digits``' rows (``digits``: each number's count) left-aligned, then ``tail``, then spaces: inside a
+    JSON string, the tail closes it."""
+    d = right.shape[1]
+    rest = np.broadcast_to(np.frombuffer((tail + " " * d).encode(), np.uint8), (len(right), len(tail) + d))
     both = np.concatenate([right, rest], axis=1)
-    return np.take_along_axis(both, (d - nd)[:, None] + np.arange(d + len(tail)), axis=1)
+    return np.take_along_axis(both, (d - digits)[:, None] + np.arange(d + len(tail)), axis=1)
 
 
-def _lines(parts: list) -> bytes:
+def _lines(parts: list) -> np.ndarray:
     """Rows of bytes, each the concatenation of ``parts``: text (the same in every row) or ``_digits``."""
     n = next(len(p) for p in parts if not isinstance(p, str))
-    cols = [np.broadcast_to(np.frombuffer(p.encode(), np.uint8), (n, len(p.encode()))) if isinstance(p, str)
-            else p for p in parts]
-    return np.concatenate(cols, axis=1).tobytes()
+    width = [len(p.encode()) if isinstance(p, str) else p.shape[1] for p in parts]
+    out = np.empty((n, sum(width)), np.uint8)
+    out[:] = np.frombuffer(b"".join(p.encode() if isinstance(p, str) else b" " * w for p, w in zip(parts, width)),
+                           np.uint8)  # (the text: one copy of a row; then the numbers)
+    at = 0
+    for p, w in zip(parts, width):
+        if not isinstance(p, str):
+            out[:, at:at + w] = p
+        at += w
+    return out
 
 
 def read(path: str) -> dict:

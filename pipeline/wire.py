@@ -59,7 +59,6 @@ class Task:
     batch: Any = None  # (main side) a caller's batch record, to build it again for a retry
     digest: bool = False  # the worker sends the result's digest with it (outputs.batch_digest)
     trace: bool = False  # the worker sends its spans with the result (NOTE [ Trace ] in trace.py)
-    traced: int = -1  # (main side, tracing) its build's event in the trace (trace.Recorder.until)
 
     def __reduce__(self):  # what travels: no main-side bookkeeping (and a tuple pickles faster than a dict)
         return (Task, (self.index, self.attempt, self.ring, self.slot_bytes, self.desc, self.array, None,

@@ -5,7 +5,9 @@ traced, then traced then plain, and so on: a drift in the machine's speed cancel
 times each (this machine's speed drifts: a ratio is only meaningful between runs side by side); the traced
 run's time includes writing its JSON file, as a user's would. Prints one line per size and a JSON list.
 
-    python scripts/bench_trace.py [--rounds 7] [--workers 2] [--only tiny|16mb] [--json out.json]
+    python scripts/bench_trace.py [--rounds 7] [--workers 2] [--only tiny|16mb] [--scale 1] [--json out.json]
+
+``--scale N`` runs N times the batches (longer runs: a short stall of the machine weighs less in each).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ def measure(name: str, size: dict, workers: int, rounds: int, kernel: str) -> di
     spec = kernels.spec_for(cfg.kernel.name, dict(cfg.kernel.params), cfg.kernel.precision)
     src = open_source(cfg.source)
     path = os.path.join(tempfile.gettempdir(), f"bench-trace-{os.getpid()}.json")
-    plain, traced, events = [], [], 0
+    plain, traced, writes, events = [], [], [], 0
     with make_executor(cfg, spec) as ex:
         for _ in ex.stream(Work.of(src), ordered=True):  # warm: every worker up, the ring mapped
             pass
@@ -46,15 +48,22 @@ def measure(name: str, size: dict, workers: int, rounds: int, kernel: str) -> di
                 for _ in ex.stream(Work.of(src, trace=rec), ordered=True):
                     pass
                 if rec is not None:
+                    t1 = time.perf_counter()
                     rec.write()
+                    writes.append(time.perf_counter() - t1)
                     events = rec.recorded
                 (traced if trace else plain).append(time.perf_counter() - t0)
     os.unlink(path)
     ratios = [t / p for p, t in zip(plain, traced)]
     print("  paired ratios:", " ".join(f"{x:.3f}" for x in ratios), flush=True)
+    runs = [(t - w) / p for p, t, w in zip(plain, traced, writes)]
+    print(f"  of which writing the file: {statistics.median(writes) * 1e3:.1f} ms (median); the run without it: "
+          f"{statistics.median(runs) - 1:+.1%} (median)", flush=True)
     row = {"size": name, "batches": cfg.source.batches, "workers": workers, "kernel": kernel, "rounds": rounds,
            "plain_s": round(statistics.median(plain), 4), "traced_s": round(statistics.median(traced), 4),
            "overhead": round(statistics.median(ratios) - 1, 4), "events": events,
+           "write_s": round(statistics.median(writes), 4),
+           "overhead_without_write": round(statistics.median(runs) - 1, 4),
            "batches_per_s_plain": round(cfg.source.batches / statistics.median(plain), 1),
            "batches_per_s_traced": round(cfg.source.batches / statistics.median(traced), 1)}
     print(f"{name:30} {row['batches_per_s_plain']:>9} batches/s plain, {row['batches_per_s_traced']:>9} traced: "
@@ -69,8 +78,9 @@ def main() -> None:
     ap.add_argument("--kernel", default="sum")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--only", choices=["16mb", "tiny"], help="measure one size")
+    ap.add_argument("--scale", type=int, default=1, help="N times the batches of each size")
     a = ap.parse_args()
-    rows = [measure(n, s, a.workers, a.rounds, a.kernel) for n, s in SIZES.items()
+    rows = [measure(n, dict(s, batches=s["batches"] * a.scale), a.workers, a.rounds, a.kernel) for n, s in SIZES.items()
             if a.only is None or n.lower().startswith(a.only.replace("mb", " mb"))]
     out = {"machine": {"cpus": devices.usable_cpus()}, "results": rows}
     if a.json:

@@ -133,6 +133,48 @@ def test_the_recorder_keeps_its_bound_and_counts_what_it_dropped(tmp_path):
     assert len(spans_of(evs, "build")) == 5 and doc["otherData"]["dropped_events"] == 3 and rec.dropped == 3
 
 
+def test_the_file_holds_each_recorded_event_as_written(tmp_path):
+    """What the hot path stores compactly (a batch's worker stages and return in one event, waits as the
+    ends of spans, a dispatch's count in its index) comes out as the spans and waits it stands for, in
+    numbers exact to the microsecond, with a retry's attempt in its names and ids."""
+    rec = Recorder(str(tmp_path / "t.json"))
+    off = rec.offset
+    t = time.perf_counter() + 1.0  # (1 s into the trace: ts are microseconds from its start)
+    ms = 1e-3
+    rec.span("build", "pipeline-build-0", t, t + 2 * ms, 7, 1)  # batch 7: built, then waits for a worker 3 ms
+    stamps = (t + 5 * ms, t + 6 * ms, t + 8 * ms, t + 11 * ms, t + 12 * ms)  # start, decoded, copied, computed, back
+    e = rec.worker(4242, (off, *stamps, 1 | 2), 7, 1, sent=t + 13 * ms + off)  # decoded there, CUDA copy
+    rec.until(e, t + 100 * ms)  # its return ends now (wall clock); then waits for its turn until t + 100 ms
+    rec.span("build", "pipeline-build-0", t, t + 1 * ms, 8, 2)  # a retry: attempt 2, on the CPU
+    rec.worker(4242, (off, t + 2 * ms, t + 2 * ms, t + 2.5 * ms, t + 4 * ms, t + 4.005 * ms, 0), 8, 2)
+    rec.span("dispatch", "pipeline-supervisor", t + 4 * ms, t + 5 * ms, 3)  # (its index: 3 batches)
+    rec.write()
+    _, evs = events(tmp_path / "t.json")
+    us = lambda x: round((x + off - rec.t0) * 1e6)  # noqa: E731
+    x = {(e["name"], e["ph"]): e for e in evs if e["ph"] in "Xbe"}
+    assert len(x) == len([e for e in evs if e["ph"] in "Xbe"])  # (no name twice)
+    build = x[("build 7", "X")]
+    assert (build["ts"], build["dur"], build["args"]) == (us(t), us(t + 2 * ms) - us(t), {"batch": 7, "attempt": 1})
+    for name, a, b in (("decode 7", 0, 1), ("h2d 7", 1, 2), ("compute 7", 2, 3), ("d2h 7", 3, 4)):
+        span = x[(name, "X")]
+        assert (span["pid"], span["ts"], span["dur"]) == (4242, us(stamps[a]), us(stamps[b]) - us(stamps[a])), name
+    assert x[("return 7", "X")]["ts"] == us(t + 13 * ms) and x[("return 7", "X")]["dur"] >= 0
+    waited = x[("waiting for a worker 7", "b")], x[("waiting for a worker 7", "e")]
+    assert [w["ts"] for w in waited] == [us(t + 2 * ms), us(stamps[0])] and waited[0]["id"] == waited[1]["id"]
+    order = x[("waiting for order 7", "b")], x[("waiting for order 7", "e")]
+    assert order[1]["ts"] == us(t + 100 * ms) and order[0]["id"] == order[1]["id"] != waited[0]["id"]
+    retry = x[("build 8 (attempt 2)", "X")]
+    assert retry["args"] == {"batch": 8, "attempt": 2}
+    assert ("stage 8 (attempt 2)", "X") in x and ("compute 8 (attempt 2)", "X") in x
+    assert ("d2h 8 (attempt 2)", "X") not in x  # (5 us: under SHORT_S)
+    assert ("return 8 (attempt 2)", "X") not in x  # (no return: recorded without one, as a Ray actor's)
+    wait = x[("waiting for a worker 8 (attempt 2)", "b")]
+    assert wait["ts"] == us(t + 1 * ms) and "-2" in wait["id"]
+    assert x[("waiting for a worker 8 (attempt 2)", "e")]["ts"] == us(t + 2 * ms)
+    dispatch = x[("dispatch", "X")]
+    assert dispatch["args"] == {"batches": 3} and dispatch["dur"] == us(t + 5 * ms) - us(t + 4 * ms)
+
+
 # -- the verdict: four constructed runs ------------------------------------------------------------------
 @pytest.mark.timeout(120)
 def test_verdict_build_bound_says_more_build_threads():

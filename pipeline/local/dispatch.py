@@ -29,7 +29,6 @@ from multiprocessing.connection import wait
 
 from .. import fields, wire
 from ..contracts import Outcome
-from ..trace import SPAN
 from ..wire import COPIED, FATAL, NOTE, PACKED, READY, RESULT, RETIRE, Task
 from .procs import Child
 from .worker import HOLD_S
@@ -130,16 +129,8 @@ class WorkerSide:
         if sends:
             t1 = time.perf_counter()
             run.breakdown["dispatch_s"] += t1 - t0
-            if run.trace is not None:
-                self._traced(sends, t0, t1)
-
-    def _traced(self, sends: dict, t0: float, t1: float) -> None:
-        """NOTE [ Trace ] in trace.py: the dispatch, and each batch's wait for a worker, into the trace."""
-        trace = self.run.trace
-        trace.span("dispatch", "pipeline-supervisor", t0, t1, args={"batches": sum(len(t) for _, t in sends.values())})
-        for _, tasks in sends.values():
-            for task in tasks:
-                trace.until(task.traced, t0)  # (its build's event: the wait for a worker ends)
+            if run.trace is not None:  # NOTE [ Trace ] in trace.py (its index: the count of batches, COUNTS)
+                run.trace.span("dispatch", "pipeline-supervisor", t0, t1, sum(len(t) for _, t in sends.values()))
 
     # -- back -----------------------------------------------------------------------------------------------
     def pump(self, timeout: float) -> None:
@@ -200,10 +191,8 @@ class WorkerSide:
             self._account(info)
             info["pid"], info["device"], info["_done_at"] = w.pid, w.device, time.perf_counter()
             if run.trace is not None and "spans" in info:
-                run.trace.worker(w.pid, info.pop("spans"), task.index, task.attempt)
-                # (the wait for its turn follows: handover's ``until``)
-                info["_traced"] = run.trace.store(SPAN, "return", w.pid, "return", info["sent"], time.time(),
-                                                  task.index, task.attempt)
+                # its stages and its return, one event (the wait for its turn follows: handover's ``until``)
+                info["_traced"] = run.trace.worker(w.pid, info.pop("spans"), task.index, task.attempt, info["sent"])
                 if info.get("splits"):
                     run.trace.instant("split", "compute", task.index, task.attempt, w.pid,
                                       {"halvings": info["splits"]})

@@ -74,7 +74,7 @@ class Run:
                     self.ex.figures["put_bytes"] += batch_nbytes(arr)
                     self.ex.breakdown["build_s"] += time.perf_counter() - t0
                     if self.trace is not None:
-                        self.trace.here("build", t0, index)
+                        self.trace.here("build", t0, index, attempt)
             rank = min(free, key=lambda r: len(self.queues[r]))
             if not self.queues[rank]:
                 self.since[rank] = time.monotonic()
