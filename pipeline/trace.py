@@ -218,7 +218,7 @@ class Recorder:
             return
         builds = np.flatnonzero((base[:, 0] == SPAN) & (base[:, 1] == code))
         keys = w[:, 6] * 65536 + w[:, 7]
-        order = np.lexsort((w[:, 4], keys))
+        order = np.argsort(keys, kind="stable")  # (they come as they arrived: the earliest first)
         keys = keys[order]
         want = base[builds, 6] * 65536 + base[builds, 7]
         at = np.searchsorted(keys, want).clip(max=len(keys) - 1)
@@ -257,7 +257,8 @@ class Recorder:
         self._started(base, raw[workers])
         parts = [[base[:, c] for c in range(9)] + [number], *self._stages(raw[workers])]
         parts += [w for p in parts for w in self._waits(p)]
-        kind, name, pid, lane, start, end, index, attempt, _, number = (np.concatenate(c) for c in zip(*parts))
+        kind, name, pid, lane, start, end, index, attempt, number = (
+            np.concatenate([p[c] for p in parts]) for c in (0, 1, 2, 3, 4, 5, 6, 7, 9))
         kind, name, pid, lane, index, attempt, number = (
             c.astype(np.int64) for c in (kind, name, pid, lane, index, attempt, number))
         ts = np.rint((start - self.t0) * 1e6).astype(np.int64)
@@ -276,15 +277,15 @@ class Recorder:
         if bulk.any():
             sel = np.flatnonzero(bulk)
             key = (tid[sel] << 44) | (kind[sel] << 40) | (name[sel] << 16) | attempt[sel]  # (a lane is a pid's)
-            groups, which = np.unique(key, return_inverse=True)
-            order = np.argsort(which.reshape(-1), kind="stable")
-            bounds = np.searchsorted(which.reshape(-1)[order], np.arange(len(groups) + 1)).tolist()
+            order = np.argsort(key, kind="stable")
+            key = key[order]
+            bounds = [0, *(np.flatnonzero(key[1:] != key[:-1]) + 1).tolist(), len(key)]
             sel = sel[order]  # (grouped; each column's digits made once, for all of them)
             i, t0, t1 = index[sel], ts[sel], te[sel]
             ends = np.where(kind[sel] == SPAN, t1 - t0, t1)  # (a span's duration, a wait's end)
-            wide, at_ts, at_end = (pool.map if pool else map)(_digits, [i, t0, ends])
+            jobs = [(_digits, i), (_named, i), (_digits, t0), (_digits, ends)]
+            wide, named, at_ts, at_end = (pool.map if pool else map)(lambda job: job[0](job[1]), jobs)
             digits = _count(i)
-            named = _tailed(wide, digits, '"')  # (a first attempt's name ends there)
             for g, first in enumerate(sel[bounds[:-1]].tolist()):
                 k, nm, p, t, at = (int(c[first]) for c in (kind, name, pid, tid, attempt))
                 rows = slice(bounds[g], bounds[g + 1])
@@ -385,6 +386,11 @@ def _digits(x: np.ndarray) -> np.ndarray:
             right[k][q == 0] = 32  # (nothing left: a leading zero, written as a space; but a number 0's one digit)
         q = n
     return right.T
+
+
+def _named(x: np.ndarray) -> np.ndarray:
+    """``x``'s digits left-aligned, then ``"``: the end of a first attempt's name."""
+    return _tailed(_digits(x), _count(x), '"')
 
 
 def _tailed(right: np.ndarray, digits: np.ndarray, tail: str) -> np.ndarray:

@@ -32,19 +32,32 @@ SIZES = {"16 MB (4096 x 1024 float32)": dict(rows=4096, cols=1024, batches=96),
          "tiny (16 x 16 float32)": dict(rows=16, cols=16, batches=4000)}
 
 
+def cpu_s(pids: list[int]) -> float:
+    """CPU seconds used so far by this process and ``pids`` (Linux: /proc)."""
+    me = os.times()
+    total = me.user + me.system
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def measure(name: str, size: dict, workers: int, rounds: int, kernel: str) -> dict:
     cfg = resolve(None, dict(size, workers=workers, kernel=kernel, progress=False))
     spec = kernels.spec_for(cfg.kernel.name, dict(cfg.kernel.params), cfg.kernel.precision)
     src = open_source(cfg.source)
     path = os.path.join(tempfile.gettempdir(), f"bench-trace-{os.getpid()}.json")
     plain, traced, writes, events = [], [], [], 0
+    cpu: dict[bool, list] = {False: [], True: []}
     with make_executor(cfg, spec) as ex:
         for _ in ex.stream(Work.of(src), ordered=True):  # warm: every worker up, the ring mapped
             pass
+        pids = [w.pid for w in ex.workers]
         for r in range(rounds):
             for trace in ((False, True) if r % 2 == 0 else (True, False)):  # (ABBA: a drift cancels out)
                 rec = Recorder(path) if trace else None
-                t0 = time.perf_counter()
+                c0, t0 = cpu_s(pids), time.perf_counter()
                 for _ in ex.stream(Work.of(src, trace=rec), ordered=True):
                     pass
                 if rec is not None:
@@ -53,16 +66,22 @@ def measure(name: str, size: dict, workers: int, rounds: int, kernel: str) -> di
                     writes.append(time.perf_counter() - t1)
                     events = rec.recorded
                 (traced if trace else plain).append(time.perf_counter() - t0)
+                cpu[trace].append(cpu_s(pids) - c0)
     os.unlink(path)
     ratios = [t / p for p, t in zip(plain, traced)]
     print("  paired ratios:", " ".join(f"{x:.3f}" for x in ratios), flush=True)
+    used = statistics.median(t / p for p, t in zip(cpu[False], cpu[True])) - 1
+    print(f"  CPU time of the main and its workers, traced against plain: {used:+.1%} (median; time stolen by the "
+          f"machine's host is not in it)", flush=True)
     runs = [(t - w) / p for p, t, w in zip(plain, traced, writes)]
+    fastest = min(traced) / min(plain) - 1  # (the least disturbed run of each: a stall only adds time)
+    print(f"  the fastest traced run against the fastest plain one: {fastest:+.1%}", flush=True)
     print(f"  of which writing the file: {statistics.median(writes) * 1e3:.1f} ms (median); the run without it: "
           f"{statistics.median(runs) - 1:+.1%} (median)", flush=True)
     row = {"size": name, "batches": cfg.source.batches, "workers": workers, "kernel": kernel, "rounds": rounds,
            "plain_s": round(statistics.median(plain), 4), "traced_s": round(statistics.median(traced), 4),
            "overhead": round(statistics.median(ratios) - 1, 4), "events": events,
-           "write_s": round(statistics.median(writes), 4),
+           "overhead_fastest": round(fastest, 4), "overhead_cpu": round(used, 4), "write_s": round(statistics.median(writes), 4),
            "overhead_without_write": round(statistics.median(runs) - 1, 4),
            "batches_per_s_plain": round(cfg.source.batches / statistics.median(plain), 1),
            "batches_per_s_traced": round(cfg.source.batches / statistics.median(traced), 1)}
