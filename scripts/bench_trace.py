@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -70,6 +71,11 @@ def measure(name: str, size: dict, workers: int, rounds: int, kernel: str) -> di
     os.unlink(path)
     ratios = [t / p for p, t in zip(plain, traced)]
     print("  paired ratios:", " ".join(f"{x:.3f}" for x in ratios), flush=True)
+    rng = random.Random(0)  # (a 95% bootstrap interval of the median ratio: how far noise moves it)
+    boot = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(2000))
+    low, high = boot[50] - 1, boot[1949] - 1
+    print(f"  median paired overhead {statistics.median(ratios) - 1:+.1%}, 95% bootstrap interval {low:+.1%} .. "
+          f"{high:+.1%}", flush=True)
     used = statistics.median(t / p for p, t in zip(cpu[False], cpu[True])) - 1
     print(f"  CPU time of the main and its workers, traced against plain: {used:+.1%} (median; time stolen by the "
           f"machine's host is not in it)", flush=True)
@@ -81,7 +87,7 @@ def measure(name: str, size: dict, workers: int, rounds: int, kernel: str) -> di
     row = {"size": name, "batches": cfg.source.batches, "workers": workers, "kernel": kernel, "rounds": rounds,
            "plain_s": round(statistics.median(plain), 4), "traced_s": round(statistics.median(traced), 4),
            "overhead": round(statistics.median(ratios) - 1, 4), "events": events,
-           "overhead_fastest": round(fastest, 4), "overhead_cpu": round(used, 4), "write_s": round(statistics.median(writes), 4),
+           "overhead_interval": [round(low, 4), round(high, 4)], "overhead_fastest": round(fastest, 4), "overhead_cpu": round(used, 4), "write_s": round(statistics.median(writes), 4),
            "overhead_without_write": round(statistics.median(runs) - 1, 4),
            "batches_per_s_plain": round(cfg.source.batches / statistics.median(plain), 1),
            "batches_per_s_traced": round(cfg.source.batches / statistics.median(traced), 1)}
