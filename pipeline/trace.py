@@ -61,14 +61,16 @@ SPAN, INSTANT, ASYNC, COUNTER, WORKER = 1, 2, 3, 4, 5
 WAITS = {"build": "waiting for a worker", "return": "waiting for order"}  # span -> the wait that follows it
 COUNTS = {"dispatch": "batches"}  # spans whose index column is a count (its args' key), not a batch
 _POWERS = 10 ** np.arange(19, dtype=np.int64)
-FIELDS = 15
+FIELDS = 20
 # a WORKER event is one batch's time in a worker, made spans when the file is written (``_stages``): its
 # stamps (start = received, decoded, copied, computed, end = its result on the host, columns 4, 9, 10, 11,
 # 5), its return to the main (sent, received: 12, 13; 0 without one), its flags (14); ``then`` ends the
-# wait for order after the return
+# wait for order after the return; and the batch's build, when the main built it (start, end, lane, pid,
+# attempt: 15-19; 0 without one)
 EVENT_BYTES = 8 * FIELDS
 _pack = struct.Struct("8d").pack_into  # (then and the WORKER columns: 0)
 _pack_worker = struct.Struct(f"{FIELDS}d").pack_into
+_NO_BUILD = (0.0, 0.0, "build", 0, 0)
 _then = struct.Struct("d").pack_into
 
 
@@ -147,18 +149,33 @@ class Recorder:
         """A span on the calling thread's lane, from ``start`` to now."""
         self.span(name, threading.current_thread().name, start, time.perf_counter(), index, attempt, args=args)
 
-    def worker(self, pid: int, spans: tuple, index: int, attempt: int, sent: float = 0.0) -> int:
+    def worker(self, pid: int, spans: tuple, index: int, attempt: int, sent: float = 0.0,
+               built: tuple | None = None) -> int:
         """A batch's stages in a worker or actor (``Computer``'s ``spans``: its clock offset, five stamps and
-        flags: decoded there, CUDA, its copy started ahead) and, with ``sent`` (that process's wall clock
-        when it sent the result), its return to the main until now: one event (``WORKER``), made spans when
-        the file is written; its number (for ``until``: the wait for order that follows the return)."""
+        flags: decoded there, CUDA, its copy started ahead); with ``sent`` (that process's wall clock when it
+        sent the result), its return to the main until now; with ``built`` (``Task.built``: start, end, lane,
+        build process or 0, attempt; the main's perf_counter), its build: one event (``WORKER``), made spans
+        when the file is written; its number (for ``until``: the wait for order that follows the return)."""
         off, t0, t_decoded, t1, t2, t3, flags = spans
         i = next(self._next)
         if i >= self.capacity:
             return -1
+        b0, b1, lane, bpid, battempt = built or _NO_BUILD
+        ln = self.codes.get(lane)
+        if ln is None:
+            ln = self._code(lane)
+        main = self.offset if built else 0.0
         _pack_worker(self._mem, i * EVENT_BYTES, WORKER, 0, pid, 0, t0 + off, t3 + off, index, attempt, 0.0,
-                     t_decoded + off, t1 + off, t2 + off, sent, time.time() if sent else 0.0, flags)
+                     t_decoded + off, t1 + off, t2 + off, sent, time.time() if sent else 0.0, flags,
+                     b0 + main, b1 + main, ln, bpid or self.pid, battempt)
         return i
+
+    def built(self, task) -> None:
+        """``task``'s build (``Task.built``) as a span of its own, once: its batch ends without a result."""
+        if task.built is not None:
+            start, end, lane, pid, attempt = task.built
+            task.built = None
+            self.span("build", lane, start, end, task.index, attempt, pid or None)
 
     def instant(self, name: str, lane: str = "pipeline-supervisor", index: int = -1, attempt: int = 0,
                 pid: int | None = None, args: dict | None = None) -> None:
@@ -186,28 +203,32 @@ class Recorder:
     # -- the file ------------------------------------------------------------------------------------
     def _stages(self, w: np.ndarray) -> list[list[np.ndarray]]:
         """WORKER events (``worker``) as the spans of their stages, each stage's as columns (``COLUMNS``):
-        decode (decoded there), the copy to the device ("h2d", or "h2d wait" for a copy started ahead) on
-        the copy lane, else a staging copy ("stage"), compute, the copy back ("d2h"), the return; a staging
-        copy or a copy back shorter than ``SHORT_S`` left out."""
+        its build in the main (its wait for a worker ends when this worker started it), decode (decoded
+        there), the copy to the device ("h2d", or "h2d wait" for a copy started ahead) on the copy lane,
+        else a staging copy ("stage"), compute, the copy back ("d2h"), the return; a staging copy or a copy
+        back shorter than ``SHORT_S`` left out."""
         flags = w[:, 14].astype(np.int64)
         t0, t3, then, td, t1, t2, sent, got = (w[:, c] for c in (4, 5, 8, 9, 10, 11, 12, 13))
         compute, copy, back = self._code("compute"), self._code("copy"), self._code("return")
-        stages = [(flags & 1 > 0, "decode", compute, t0, td, None),
-                  (flags & 6 == 2, "h2d", copy, td, t1, None),
-                  (flags & 6 == 6, "h2d wait", copy, td, t1, None),
-                  ((flags & 2 == 0) & (t1 - td > SHORT_S), "stage", compute, td, t1, None),
-                  (None, "compute", compute, t1, t2, None),
-                  (t3 - t2 > SHORT_S, "d2h", compute, t2, t3, None),
-                  (got > 0, "return", back, sent, got, then)]
+        pid, attempt, none = w[:, 2], w[:, 7], None
+        stages = [(w[:, 16] > 0, "build", w[:, 17], w[:, 15], w[:, 16], t0, w[:, 18], w[:, 19]),
+                  (flags & 1 > 0, "decode", compute, t0, td, none, pid, attempt),
+                  (flags & 6 == 2, "h2d", copy, td, t1, none, pid, attempt),
+                  (flags & 6 == 6, "h2d wait", copy, td, t1, none, pid, attempt),
+                  ((flags & 2 == 0) & (t1 - td > SHORT_S), "stage", compute, td, t1, none, pid, attempt),
+                  (None, "compute", compute, t1, t2, none, pid, attempt),
+                  (t3 - t2 > SHORT_S, "d2h", compute, t2, t3, none, pid, attempt),
+                  (got > 0, "return", back, sent, got, then, pid, attempt)]
         parts = []
-        for m, name, lane, a, b, c in stages:
+        for m, name, lane, a, b, c, p, at in stages:
             if m is None or m.all():
                 m = slice(None)
             elif not m.any():
                 continue
             k = len(a[m])
-            parts.append([_full(k, SPAN), _full(k, self._code(name)), w[m, 2], _full(k, lane), a[m], b[m], w[m, 6],
-                          w[m, 7], _full(k, 0.0) if c is None else c[m], _full(k, -1)])
+            parts.append([_full(k, SPAN), _full(k, self._code(name)), p[m],
+                          lane[m] if isinstance(lane, np.ndarray) else _full(k, lane), a[m], b[m], w[m, 6], at[m],
+                          _full(k, 0.0) if c is None else c[m], _full(k, -1)])
         return parts
 
     def _started(self, base: np.ndarray, w: np.ndarray) -> None:

@@ -59,6 +59,7 @@ class Task:
     batch: Any = None  # (main side) a caller's batch record, to build it again for a retry
     digest: bool = False  # the worker sends the result's digest with it (outputs.batch_digest)
     trace: bool = False  # the worker sends its spans with the result (NOTE [ Trace ] in trace.py)
+    built: tuple | None = None  # (main side, tracing) its build, recorded with its result (trace.Recorder.worker)
 
     def __reduce__(self):  # what travels: no main-side bookkeeping (and a tuple pickles faster than a dict)
         return (Task, (self.index, self.attempt, self.ring, self.slot_bytes, self.desc, self.array, None,

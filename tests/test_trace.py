@@ -15,6 +15,7 @@ import torch
 import pipeline
 from pipeline import sinks, verdict
 from pipeline.trace import Recorder
+from pipeline.wire import Task
 
 FAST = dict(progress=False, threads_per_worker=1)
 
@@ -148,6 +149,13 @@ def test_the_file_holds_each_recorded_event_as_written(tmp_path):
     rec.span("build", "pipeline-build-0", t, t + 1 * ms, 8, 2)  # a retry: attempt 2, on the CPU
     rec.worker(4242, (off, t + 2 * ms, t + 2 * ms, t + 2.5 * ms, t + 4 * ms, t + 4.005 * ms, 0), 8, 2)
     rec.span("dispatch", "pipeline-supervisor", t + 4 * ms, t + 5 * ms, 3)  # (its index: 3 batches)
+    # batch 9: its build carried with its result (the local executor's way), on build thread 1
+    rec.worker(4242, (off, t + 20 * ms, t + 20 * ms, t + 21 * ms, t + 22 * ms, t + 22 * ms, 0), 9, 1,
+               built=(t + 10 * ms, t + 12 * ms, "pipeline-build-1", 0, 1))
+    task = Task(10, 1)  # batch 10 built in build process 777, then no result: its build alone
+    task.built = (t + 30 * ms, t + 31 * ms, "build", 777, 1)
+    rec.built(task)
+    rec.built(task)  # (once)
     rec.write()
     _, evs = events(tmp_path / "t.json")
     us = lambda x: round((x + off - rec.t0) * 1e6)  # noqa: E731
@@ -171,6 +179,13 @@ def test_the_file_holds_each_recorded_event_as_written(tmp_path):
     wait = x[("waiting for a worker 8 (attempt 2)", "b")]
     assert wait["ts"] == us(t + 1 * ms) and "-2" in wait["id"]
     assert x[("waiting for a worker 8 (attempt 2)", "e")]["ts"] == us(t + 2 * ms)
+    ninth = x[("build 9", "X")]
+    assert (ninth["ts"], ninth["pid"], ninth["args"]) == (us(t + 10 * ms), rec.pid, {"batch": 9, "attempt": 1})
+    lanes = {(e["pid"], e["tid"]): e["args"]["name"] for e in evs if e["name"] == "thread_name"}
+    assert lanes[(rec.pid, ninth["tid"])] == "pipeline-build-1"
+    assert [x[("waiting for a worker 9", p)]["ts"] for p in "be"] == [us(t + 12 * ms), us(t + 20 * ms)]
+    alone = [e for e in evs if e["name"] == "build 10"]
+    assert len(alone) == 1 and alone[0]["pid"] == 777 and task.built is None
     dispatch = x[("dispatch", "X")]
     assert dispatch["args"] == {"batches": 3} and dispatch["dur"] == us(t + 5 * ms) - us(t + 4 * ms)
 

@@ -183,8 +183,8 @@ class BuildSide:
             task.trace = True
             if b.pid and b.pid not in run.trace.processes:
                 run.trace.name_process(b.pid, f"build process (pid {b.pid})")
-            run.trace.span("build", b.lane or "build", b.start or now - b.seconds, now, b.index, attempt,
-                           pid=b.pid or None)
+            # (recorded with its result, one event: trace.Recorder.worker; or alone if it has none: ``built``)
+            task.built = (b.start or now - b.seconds, now, b.lane or "build", b.pid, attempt)
         run.workers.queue(task)
 
     # -- deciding where to build --------------------------------------------------------------------

@@ -192,7 +192,9 @@ class WorkerSide:
             info["pid"], info["device"], info["_done_at"] = w.pid, w.device, time.perf_counter()
             if run.trace is not None and "spans" in info:
                 # its stages and its return, one event (the wait for its turn follows: handover's ``until``)
-                info["_traced"] = run.trace.worker(w.pid, info.pop("spans"), task.index, task.attempt, info["sent"])
+                info["_traced"] = run.trace.worker(w.pid, info.pop("spans"), task.index, task.attempt, info["sent"],
+                                                   task.built)
+                task.built = None
                 if info.get("splits"):
                     run.trace.instant("split", "compute", task.index, task.attempt, w.pid,
                                       {"halvings": info["splits"]})
@@ -214,6 +216,7 @@ class WorkerSide:
             return
         task = self._answered(w, msg[1])  # ERROR
         if run.trace is not None:
+            run.trace.built(task)
             run.trace.instant("batch raised", "compute", task.index, task.attempt, w.pid, {"error": msg[2].text[:200]})
         if run.cfg.faults.on_error == "skip":
             run.handover.deliver(Outcome(task.index, None, {"_done_at": time.perf_counter()},
@@ -229,6 +232,10 @@ class WorkerSide:
         assert task.index == index, (task.index, index)
         self._release(task)
         return task
+
+    def unanswered(self) -> list[Task]:
+        """Tasks built and not answered: waiting for a worker, or sent."""
+        return [*self.ready, *(t for w in self.ex.workers for t in w.tasks)]
 
     def _account(self, t: dict) -> None:
         """A result's timings (``Computer``'s, with the worker's ``idle_s`` and ``sent``) into the run's."""
@@ -266,6 +273,8 @@ class WorkerSide:
         if run.trace is not None:
             run.trace.instant("worker died", "compute", pid=w.pid,
                               args={"cause": cause, "held": [t.index for t in lost]})
+            for task in lost:  # (their builds: a batch in a slot is built again, a new task)
+                run.trace.built(task)
         if lost:
             # the batch it was computing, as the worker said in its status word; else the oldest it held
             # (a worker that died between batches: the one it was about to start)

@@ -421,6 +421,9 @@ class Run:
         except BaseException as e:  # noqa: BLE001 - the consumer raises it
             handover.fail(e)
         finally:
+            if self.trace is not None:  # (builds of batches that got no result: recorded alone)
+                for task in workers.unanswered():
+                    self.trace.built(task)
             handover.finish()
 
     def _tick(self) -> float:
