@@ -12,15 +12,15 @@ spans for that attempt; its death, the retry and its replacement are instant eve
   with it; the main turns each stamp into wall-clock seconds (on one machine the two clocks agree; across
   a Ray cluster, as well as the nodes' clocks do).
 - Cheap: an event is ``FIELDS`` doubles packed (one ``struct.pack_into``) into one anonymous memory map
-  of ``EVENTS`` events (19 MB of address space, its pages zero until touched: nothing to set up; one
+  of ``EVENTS`` events (13 MB of address space, its pages zero until touched: nothing to set up; one
   ``next`` of a counter, atomic under the GIL, reserves an event's place): no Python object per event for
-  the garbage collector to scan. Two events per batch: its build, and its time in a worker (``WORKER``:
-  every stage there and its return, one event, made spans when the file is written). Its waits are not
-  events of their own: the wait for a worker ends when a worker starts it (that event's first stamp,
-  matched when the file is written), the wait for its turn where the hand-over writes it into the
-  WORKER event (``until``). A run that records more keeps the first ``EVENTS`` (about 75,000 batches) and
-  counts the rest (``dropped``, in the file and the summary's notes): the file stays under about 80 MB
-  (more with CUDA's copy spans). The JSON is written once, at the end of the run (also when it failed or
+  the garbage collector to scan. One event per batch (``WORKER``, written when its result arrives): its
+  build (carried on its task until then: ``Task.built``; recorded alone if it gets no result), every
+  stage in its worker and its return, made spans when the file is written. Its waits are not events of
+  their own: the wait for a worker ends when the worker starts it, the wait for its turn where the
+  hand-over writes it into the event (``until``). A run that records more keeps the first ``EVENTS``
+  (about 75,000 batches) and counts the rest (``dropped``, in the file and the summary's notes): the file
+  stays under about 80 MB (more with CUDA's copy spans). The JSON is written once, at the end of the run (also when it failed or
   was interrupted): the spans and waits as blocks of bytes made by numpy (``events``), the few other
   events by the JSON encoder. Without ``--trace`` the hot path only tests ``trace is not None``.
 - Spans of a staging copy, a device-to-host step and waits shorter than ``SHORT_S`` (20 µs) are left out:
@@ -46,7 +46,7 @@ import numpy as np
 from .devices import usable_cpus
 from .errors import ConfigError
 
-EVENTS = 160_000  # events per trace at most (about 75,000 batches, 80 MB of JSON); the rest: dropped, counted
+EVENTS = 80_000  # events per trace at most (about 75,000 batches, 80 MB of JSON); the rest: dropped, counted
 THREADS = 4  # threads that make the file, at most (and at most the usable CPUs)
 COUNTER_S = 0.02  # counters sampled at most this often
 RSS_S = 0.2
@@ -56,7 +56,8 @@ SHORT_S = 20e-6  # a wait, a staging copy or a device-to-host step shorter than 
 # aside; stored as FIELDS doubles in one preallocated buffer (names and lanes as codes): no Python object
 # kept per event, so the garbage collector has nothing more to scan as the trace grows (a list of tuples
 # cost a tiny-batch run a third of its speed, mostly in collections). ``then`` ends the wait that follows
-# a span (WAITS): a build's, matched when the file is written (``_started``); a return's, set by ``until``
+# a span (WAITS): a build's when a worker started the batch (its WORKER event's start; for a build recorded
+# alone, matched when the file is written: ``_started``); a return's, set by ``until``
 SPAN, INSTANT, ASYNC, COUNTER, WORKER = 1, 2, 3, 4, 5
 WAITS = {"build": "waiting for a worker", "return": "waiting for order"}  # span -> the wait that follows it
 COUNTS = {"dispatch": "batches"}  # spans whose index column is a count (its args' key), not a batch

@@ -90,7 +90,8 @@ def measure(name: str, size: dict, workers: int, rounds: int, kernel: str) -> di
            "overhead_interval": [round(low, 4), round(high, 4)], "overhead_fastest": round(fastest, 4), "overhead_cpu": round(used, 4), "write_s": round(statistics.median(writes), 4),
            "overhead_without_write": round(statistics.median(runs) - 1, 4),
            "batches_per_s_plain": round(cfg.source.batches / statistics.median(plain), 1),
-           "batches_per_s_traced": round(cfg.source.batches / statistics.median(traced), 1)}
+           "batches_per_s_traced": round(cfg.source.batches / statistics.median(traced), 1),
+           "ratios": [round(x, 4) for x in ratios]}
     print(f"{name:30} {row['batches_per_s_plain']:>9} batches/s plain, {row['batches_per_s_traced']:>9} traced: "
           f"overhead {row['overhead']:+.1%} (median of {rounds} paired rounds; {events} events)", flush=True)
     return row
