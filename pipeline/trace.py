@@ -20,9 +20,10 @@ spans for that attempt; its death, the retry and its replacement are instant eve
   their own: the wait for a worker ends when the worker starts it, the wait for its turn where the
   hand-over writes it into the event (``until``). A run that records more keeps the first ``EVENTS``
   (about 75,000 batches) and counts the rest (``dropped``, in the file and the summary's notes): the file
-  stays under about 80 MB (more with CUDA's copy spans). The JSON is written once, at the end of the run (also when it failed or
-  was interrupted): the spans and waits as blocks of bytes made by numpy (``events``), the few other
-  events by the JSON encoder. Without ``--trace`` the hot path only tests ``trace is not None``.
+  stays under about 80 MB (more with CUDA's copy spans). The JSON is written once, at the end of the run
+  (also when it failed or was interrupted): the spans and waits as blocks of bytes made by numpy in a few
+  threads (``events``), the few other events by the JSON encoder. Without ``--trace`` the hot path only
+  tests ``trace is not None``.
 - Spans of a staging copy, a device-to-host step and waits shorter than ``SHORT_S`` (20 µs) are left out:
   invisible in a timeline, and most of a tiny batch's events.
 - Tracks: a process per OS process (main, each worker, each build process, each Ray actor), a thread per
@@ -133,7 +134,7 @@ class Recorder:
 
     def until(self, event: int, end: float) -> None:
         """The wait for its turn after the return of WORKER event ``event`` (WAITS) ends at ``end`` (the
-        main's perf_counter); a wait shorter than ``SHORT_S`` is not written."""
+        main's perf_counter); a wait shorter than ``SHORT_S`` is left out of the file."""
         if 0 <= event < self.capacity:
             _then(self._mem, event * EVENT_BYTES + 64, end + self.offset)  # (column 8: then)
 
@@ -203,7 +204,8 @@ class Recorder:
 
     # -- the file ------------------------------------------------------------------------------------
     def _stages(self, w: np.ndarray) -> list[list[np.ndarray]]:
-        """WORKER events (``worker``) as the spans of their stages, each stage's as columns (``COLUMNS``):
+        """WORKER events (``worker``) as the spans of their stages, each stage's as columns (kind, name, pid,
+        lane, start, end, index, attempt, then, and -1 for an event number: ``events``' columns):
         its build in the main (its wait for a worker ends when this worker started it), decode (decoded
         there), the copy to the device ("h2d", or "h2d wait" for a copy started ahead) on the copy lane,
         else a staging copy ("stage"), compute, the copy back ("d2h"), the return; a staging copy or a copy
