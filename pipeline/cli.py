@@ -294,16 +294,19 @@ def import_torch() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     early = sys.modules["pipeline"].__dict__.get("EARLY_SIGINT")  # (python -m pipeline: see __init__.py)
-    if early is not None:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        if early:
-            print("pipeline: interrupted", file=sys.stderr)
-            return ExitCode.INTERRUPTED
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:  # --help (0) or a usage error (2, already printed)
-        return int(e.code or 0)
+    try:  # (a Ctrl-C while the parser is made: one line too, no traceback)
+        if early is not None:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if early:
+                raise KeyboardInterrupt
+        parser = build_parser()
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:  # --help (0) or a usage error (2, already printed)
+            return int(e.code or 0)
+    except KeyboardInterrupt:
+        print("pipeline: interrupted", file=sys.stderr)
+        return ExitCode.INTERRUPTED
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         import_torch()

@@ -145,3 +145,21 @@ def test_run_settings_are_one_list():
     args = run.parse_args(["--workers", "3", "--no-progress", "--overwrite", "--batch-timeout", "2"])
     assert _overrides(args) == {"workers": 3, "progress": False, "overwrite": True, "batch_timeout_s": 2.0}
     assert _overrides(run.parse_args([])) == {}
+
+
+def test_ctrl_c_while_the_parser_is_made_is_one_line(capsys, monkeypatch):
+    """A Ctrl-C that lands while the flags are still being set up (a fraction of a second after the start)
+    exits 130 with one line, as one later does, not with a traceback."""
+    import pipeline.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    try:
+        code = main(["run", "--batches", "2"])
+    except KeyboardInterrupt:  # (not raised: it would stop pytest itself)
+        pytest.fail("a Ctrl-C while the parser was made escaped main(): a traceback for the user")
+    assert code == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "pipeline: interrupted"
