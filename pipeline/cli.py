@@ -298,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         if early is not None:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             if early:
-                raise KeyboardInterrupt
+                print("pipeline: interrupted", file=sys.stderr)
+                return ExitCode.INTERRUPTED
         parser = build_parser()
         try:
             args = parser.parse_args(argv)
