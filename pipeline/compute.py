@@ -189,7 +189,7 @@ class Computer:
             timings["gpu_reserved_mb"] = torch.cuda.memory_reserved(self.device) / 2**20
         if self.trace:  # NOTE [ Trace ] in trace.py: where this batch's time went (trace.Recorder.worker)
             timings["spans"] = (trace.clock(), t0, t_decoded, t1, t2, t3,
-                                (bad is not None) | self.cuda << 1 | (staged is not None) << 2)
+                                (bad is not None) | self.cuda << 1 | (staged is not None) << 2, attempt)
         return out, timings
 
 

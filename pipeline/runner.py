@@ -246,7 +246,7 @@ class Pipeline:
                     raise packed.exception(f"batch {b.index} (main process, device {device})") from None
                 if trace is not None:
                     trace.span("build", "build", t0, t_built, b.index)
-                    trace.worker(me["pid"], timings.pop("spans"), b.index, 1)
+                    trace.worker(me["pid"], timings.pop("spans"), b.index)
                 yield Outcome(b.index, out, {"pid": me["pid"], "device": me["device"], **timings})
 
     def _summarize(self, cfg: Config, tally: Tally, error: str | None = None) -> dict:

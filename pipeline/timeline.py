@@ -41,10 +41,11 @@ class Trace:
                 self.spans.setdefault((pid, e["tid"]), []).append((e["ts"] / 1e6, e["dur"] / 1e6, e.get("cat", "")))
             elif ph == "i":
                 self.instants.append((e["ts"] / 1e6, e.get("cat", e["name"]), pid, e.get("tid"), e.get("args", {})))
-                if pid in self.procs and self.procs[pid] != "main":  # (a worker with no span yet gets its row)
-                    self.spans.setdefault((pid, e.get("tid")), [])
             elif ph == "C":
                 self.counters.append((e["ts"] / 1e6, e.get("args", {})))
+        for _, _, pid, tid, _ in self.instants:  # (a worker with no span yet gets its row; names may come last)
+            if pid in self.procs and self.procs[pid] != "main":
+                self.spans.setdefault((pid, tid), [])
         if not self.spans and not self.instants:
             raise ConfigError(f"trace {path}: no spans or events in it")
         ends = [s + d for lane in self.spans.values() for s, d, _ in lane] + [t for t, *_ in self.instants]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import pipeline
-from pipeline import sinks, verdict
+from pipeline import sinks, trace, verdict
 from pipeline.trace import Recorder
 from pipeline.wire import Task
 
@@ -144,13 +144,13 @@ def test_the_file_holds_each_recorded_event_as_written(tmp_path):
     ms = 1e-3
     rec.span("build", "pipeline-build-0", t, t + 2 * ms, 7, 1)  # batch 7: built, then waits for a worker 3 ms
     stamps = (t + 5 * ms, t + 6 * ms, t + 8 * ms, t + 11 * ms, t + 12 * ms)  # start, decoded, copied, computed, back
-    e = rec.worker(4242, (off, *stamps, 1 | 2), 7, 1, sent=t + 13 * ms + off)  # decoded there, CUDA copy
-    rec.until(e, t + 100 * ms)  # its return ends now (wall clock); then waits for its turn until t + 100 ms
+    # decoded there, a CUDA copy; returned at 13 ms, received at 14 ms, then waits for its turn until 100 ms
+    rec.worker(4242, (off, *stamps, 1 | 2, 1), 7, t + 13 * ms + off, None, t + 14 * ms, t + 100 * ms)
     rec.span("build", "pipeline-build-0", t, t + 1 * ms, 8, 2)  # a retry: attempt 2, on the CPU
-    rec.worker(4242, (off, t + 2 * ms, t + 2 * ms, t + 2.5 * ms, t + 4 * ms, t + 4.005 * ms, 0), 8, 2)
+    rec.worker(4242, (off, t + 2 * ms, t + 2 * ms, t + 2.5 * ms, t + 4 * ms, t + 4.005 * ms, 0, 2), 8)
     rec.span("dispatch", "pipeline-supervisor", t + 4 * ms, t + 5 * ms, 3)  # (its index: 3 batches)
     # batch 9: its build carried with its result (the local executor's way), on build thread 1
-    rec.worker(4242, (off, t + 20 * ms, t + 20 * ms, t + 21 * ms, t + 22 * ms, t + 22 * ms, 0), 9, 1,
+    rec.worker(4242, (off, t + 20 * ms, t + 20 * ms, t + 21 * ms, t + 22 * ms, t + 22 * ms, 0, 1), 9,
                built=(t + 10 * ms, t + 12 * ms, "pipeline-build-1", 0, 1))
     task = Task(10, 1)  # batch 10 built in build process 777, then no result: its build alone
     task.built = (t + 30 * ms, t + 31 * ms, "build", 777, 1)
@@ -166,11 +166,11 @@ def test_the_file_holds_each_recorded_event_as_written(tmp_path):
     for name, a, b in (("decode 7", 0, 1), ("h2d 7", 1, 2), ("compute 7", 2, 3), ("d2h 7", 3, 4)):
         span = x[(name, "X")]
         assert (span["pid"], span["ts"], span["dur"]) == (4242, us(stamps[a]), us(stamps[b]) - us(stamps[a])), name
-    assert x[("return 7", "X")]["ts"] == us(t + 13 * ms) and x[("return 7", "X")]["dur"] >= 0
+    assert (x[("return 7", "X")]["ts"], x[("return 7", "X")]["dur"]) == (us(t + 13 * ms), us(t + 14 * ms) - us(t + 13 * ms))
     waited = x[("waiting for a worker 7", "b")], x[("waiting for a worker 7", "e")]
     assert [w["ts"] for w in waited] == [us(t + 2 * ms), us(stamps[0])] and waited[0]["id"] == waited[1]["id"]
     order = x[("waiting for order 7", "b")], x[("waiting for order 7", "e")]
-    assert order[1]["ts"] == us(t + 100 * ms) and order[0]["id"] == order[1]["id"] != waited[0]["id"]
+    assert [w["ts"] for w in order] == [us(t + 14 * ms), us(t + 100 * ms)] and order[0]["id"] == order[1]["id"] != waited[0]["id"]
     retry = x[("build 8 (attempt 2)", "X")]
     assert retry["args"] == {"batch": 8, "attempt": 2}
     assert ("stage 8 (attempt 2)", "X") in x and ("compute 8 (attempt 2)", "X") in x
@@ -306,3 +306,103 @@ def test_an_unwritable_trace_path_fails_before_the_run_in_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pipeline", "run", "--workers", "1", "--batches", "2",
                           "--trace", str(tmp_path / "file" / "t.json")], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "--trace" in out.stderr, out.stderr
+
+
+# -- the file: made the fast way, and in the background as the run goes ----------------------------------
+def record(rec, n=40):
+    """``n`` batches' events of every shape into ``rec``, at the same microseconds from its start whatever
+    recorder: decoded there or not, CUDA copies (started ahead or not), staging copies and copies back long
+    and short, builds carried or not, retries, returns (handed over or never), waits long and short; and one
+    with a stamp before the trace began (clocks that disagree: written the general way)."""
+    t = rec.t0 - rec.offset + 1.0  # (1 s into the trace, in the main's perf_counter)
+    off, ms = rec.offset, 1e-3
+    for i in range(n):
+        a = t + i * 10 * ms
+        gap = (0.01 if i % 5 == 0 else 1.0) * ms  # (some waits under SHORT_S)
+        stamps = (a + gap, a + gap + (i % 3) * ms, a + gap + 2 * ms + (i % 2) * 0.005 * ms, a + gap + 3 * ms,
+                  a + gap + 3 * ms + (i % 4) * 0.01 * ms)
+        if i == n - 1:
+            stamps = (t - 2.0, *stamps[1:])
+        built = None if i % 7 == 3 else (a - 2 * ms, a, f"pipeline-build-{i % 2}", 0 if i % 3 else 777, 1 + i % 2)
+        sent, received = ((a + 5 * ms + off), a + 5.5 * ms) if i % 6 != 1 else (0.0, 0.0)
+        then = 0.0 if i % 9 == 8 else a + (9 if i % 4 else 5.505) * ms
+        rec.worker(4242 + i % 2, (off, *stamps, i % 8, 1 + (i % 11 == 10)), i, sent, built, received, then)
+
+
+def normal(path):
+    """A trace file's events, each lane named rather than numbered: files alike but for how the lanes were
+    numbered compare equal."""
+    _, evs = events(path)
+    lanes = {(e["pid"], e["tid"]): e["args"]["name"] for e in evs if e["name"] == "thread_name"}
+    out = [dict(e, tid=lanes.get((e["pid"], e.get("tid")), e.get("tid"))) for e in evs
+           if e["ph"] != "M" or e["name"] == "process_name"]
+    return sorted(json.dumps(e, sort_keys=True) for e in out)
+
+
+def test_the_fast_way_writes_what_the_general_way_does(tmp_path, monkeypatch):
+    """Batches' events written straight from their stamps (``_File.batches``) come out as the general way
+    (``stages`` and ``format``) writes them, for every shape of batch."""
+    fast = Recorder(str(tmp_path / "fast.json"))
+    record(fast)
+    fast.write()
+    monkeypatch.setattr(trace._File, "batches", lambda self, rec, w: ([], w))
+    general = Recorder(str(tmp_path / "general.json"))
+    record(general)
+    general.write()
+    a, b = normal(tmp_path / "fast.json"), normal(tmp_path / "general.json")
+    assert a == b
+    cats = {json.loads(e)["name"].split(" ")[0] for e in a}
+    assert {"build", "decode", "h2d", "stage", "compute", "d2h", "return", "waiting"} <= cats, cats
+
+
+def test_a_long_run_is_written_as_it_goes_and_the_file_is_the_same(tmp_path, monkeypatch):
+    """Past ``CHUNK`` events a background thread writes the batches' events as the run goes; the file it
+    finishes holds what a file written at the end holds."""
+    whole = Recorder(str(tmp_path / "whole.json"))
+    record(whole, 120)
+    whole.write()
+    monkeypatch.setattr(trace, "CHUNK", 8)
+    monkeypatch.setattr(trace, "POLL_S", 0.002)
+    rec = Recorder(str(tmp_path / "chunks.json"))
+    record(rec, 120)
+    deadline = time.monotonic() + 10
+    while rec.file.done < 100 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert rec.file.done >= 100
+    rec.span("dispatch", "pipeline-supervisor", rec.t0 - rec.offset + 2.0, rec.t0 - rec.offset + 2.001, 3)
+    whole.file = trace._File(whole.path)  # (written again, with the same last event)
+    whole.span("dispatch", "pipeline-supervisor", whole.t0 - whole.offset + 2.0, whole.t0 - whole.offset + 2.001, 3)
+    whole.write()
+    assert rec.write() == str(tmp_path / "chunks.json")
+    assert normal(tmp_path / "chunks.json") == normal(tmp_path / "whole.json")
+    assert not rec.file.thread.is_alive() and sorted(p.name for p in tmp_path.iterdir()) == ["chunks.json", "whole.json"]
+
+
+def test_a_failure_of_the_background_writer_is_raised_by_write(tmp_path, monkeypatch):
+    monkeypatch.setattr(trace, "CHUNK", 8)
+    monkeypatch.setattr(trace, "POLL_S", 0.002)
+
+    def full(self, rec):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(trace._File, "open", full)
+    rec = Recorder(str(tmp_path / "t.json"))
+    record(rec, 40)
+    rec.file.thread.join(10)
+    with pytest.raises(OSError, match="No space left"):
+        rec.write()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_recorder_dropped_unwritten_stops_its_writer_and_leaves_no_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(trace, "CHUNK", 8)
+    monkeypatch.setattr(trace, "POLL_S", 0.002)
+    rec = Recorder(str(tmp_path / "t.json"))
+    record(rec, 40)
+    deadline = time.monotonic() + 10
+    while rec.file.done == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert rec.file.done > 0 and len(list(tmp_path.iterdir())) == 1  # (its temp file, begun)
+    thread = rec.file.thread
+    del rec
+    thread.join(10)
+    assert not thread.is_alive() and list(tmp_path.iterdir()) == []

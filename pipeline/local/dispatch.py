@@ -191,10 +191,7 @@ class WorkerSide:
             self._account(info)
             info["pid"], info["device"], info["_done_at"] = w.pid, w.device, time.perf_counter()
             if run.trace is not None and "spans" in info:
-                # its stages and its return, one event (the wait for its turn follows: handover's ``until``)
-                info["_traced"] = run.trace.worker(w.pid, info.pop("spans"), task.index, task.attempt, info["sent"],
-                                                   task.built)
-                task.built = None
+                info["_built"] = task.built  # (recorded with its stages when it is handed over: Handover.traced)
                 if info.get("splits"):
                     run.trace.instant("split", "compute", task.index, task.attempt, w.pid,
                                       {"halvings": info["splits"]})

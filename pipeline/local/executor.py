@@ -364,6 +364,9 @@ class Run:
         if self.build is not None and self.build.stop():  # (one stuck in the caller's iterator may still
             os.close(self.wake_r)  # write: then the pipe stays open, or a reused fd number would get its byte)
             os.close(self.wake_w)
+        if self.trace is not None:  # (results never taken: their stages, without a wait for order)
+            for out in self.handover.untaken():
+                self.handover.traced(out, out.info.get("_done_at", 0.0), 0.0)
         if settle_workers and self.thread is not None:
             settle(self.ex)
 
@@ -400,6 +403,8 @@ class Run:
     def _supervise(self) -> None:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # Ctrl-C is the main thread's
         build, workers, handover = self.build, self.workers, self.handover
+        counts = lambda: {"slots in use": self.pool.count - len(self.pool),  # noqa: E731 - (for the trace)
+                          "batches in flight": handover.started - handover.taken}
         try:
             while not self.stopping:
                 build.take()
@@ -413,8 +418,7 @@ class Run:
                     tick = min(tick, max(0.0, workers.hold_until - time.perf_counter()))
                 handover.post(now=False)
                 if self.trace is not None:
-                    self.trace.counters({"slots in use": self.pool.count - len(self.pool),
-                                         "batches in flight": handover.started - handover.taken})
+                    self.trace.counters(counts)
                 post = handover.post_due()
                 workers.pump(tick if post is None else min(tick, post))
                 handover.post(now=False)

@@ -82,9 +82,22 @@ class Handover:
         now = time.perf_counter()
         done_at = out.info.pop("_done_at")
         self.run.breakdown["order_wait_s"] += now - done_at
-        if self.run.trace is not None:  # (the wait that follows the batch's "return" span)
-            self.run.trace.until(out.info.pop("_traced", -1), now)
+        if self.run.trace is not None:
+            self.traced(out, done_at, now)
         return out
+
+    def traced(self, out: Outcome, done_at: float, now: float) -> None:
+        """NOTE [ Trace ] in trace.py: a result's event (its build, its stages in the worker, its return,
+        received at ``done_at``, and its wait for order until ``now``; 0: never handed over)."""
+        info = out.info
+        if "spans" in info:
+            self.run.trace.worker(info["pid"], info.pop("spans"), out.index, info["sent"], info.pop("_built", None),
+                                  done_at, now)
+
+    def untaken(self) -> list[Outcome]:
+        """Outcomes done and not taken by the consumer (a run that ended early)."""
+        with self.cond:
+            return [*self.done.values(), *self.outbox]
 
     # -- the supervisor's side ----------------------------------------------------------------------
     def room(self) -> int:

@@ -156,7 +156,7 @@ class Run:
             if self.trace is not None and "spans" in timings:
                 self.trace.name_process(who[1], f"ray actor {who[0]} (pid {who[1]}, node {who[3][:12]})")
                 spans = timings.pop("spans")
-                self.trace.worker(who[1], spans, index, attempt)
+                self.trace.worker(who[1], spans, index)
                 if "build_span" in timings:  # (the actor built it: in its clock, as the spans)
                     a, b = timings.pop("build_span")
                     self.trace.put((SPAN, "build", who[1], "build", a + spans[0], b + spans[0], index, attempt, None))
