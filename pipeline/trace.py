@@ -279,7 +279,7 @@ class _File:
         if len(w) < CHUNK:
             return
         block, rest = self.batches(rec, _walls(rows[w]))
-        out, more = self.format(rec, self.stages(rec, rest))
+        out, more = self.format(rec, _stages(rec, rest))
         f = self.open(rec)
         if out:
             f.write((",\n" + ",\n".join(out)).encode())
@@ -322,9 +322,9 @@ class _File:
         number = np.flatnonzero(~workers & (raw[:, 0] > 0))  # (each row's event number, for ``extra``; made: -1)
         base = raw[number]
         w = _walls(raw[workers])
-        self.started(rec, base, w)
+        _started(rec, base, w)
         block, rest = self.batches(rec, w[np.flatnonzero(workers) >= self.done])  # (those not in the file yet)
-        parts = [[base[:, c] for c in range(9)] + [number], *self.stages(rec, rest)]
+        parts = [[base[:, c] for c in range(9)] + [number], *_stages(rec, rest)]
         out, more = self.format(rec, parts)
         text = rec.text()
         meta = [{"name": "process_name", "ph": "M", "pid": p, "args": {"name": nm}}
@@ -349,11 +349,11 @@ class _File:
         return self.path
 
     def batches(self, rec: Recorder, w: np.ndarray) -> tuple[list, np.ndarray]:
-        """WORKER events (``worker``) straight into blocks of lines (``_lines``' parts): the lines ``stages``
+        """WORKER events (``worker``) straight into blocks of lines (``_lines``' parts): the lines ``_stages``
         and ``format`` would make, with each stamp's digits made once for all the lines it is in. A block: one
         line of each of the batches alike (the same worker, attempt, build process, build lane and build
         attempt) that have it. The events it can't write so (a stamp before the trace's start, a stage that
-        ends before it begins: clocks that disagree) are returned, for ``stages``."""
+        ends before it begins: clocks that disagree) are returned, for ``_stages``."""
         us = {c: np.rint((w[:, c] - rec.t0) * 1e6).astype(np.int64) for c in (4, 5, 8, 9, 10, 11, 12, 13, 15, 16)}
         flags = w[:, 14].astype(np.int64)
         t0, t3, then, td, t1, t2, got, b1 = (w[:, c] for c in (4, 5, 8, 9, 10, 11, 13, 16))
@@ -397,7 +397,7 @@ class _File:
                         continue
                     if not m.all():
                         sel = lo + np.flatnonzero(m)
-                mine = name == "build" or name == WAITS["build"]  # (the build's attempt; in the main or a build process)
+                mine = name == "build" or name == WAITS["build"]  # (the build's attempt; the main or a build process)
                 n, num = bat if mine else at, wide[sel]
                 nm = named[sel] if n == 1 else _tailed(num, count[sel], f' (attempt {n})"')
                 head = f',\n{{"name":"{name} '
@@ -418,70 +418,6 @@ class _File:
         """A lane's thread id, given as it first appears."""
         return self.tids.setdefault(pid << 16 | lane, len(self.tids) + 1)
 
-    @staticmethod
-    def stages(rec: Recorder, w: np.ndarray) -> list[list[np.ndarray]]:
-        """WORKER events (``worker``) as the spans of their stages and the waits that follow them, each
-        stage's as columns (kind, name, pid, lane, start, end, index, attempt, then, and -1 for an event
-        number: ``format``'s columns): its build in the main (its wait for a worker ends when this worker
-        started it), decode (decoded there), the copy to the device ("h2d", or "h2d wait" for a copy started
-        ahead) on the copy lane, else a staging copy ("stage"), compute, the copy back ("d2h"), the return; a
-        staging copy or a copy back shorter than ``SHORT_S`` left out."""
-        flags = w[:, 14].astype(np.int64)
-        t0, t3, then, td, t1, t2, sent, got = (w[:, c] for c in (4, 5, 8, 9, 10, 11, 12, 13))
-        compute, copy, back = rec._code("compute"), rec._code("copy"), rec._code("return")
-        pid, attempt, none = w[:, 2], w[:, 7], None
-        stages = [(w[:, 16] > 0, "build", w[:, 17], w[:, 15], w[:, 16], t0, w[:, 18], w[:, 19]),
-                  (flags & 1 > 0, "decode", compute, t0, td, none, pid, attempt),
-                  (flags & 6 == 2, "h2d", copy, td, t1, none, pid, attempt),
-                  (flags & 6 == 6, "h2d wait", copy, td, t1, none, pid, attempt),
-                  ((flags & 2 == 0) & (t1 - td > SHORT_S), "stage", compute, td, t1, none, pid, attempt),
-                  (None, "compute", compute, t1, t2, none, pid, attempt),
-                  (t3 - t2 > SHORT_S, "d2h", compute, t2, t3, none, pid, attempt),
-                  (got > 0, "return", back, sent, got, then, pid, attempt)]
-        parts = []
-        for m, name, lane, a, b, c, p, at in stages:
-            if m is None or m.all():
-                m = slice(None)
-            elif not m.any():
-                continue
-            k = len(a[m])
-            parts.append([_full(k, SPAN), _full(k, rec._code(name)), p[m],
-                          lane[m] if isinstance(lane, np.ndarray) else _full(k, lane), a[m], b[m], w[m, 6], at[m],
-                          _full(k, 0.0) if c is None else c[m], _full(k, -1)])
-        return parts
-
-    @staticmethod
-    def started(rec: Recorder, base: np.ndarray, w: np.ndarray) -> None:
-        """A build's wait for a worker (WAITS) ends when a worker starts the batch: its event's ``then`` (set
-        in ``base``), the start of the WORKER event of the same batch and attempt (the earliest, if more)."""
-        code = rec.codes.get("build")
-        if code is None or not len(w):
-            return
-        builds = np.flatnonzero((base[:, 0] == SPAN) & (base[:, 1] == code))
-        keys = w[:, 6] * 65536 + w[:, 7]
-        order = np.argsort(keys, kind="stable")  # (they come as they arrived: the earliest first)
-        keys = keys[order]
-        want = base[builds, 6] * 65536 + base[builds, 7]
-        at = np.searchsorted(keys, want).clip(max=len(keys) - 1)
-        hit = keys[at] == want
-        base[builds[hit], 8] = w[order[at[hit]], 4]
-
-    @staticmethod
-    def waits(rec: Recorder, part: list[np.ndarray]) -> list[list[np.ndarray]]:
-        """The waits that follow the spans of ``part`` (WAITS): async spans from their span's
-        end to ``then``, on the main's lane of that name (those shorter than ``SHORT_S`` left out)."""
-        kind, name, end, index, attempt, then = (part[c] for c in (0, 1, 5, 6, 7, 8))
-        waits = []
-        for span, wait in WAITS.items():
-            code = rec.codes.get(span)
-            if code is not None:
-                m = np.flatnonzero((name == code) & (kind == SPAN) & (then - end >= SHORT_S))
-                if len(m):
-                    c, k = rec._code(wait), len(m)
-                    waits.append([_full(k, ASYNC), _full(k, c), _full(k, rec.pid), _full(k, c), end[m], then[m],
-                                  index[m], attempt[m], _full(k, 0.0), _full(k, -1)])
-        return waits
-
     def format(self, rec: Recorder, parts: list) -> tuple[list[str], list]:
         """Events given as ``parts`` (columns: kind, name, pid, lane, start, end, index, attempt, then, event
         number or -1), with the waits that follow them, as trace-event JSON: the few with args of their own
@@ -490,7 +426,7 @@ class _File:
         per event (that cost a tiny-batch run 7%, a JSON encoder 20%, on a 2-core VM): events alike in all
         but their batch and times share a line's constant parts, and the numbers of a column are written to a
         common width (``_digits``: JSON allows the spaces)."""
-        parts = parts + [w for p in parts for w in self.waits(rec, p)]
+        parts = parts + [w for p in parts for w in _waits(rec, p)]
         if not parts:
             return [], []
         enc = json.JSONEncoder(separators=(",", ":"), default=str).encode
@@ -564,6 +500,70 @@ class _File:
                       "id": ev["id"]}
             out.append(enc(ev))
         return out, block
+
+
+def _stages(rec: Recorder, w: np.ndarray) -> list[list[np.ndarray]]:
+    """WORKER events (as ``_walls`` gives them) as the spans of their stages, each stage's as columns (kind,
+    name, pid, lane, start, end, index, attempt, then, and -1 for an event number: ``format``'s columns): its
+    build in the main (its wait for a worker ends when this worker started it), decode (decoded there), the
+    copy to the device ("h2d", or "h2d wait" for a copy started ahead) on the copy lane, else a staging copy
+    ("stage"), compute, the copy back ("d2h"), the return; a staging copy or a copy back shorter than
+    ``SHORT_S`` left out."""
+    flags = w[:, 14].astype(np.int64)
+    t0, t3, then, td, t1, t2, sent, got = (w[:, c] for c in (4, 5, 8, 9, 10, 11, 12, 13))
+    compute, copy, back = rec._code("compute"), rec._code("copy"), rec._code("return")
+    pid, attempt, none = w[:, 2], w[:, 7], None
+    stages = [(w[:, 16] > 0, "build", w[:, 17], w[:, 15], w[:, 16], t0, w[:, 18], w[:, 19]),
+              (flags & 1 > 0, "decode", compute, t0, td, none, pid, attempt),
+              (flags & 6 == 2, "h2d", copy, td, t1, none, pid, attempt),
+              (flags & 6 == 6, "h2d wait", copy, td, t1, none, pid, attempt),
+              ((flags & 2 == 0) & (t1 - td > SHORT_S), "stage", compute, td, t1, none, pid, attempt),
+              (None, "compute", compute, t1, t2, none, pid, attempt),
+              (t3 - t2 > SHORT_S, "d2h", compute, t2, t3, none, pid, attempt),
+              (got > 0, "return", back, sent, got, then, pid, attempt)]
+    parts = []
+    for m, name, lane, a, b, c, p, at in stages:
+        if m is None or m.all():
+            m = slice(None)
+        elif not m.any():
+            continue
+        k = len(a[m])
+        parts.append([_full(k, SPAN), _full(k, rec._code(name)), p[m],
+                      lane[m] if isinstance(lane, np.ndarray) else _full(k, lane), a[m], b[m], w[m, 6], at[m],
+                      _full(k, 0.0) if c is None else c[m], _full(k, -1)])
+    return parts
+
+
+def _started(rec: Recorder, base: np.ndarray, w: np.ndarray) -> None:
+    """A build's wait for a worker (WAITS) ends when a worker starts the batch: its event's ``then`` (set
+    in ``base``), the start of the WORKER event of the same batch and attempt (the earliest, if more)."""
+    code = rec.codes.get("build")
+    if code is None or not len(w):
+        return
+    builds = np.flatnonzero((base[:, 0] == SPAN) & (base[:, 1] == code))
+    keys = w[:, 6] * 65536 + w[:, 7]
+    order = np.argsort(keys, kind="stable")  # (they come as they arrived: the earliest first)
+    keys = keys[order]
+    want = base[builds, 6] * 65536 + base[builds, 7]
+    at = np.searchsorted(keys, want).clip(max=len(keys) - 1)
+    hit = keys[at] == want
+    base[builds[hit], 8] = w[order[at[hit]], 4]
+
+
+def _waits(rec: Recorder, part: list[np.ndarray]) -> list[list[np.ndarray]]:
+    """The waits that follow the spans of ``part`` (WAITS): async spans from their span's
+    end to ``then``, on the main's lane of that name (those shorter than ``SHORT_S`` left out)."""
+    kind, name, end, index, attempt, then = (part[c] for c in (0, 1, 5, 6, 7, 8))
+    waits = []
+    for span, wait in WAITS.items():
+        code = rec.codes.get(span)
+        if code is not None:
+            m = np.flatnonzero((name == code) & (kind == SPAN) & (then - end >= SHORT_S))
+            if len(m):
+                c, k = rec._code(wait), len(m)
+                waits.append([_full(k, ASYNC), _full(k, c), _full(k, rec.pid), _full(k, c), end[m], then[m],
+                              index[m], attempt[m], _full(k, 0.0), _full(k, -1)])
+    return waits
 
 
 def _background(ref: weakref.ref, stop: threading.Event) -> None:

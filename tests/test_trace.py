@@ -166,11 +166,13 @@ def test_the_file_holds_each_recorded_event_as_written(tmp_path):
     for name, a, b in (("decode 7", 0, 1), ("h2d 7", 1, 2), ("compute 7", 2, 3), ("d2h 7", 3, 4)):
         span = x[(name, "X")]
         assert (span["pid"], span["ts"], span["dur"]) == (4242, us(stamps[a]), us(stamps[b]) - us(stamps[a])), name
-    assert (x[("return 7", "X")]["ts"], x[("return 7", "X")]["dur"]) == (us(t + 13 * ms), us(t + 14 * ms) - us(t + 13 * ms))
+    back = x[("return 7", "X")]
+    assert (back["ts"], back["dur"]) == (us(t + 13 * ms), us(t + 14 * ms) - us(t + 13 * ms))
     waited = x[("waiting for a worker 7", "b")], x[("waiting for a worker 7", "e")]
     assert [w["ts"] for w in waited] == [us(t + 2 * ms), us(stamps[0])] and waited[0]["id"] == waited[1]["id"]
     order = x[("waiting for order 7", "b")], x[("waiting for order 7", "e")]
-    assert [w["ts"] for w in order] == [us(t + 14 * ms), us(t + 100 * ms)] and order[0]["id"] == order[1]["id"] != waited[0]["id"]
+    assert [w["ts"] for w in order] == [us(t + 14 * ms), us(t + 100 * ms)]
+    assert order[0]["id"] == order[1]["id"] != waited[0]["id"]
     retry = x[("build 8 (attempt 2)", "X")]
     assert retry["args"] == {"batch": 8, "attempt": 2}
     assert ("stage 8 (attempt 2)", "X") in x and ("compute 8 (attempt 2)", "X") in x
@@ -375,7 +377,8 @@ def test_a_long_run_is_written_as_it_goes_and_the_file_is_the_same(tmp_path, mon
     whole.write()
     assert rec.write() == str(tmp_path / "chunks.json")
     assert normal(tmp_path / "chunks.json") == normal(tmp_path / "whole.json")
-    assert not rec.file.thread.is_alive() and sorted(p.name for p in tmp_path.iterdir()) == ["chunks.json", "whole.json"]
+    assert not rec.file.thread.is_alive()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chunks.json", "whole.json"]  # (no temp file left)
 
 
 def test_a_failure_of_the_background_writer_is_raised_by_write(tmp_path, monkeypatch):
