@@ -39,6 +39,7 @@ class Handover:
         self.taken = 0
         self.error: BaseException | None = None
         self.finished = False
+        self.handed: list = []  # (tracing) (outcome, done at, handed over at), recorded once the lock is let go
 
     # -- the consumer's side (the caller's thread) --------------------------------------------------
     def outcomes(self) -> Iterator[Outcome]:
@@ -57,6 +58,10 @@ class Handover:
                     if self.finished:
                         return
                     self.cond.wait(1.0)
+            if self.handed:  # (out of the lock: the supervisor may want it meanwhile)
+                for out, done_at, now in self.handed:
+                    self.traced(out, done_at, now)
+                self.handed.clear()
             for out in outs:
                 if out.failure is not None and "raise" in out.failure:  # (see BuildSide.batch_failed)
                     raise out.failure["raise"]
@@ -83,7 +88,7 @@ class Handover:
         done_at = out.info.pop("_done_at")
         self.run.breakdown["order_wait_s"] += now - done_at
         if self.run.trace is not None:
-            self.traced(out, done_at, now)
+            self.handed.append((out, done_at, now))
         return out
 
     def traced(self, out: Outcome, done_at: float, now: float) -> None:
