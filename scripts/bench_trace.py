@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import sys
 import tempfile
@@ -24,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from pipeline import devices, kernels  # noqa: E402
+from pipeline.bench import paired  # noqa: E402
 from pipeline.runner import make_executor, resolve  # noqa: E402
 from pipeline.sources.base import Work  # noqa: E402
 from pipeline.sources.factory import open_source  # noqa: E402
@@ -49,32 +49,32 @@ def measure(name: str, size: dict, workers: int, rounds: int, kernel: str) -> di
     spec = kernels.spec_for(cfg.kernel.name, dict(cfg.kernel.params), cfg.kernel.precision)
     src = open_source(cfg.source)
     path = os.path.join(tempfile.gettempdir(), f"bench-trace-{os.getpid()}.json")
-    plain, traced, writes, events = [], [], [], 0
+    writes: list[float] = []
     cpu: dict[bool, list] = {False: [], True: []}
+    events = 0
     with make_executor(cfg, spec) as ex:
         for _ in ex.stream(Work.of(src), ordered=True):  # warm: every worker up, the ring mapped
             pass
         pids = [w.pid for w in ex.workers]
-        for r in range(rounds):
-            for trace in ((False, True) if r % 2 == 0 else (True, False)):  # (ABBA: a drift cancels out)
-                rec = Recorder(path) if trace else None
-                c0, t0 = cpu_s(pids), time.perf_counter()
-                for _ in ex.stream(Work.of(src, trace=rec), ordered=True):
-                    pass
-                if rec is not None:
-                    t1 = time.perf_counter()
-                    rec.write()
-                    writes.append(time.perf_counter() - t1)
-                    events = rec.recorded
-                (traced if trace else plain).append(time.perf_counter() - t0)
-                cpu[trace].append(cpu_s(pids) - c0)
+
+        def once(trace: bool) -> None:
+            nonlocal events
+            rec = Recorder(path) if trace else None
+            c0 = cpu_s(pids)
+            for _ in ex.stream(Work.of(src, trace=rec), ordered=True):
+                pass
+            if rec is not None:
+                t1 = time.perf_counter()
+                rec.write()
+                writes.append(time.perf_counter() - t1)
+                events = rec.recorded
+            cpu[trace].append(cpu_s(pids) - c0)
+        plain, traced = paired.alternate(once, rounds)  # (ABBA: a drift cancels out)
     os.unlink(path)
-    ratios = [t / p for p, t in zip(plain, traced)]
+    cost = paired.overhead(plain, traced)
+    ratios, (low, high) = cost["ratios"], cost["interval"]
     print("  paired ratios:", " ".join(f"{x:.3f}" for x in ratios), flush=True)
-    rng = random.Random(0)  # (a 95% bootstrap interval of the median ratio: how far noise moves it)
-    boot = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(2000))
-    low, high = boot[50] - 1, boot[1949] - 1
-    print(f"  median paired overhead {statistics.median(ratios) - 1:+.1%}, 95% bootstrap interval {low:+.1%} .. "
+    print(f"  median paired overhead {cost['overhead']:+.1%}, 95% bootstrap interval {low:+.1%} .. "
           f"{high:+.1%}", flush=True)
     used = statistics.median(t / p for p, t in zip(cpu[False], cpu[True])) - 1
     print(f"  CPU time of the main and its workers, traced against plain: {used:+.1%} (median; time stolen by the "

@@ -222,3 +222,39 @@ def test_plot_without_matplotlib_fails_before_the_run(monkeypatch, capsys):
     assert main(["bench", "--quick", "--modes", "serial", "--plot", "x.png"]) == 2
     out, err = capsys.readouterr()
     assert "pip install -e '.[plot]'" in err and "serial" not in out
+
+
+def test_paired_runs_alternate_and_their_ratio_is_the_cost(monkeypatch):
+    """paired.alternate runs plain and traced side by side, the first of each pair alternating (ABBA), and
+    overhead is the median of the pairs' ratios with an interval around it."""
+    from pipeline.bench import paired
+    clock, calls = [0.0], []
+
+    def once(on):
+        calls.append(on)
+        clock[0] += 1.1 if on else 1.0
+    monkeypatch.setattr(paired.time, "perf_counter", lambda: clock[0])
+    without, with_ = paired.alternate(once, 4)
+    assert calls == [False, True, True, False, False, True, True, False]
+    assert without == pytest.approx([1.0] * 4) and with_ == pytest.approx([1.1] * 4)
+    cost = paired.overhead(without, with_)
+    assert cost["overhead"] == pytest.approx(0.1) and cost["pairs"] == 4
+    assert cost["interval"] == pytest.approx([0.1, 0.1])
+    cost = paired.overhead([1.0, 1.0, 1.0], [1.0, 1.2, 1.5])
+    assert cost["overhead"] == pytest.approx(0.2) and cost["interval"][0] <= 0.2 <= cost["interval"][1]
+
+
+@pytest.mark.timeout(300)
+def test_trace_mode_pairs_its_runs(tmp_path, capsys):
+    """bench --modes pipeline.trace: its traced runs alternate with plain ones on its own workers; the row
+    says what --trace cost (paired), the table prints it, and --trace FILE keeps the last traced run's file."""
+    path, trace = tmp_path / "b.json", tmp_path / "t.json"
+    assert main(["bench", "--quick", "--modes", "serial,pipeline.trace", "--workers-list", "1", "--repeat", "2",
+                 "--trace", str(trace), "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    row = [r for r in json.loads(path.read_text())["results"] if r["mode"] == "pipeline.trace"][0]
+    assert row["agrees"] and row["trace_pairs"] == 2 and row["trace"] == str(trace) and row["trace_events"] > 0
+    lo, hi = row["trace_overhead_interval"]
+    assert lo <= row["trace_overhead"] <= hi and row["trace_plain_s"] > 0 and row["trace_write_ms"] > 0
+    assert json.loads(trace.read_text())["traceEvents"]
+    assert "pipeline.trace x1: --trace costs" in out and "--repeat 15 or more" in out

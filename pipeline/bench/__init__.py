@@ -5,8 +5,10 @@ Modes (each at every worker count, with the same kernel code and thread cap):
   pipeline             this package: shared-memory slots, spawn workers
   mp.Pool              stdlib spawn ``multiprocessing.Pool.imap``, batches pickled through its pipes
   ProcessPoolExecutor  ``concurrent.futures`` (spawn) ``map``, batches pickled
-  pipeline.trace       the pipeline with ``--trace`` (NOTE [ Trace ]), its file written in the timed run: what
-                       tracing costs (not in ``all``); ``--trace FILE`` keeps its file, ``--plot`` draws it
+  pipeline.trace       the pipeline with ``--trace`` (NOTE [ Trace ]), its file written in the timed run,
+                       ``--repeat`` times, alternating with as many plain runs on its own workers: what tracing
+                       costs, as the median of those pairs (``paired``; not in ``all``); ``--trace FILE``
+                       keeps its file, ``--plot`` draws it
   pipeline.procs       the same, a dataset's batches built in build processes (``workers.build_processes``,
                        or the usable CPUs): for a ``__getitem__`` that holds the GIL
   DataLoader           ``torch.utils.data.DataLoader(num_workers=N)``: its workers build the batches,

@@ -28,6 +28,7 @@ from ..runner import make_executor
 from ..sources.base import Indexed, Work
 from ..sources.datasets import MapSource
 from ..trace import Recorder
+from . import paired
 
 
 def _timed(fn, repeat: int):
@@ -41,28 +42,38 @@ def _timed(fn, repeat: int):
 
 
 def _pipeline(cfg, spec, src, repeat, traced: bool = False):
+    """The pipeline; ``traced`` (pipeline.trace): ``repeat`` runs with ``--trace`` (a new recorder each, its
+    file written in the timed run, as a user's is) alternating with as many without it, on the same warm
+    workers (``paired``): its row's seconds are the traced runs', and ``trace_overhead`` their cost."""
     recorder = None
-
-    def work(batches):
-        nonlocal recorder
-        if traced:  # pipeline.trace: a new recorder per run, written at its end (timed, as a user's run)
-            recorder = Recorder(cfg.run.trace or os.path.join(tempfile.gettempdir(), f"pipeline-bench-{os.getpid()}.trace.json"))
-        return Work.of(src, batches, trace=recorder)
+    path = cfg.run.trace or os.path.join(tempfile.gettempdir(), f"pipeline-bench-{os.getpid()}.trace.json")
 
     with make_executor(cfg, spec) as ex:
         warm = list(src)[: 2 * cfg.workers.count]  # every worker sets its kernel up before timing
-        for _ in ex.stream(work(warm), ordered=False):
+        for _ in ex.stream(Work.of(src, warm), ordered=False):
             pass
 
         figures: dict = {}
+        results: list = []
+        writes: list[float] = []
 
-        def once():
-            got = {o.index: o.result for o in ex.stream(work(src), ordered=False)}
-            if recorder is not None:
-                recorder.write()
+        def once(trace: bool = False):
+            nonlocal recorder, results
+            rec = Recorder(path) if trace else None
+            got = {o.index: o.result for o in ex.stream(Work.of(src, trace=rec), ordered=False)}
+            if rec is not None:
+                t0 = time.perf_counter()
+                rec.write()
+                writes.append(time.perf_counter() - t0)
+                recorder = rec
             figures.update(ex.figures)
-            return [got[i] for i in range(len(got))]
-        results, seconds = _timed(once, repeat)
+            results = [got[i] for i in range(len(got))]
+            return results
+        if traced:
+            without, with_ = paired.alternate(once, repeat)
+            seconds, cost = statistics.median(with_), paired.overhead(without, with_)
+        else:
+            results, seconds = _timed(once, repeat)
         n = len(results)
         extra = {"breakdown_ms_per_batch": {k.replace("_s", "_ms"): round(v / n * 1000, 3)  # last run
                                             for k, v in ex.breakdown.items()},
@@ -73,13 +84,17 @@ def _pipeline(cfg, spec, src, repeat, traced: bool = False):
                      slots=figures.get("slots"), h2d_from_slot=figures.get("h2d_from_slot"),
                      tasks_per_send=figures.get("tasks_per_send"),
                      answers_per_message=figures.get("answers_per_message"))
-        if recorder is not None:
-            extra.update(trace=recorder.path, trace_events=recorder.recorded)
+        if traced:
+            extra.update(trace=recorder.path, trace_events=recorder.recorded,
+                         trace_overhead=round(cost["overhead"], 4),
+                         trace_overhead_interval=[round(x, 4) for x in cost["interval"]],
+                         trace_pairs=cost["pairs"], trace_plain_s=round(statistics.median(without), 4),
+                         trace_write_ms=round(statistics.median(writes) * 1e3, 2))
         return results, seconds, ex.startup_s, extra
 
 
 def _pipeline_traced(cfg, spec, src, repeat):
-    """The pipeline with ``--trace`` (NOTE [ Trace ]): its cost is this row against the pipeline's."""
+    """The pipeline with ``--trace`` (NOTE [ Trace ]), paired with plain runs on its own workers."""
     return _pipeline(cfg, spec, src, repeat, traced=True)
 
 
