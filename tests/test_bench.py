@@ -256,5 +256,6 @@ def test_trace_mode_pairs_its_runs(tmp_path, capsys):
     assert row["agrees"] and row["trace_pairs"] == 2 and row["trace"] == str(trace) and row["trace_events"] > 0
     lo, hi = row["trace_overhead_interval"]
     assert lo <= row["trace_overhead"] <= hi and row["trace_plain_s"] > 0 and row["trace_write_ms"] > 0
+    assert len(row["trace_ratios"]) == 2
     assert json.loads(trace.read_text())["traceEvents"]
     assert "pipeline.trace x1: --trace costs" in out and "--repeat 15 or more" in out

@@ -88,6 +88,7 @@ def _pipeline(cfg, spec, src, repeat, traced: bool = False):
             extra.update(trace=recorder.path, trace_events=recorder.recorded,
                          trace_overhead=round(cost["overhead"], 4),
                          trace_overhead_interval=[round(x, 4) for x in cost["interval"]],
+                         trace_ratios=[round(x, 4) for x in cost["ratios"]],
                          trace_pairs=cost["pairs"], trace_plain_s=round(statistics.median(without), 4),
                          trace_write_ms=round(statistics.median(writes) * 1e3, 2))
         return results, seconds, ex.startup_s, extra
