@@ -430,3 +430,16 @@ print(sorted(set(sys.modules) - before))
                          cwd=str(tmp_path))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", f"the write imported {out.stdout.strip()}"
+
+
+def test_digits_are_the_numbers_decimal_digits():
+    """``_digits`` (four digits at a time from tables made at import) writes each number as ``str`` does,
+    right-aligned after spaces, for numbers of every length, zeros inside them included."""
+    xs = np.array([0, 7, 10, 99, 100, 1000, 9999, 10000, 10001, 20030, 1_000_000, 12_345_678, 100_000_000,
+                   987_654_321_012, 2**40 + 5], np.int64)
+    rows = trace._digits(xs)
+    width = len(str(int(xs.max())))
+    assert rows.shape == (len(xs), width)
+    assert [bytes(r).decode() for r in rows] == [str(int(x)).rjust(width) for x in xs]
+    small = trace._digits(np.array([5, 0, 42]))
+    assert [bytes(r).decode() for r in small] == [" 5", " 0", "42"]
