@@ -12,8 +12,10 @@ run's time includes writing its JSON file, as a user's would. Prints one line pe
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -33,15 +35,20 @@ SIZES = {"16 MB (4096 x 1024 float32)": dict(rows=4096, cols=1024, batches=96),
          "tiny (16 x 16 float32)": dict(rows=16, cols=16, batches=4000)}
 
 
-def cpu_s(pids: list[int]) -> float:
-    """CPU seconds used so far by this process and ``pids`` (Linux: /proc)."""
-    me = os.times()
-    total = me.user + me.system
+def cpu_s(pids: list[int]) -> tuple[float, float]:
+    """CPU seconds used so far by this process (every thread, those ended too) and by ``pids``' live threads
+    (Linux: /proc/PID/task/*/schedstat, in nanoseconds; /proc/PID/stat counts 10 ms ticks, too coarse for a
+    run of 0.2 s)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    theirs = 0.0
     for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+        for stat in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+            try:
+                with open(stat) as f:
+                    theirs += int(f.read().split()[0]) / 1e9
+            except OSError:  # (a thread that ended meanwhile)
+                pass
+    return me.ru_utime + me.ru_stime, theirs
 
 
 def measure(name: str, size: dict, workers: int, rounds: int, kernel: str) -> dict:
@@ -50,7 +57,7 @@ def measure(name: str, size: dict, workers: int, rounds: int, kernel: str) -> di
     src = open_source(cfg.source)
     path = os.path.join(tempfile.gettempdir(), f"bench-trace-{os.getpid()}.json")
     writes: list[float] = []
-    cpu: dict[bool, list] = {False: [], True: []}
+    cpu: dict[bool, list] = {False: [], True: []}  # (main, workers) seconds of each run
     events = 0
     with make_executor(cfg, spec) as ex:
         for _ in ex.stream(Work.of(src), ordered=True):  # warm: every worker up, the ring mapped
@@ -68,7 +75,8 @@ def measure(name: str, size: dict, workers: int, rounds: int, kernel: str) -> di
                 rec.write()
                 writes.append(time.perf_counter() - t1)
                 events = rec.recorded
-            cpu[trace].append(cpu_s(pids) - c0)
+            c1 = cpu_s(pids)
+            cpu[trace].append((c1[0] - c0[0], c1[1] - c0[1]))
         plain, traced = paired.alternate(once, rounds)  # (ABBA: a drift cancels out)
     os.unlink(path)
     cost = paired.overhead(plain, traced)
@@ -76,9 +84,11 @@ def measure(name: str, size: dict, workers: int, rounds: int, kernel: str) -> di
     print("  paired ratios:", " ".join(f"{x:.3f}" for x in ratios), flush=True)
     print(f"  median paired overhead {cost['overhead']:+.1%}, 95% bootstrap interval {low:+.1%} .. "
           f"{high:+.1%}", flush=True)
-    used = statistics.median(t / p for p, t in zip(cpu[False], cpu[True])) - 1
-    print(f"  CPU time of the main and its workers, traced against plain: {used:+.1%} (median; time stolen by the "
-          f"machine's host is not in it)", flush=True)
+    def cpu_cost(part):  # (the median of the pairs' ratios of CPU seconds: the main's, the workers', both)
+        return statistics.median(part(t) / part(p) for p, t in zip(cpu[False], cpu[True])) - 1
+    used, used_main, used_workers = cpu_cost(sum), cpu_cost(lambda c: c[0]), cpu_cost(lambda c: c[1])
+    print(f"  CPU time, traced against plain: {used:+.1%}, the main {used_main:+.1%}, its workers {used_workers:+.1%} "
+          f"(medians; time stolen by the machine's host is not in it)", flush=True)
     runs = [(t - w) / p for p, t, w in zip(plain, traced, writes)]
     fastest = min(traced) / min(plain) - 1  # (the least disturbed run of each: a stall only adds time)
     print(f"  the fastest traced run against the fastest plain one: {fastest:+.1%}", flush=True)
@@ -87,7 +97,8 @@ def measure(name: str, size: dict, workers: int, rounds: int, kernel: str) -> di
     row = {"size": name, "batches": cfg.source.batches, "workers": workers, "kernel": kernel, "rounds": rounds,
            "plain_s": round(statistics.median(plain), 4), "traced_s": round(statistics.median(traced), 4),
            "overhead": round(statistics.median(ratios) - 1, 4), "events": events,
-           "overhead_interval": [round(low, 4), round(high, 4)], "overhead_fastest": round(fastest, 4), "overhead_cpu": round(used, 4), "write_s": round(statistics.median(writes), 4),
+           "overhead_interval": [round(low, 4), round(high, 4)], "overhead_fastest": round(fastest, 4), "overhead_cpu": round(used, 4), "overhead_cpu_main": round(used_main, 4),
+           "overhead_cpu_workers": round(used_workers, 4), "write_s": round(statistics.median(writes), 4),
            "overhead_without_write": round(statistics.median(runs) - 1, 4),
            "batches_per_s_plain": round(cfg.source.batches / statistics.median(plain), 1),
            "batches_per_s_traced": round(cfg.source.batches / statistics.median(traced), 1),
