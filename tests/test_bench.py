@@ -259,3 +259,29 @@ def test_trace_mode_pairs_its_runs(tmp_path, capsys):
     assert len(row["trace_ratios"]) == 2
     assert json.loads(trace.read_text())["traceEvents"]
     assert "pipeline.trace x1: --trace costs" in out and "--repeat 15 or more" in out
+
+
+@pytest.mark.timeout(300)
+def test_trace_mode_leaves_no_file_of_its_own(tmp_path, capsys):
+    """Without --trace FILE, pipeline.trace writes its traces to a temp file of its own: gone when the bench
+    ends (the JSON row has no path to it), one pair of runs said as one."""
+    import os
+    import tempfile
+    path = tmp_path / "b.json"
+    own = os.path.join(tempfile.gettempdir(), f"pipeline-bench-{os.getpid()}.trace.json")
+    assert main(["bench", "--quick", "--modes", "pipeline.trace", "--workers-list", "1", "--json", str(path)]) == 0
+    assert "the median of 1 pair of runs" in capsys.readouterr().out
+    row = json.loads(path.read_text())["results"][0]
+    assert row["trace_pairs"] == 1 and "trace" not in row and not os.path.exists(own)
+
+
+@pytest.mark.timeout(300)
+def test_trace_mode_plot_draws_its_timeline(tmp_path, capsys):
+    """--plot with pipeline.trace draws the traced run's timeline beside the bench's plot, before its temp
+    file goes."""
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "b.png"
+    assert main(["bench", "--quick", "--modes", "pipeline.trace", "--workers-list", "1", "--plot", str(path)]) == 0
+    assert "the timeline of pipeline.trace x1" in capsys.readouterr().err
+    for png in (path, tmp_path / "b-timeline.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -41,8 +41,10 @@ the breakdown and the plot.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
 import sys
 
 import numpy as np
@@ -95,9 +97,6 @@ def bench(args, overrides: dict) -> int:
     build_lists = _build_lists(args)
     report = run_bench(cfg, modes, counts, args.repeat, build_lists)
     print(table(report))
-    if args.json_path:
-        with open(args.json_path, "w") as f:
-            json.dump(report, f, indent=1, default=str)
     if getattr(args, "plot", None):
         plot(report, args.plot)
         traced = [r for r in report["results"] if r.get("trace")]
@@ -106,6 +105,14 @@ def bench(args, overrides: dict) -> int:
             out = args.plot[:-4] + "-timeline.png" if args.plot.endswith(".png") else args.plot + "-timeline.png"
             draw(traced[-1]["trace"], out)
             print(f"pipeline bench: the timeline of pipeline.trace x{traced[-1]['workers']}: {out}", file=sys.stderr)
+    if not cfg.run.trace:  # (pipeline.trace's files of its own, in the temp folder: gone once drawn)
+        for r in report["results"]:
+            if r.get("trace"):
+                with contextlib.suppress(OSError):
+                    os.unlink(r.pop("trace"))
+    if args.json_path:
+        with open(args.json_path, "w") as f:
+            json.dump(report, f, indent=1, default=str)
     bad = [r for r in report["results"] if not r["agrees"]]
     for r in bad:
         print(f"pipeline bench: {r['mode']} x{r['workers']} disagrees with serial: max_rel_diff "
