@@ -68,7 +68,6 @@ SPAN, INSTANT, ASYNC, COUNTER, WORKER = 1, 2, 3, 4, 5
 WAITS = {"build": "waiting for a worker", "return": "waiting for order"}  # span -> the wait that follows it
 COUNTS = {"dispatch": "batches"}  # spans whose index column is a count (its args' key), not a batch
 _POWERS = 10 ** np.arange(19, dtype=np.int64)
-# 0 to 9999 as four bytes: after spaces ("  42"), with zeros ("0042"), and 0 as spaces (a quad with nothing in it)
 
 
 def _quads() -> tuple[np.ndarray, np.ndarray]:
@@ -80,6 +79,7 @@ def _quads() -> tuple[np.ndarray, np.ndarray]:
     return spaced.view(np.uint32)[:, 0], zeros.view(np.uint32)[:, 0]
 
 
+# 0 to 9999 as four bytes: after spaces ("  42"), with zeros ("0042"), and 0 as spaces (a quad with nothing in it)
 _QUADS, _QUADS_ZEROS = _quads()
 _QUADS_BLANK = _QUADS.copy()
 _QUADS_BLANK[0] = np.frombuffer(b"    ", np.uint32)[0]

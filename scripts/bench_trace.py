@@ -84,6 +84,7 @@ def measure(name: str, size: dict, workers: int, rounds: int, kernel: str) -> di
     print("  paired ratios:", " ".join(f"{x:.3f}" for x in ratios), flush=True)
     print(f"  median paired overhead {cost['overhead']:+.1%}, 95% bootstrap interval {low:+.1%} .. "
           f"{high:+.1%}", flush=True)
+
     def cpu_cost(part):  # (the median of the pairs' ratios of CPU seconds: the main's, the workers', both)
         return statistics.median(part(t) / part(p) for p, t in zip(cpu[False], cpu[True])) - 1
     used, used_main, used_workers = cpu_cost(sum), cpu_cost(lambda c: c[0]), cpu_cost(lambda c: c[1])
@@ -96,8 +97,9 @@ def measure(name: str, size: dict, workers: int, rounds: int, kernel: str) -> di
           f"{statistics.median(runs) - 1:+.1%} (median)", flush=True)
     row = {"size": name, "batches": cfg.source.batches, "workers": workers, "kernel": kernel, "rounds": rounds,
            "plain_s": round(statistics.median(plain), 4), "traced_s": round(statistics.median(traced), 4),
-           "overhead": round(statistics.median(ratios) - 1, 4), "events": events,
-           "overhead_interval": [round(low, 4), round(high, 4)], "overhead_fastest": round(fastest, 4), "overhead_cpu": round(used, 4), "overhead_cpu_main": round(used_main, 4),
+           "overhead": round(cost["overhead"], 4), "events": events,
+           "overhead_interval": [round(low, 4), round(high, 4)], "overhead_fastest": round(fastest, 4),
+           "overhead_cpu": round(used, 4), "overhead_cpu_main": round(used_main, 4),
            "overhead_cpu_workers": round(used_workers, 4), "write_s": round(statistics.median(writes), 4),
            "overhead_without_write": round(statistics.median(runs) - 1, 4),
            "batches_per_s_plain": round(cfg.source.batches / statistics.median(plain), 1),
