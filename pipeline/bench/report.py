@@ -52,12 +52,12 @@ def table(report: dict) -> str:
                             f"{' from the slots' if r.get('h2d_from_slot') else ''}" if r.get("h2d_gbps") else ""))
     for r in report["results"]:  # what --trace costs: paired runs (bench/paired.py), not this row against another
         if r.get("trace_overhead") is not None:
-            lo, hi = r["trace_overhead_interval"]
+            lo, hi, n = *r["trace_overhead_interval"], r["trace_pairs"]
             lines.append(f"pipeline.trace x{r['workers']}: --trace costs {r['trace_overhead']:+.1%} (95% interval "
-                         f"{lo:+.1%} .. {hi:+.1%}), the median of {r['trace_pairs']} "
-                         f"pair{'s' * (r['trace_pairs'] > 1)} of runs on its own workers, traced and plain "
-                         f"alternating ({r['batches'] / r['trace_plain_s']:.2f} batches/s plain); its file's write: {r['trace_write_ms']:.1f} ms"
-                         + ("; --repeat 15 or more for a figure that noise moves less" if r["trace_pairs"] < 15 else ""))
+                         f"{lo:+.1%} .. {hi:+.1%}), the median of {n} pair{'s' * (n > 1)} of runs on its own "
+                         f"workers, traced and plain alternating ({r['batches'] / r['trace_plain_s']:.2f} "
+                         f"batches/s plain); its file's write: {r['trace_write_ms']:.1f} ms"
+                         + ("; --repeat 15 or more for a figure that noise moves less" if n < 15 else ""))
     if report.get("images"):  # the image bench: --decode device's pixels vs main's, and the goals
         im = report["images"]
         a = im["decode_agreement_cpu"]
